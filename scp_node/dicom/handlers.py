@@ -1,0 +1,120 @@
+"""pynetdicom event handlers. Each takes its dependencies as arguments and never raises:
+a failure becomes the specific DIMSE status and a log line with the traceback."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from scp_node.dicom.status import Status
+from scp_node.dicom.validate import InstanceRejectedError, check_instance
+from scp_node.queue.store import InstanceRecord, JobStore
+from scp_node.spool import Spool
+
+if TYPE_CHECKING:
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreContext:
+    """What ``handle_store`` needs: where to write, where to record, the disk floor."""
+
+    spool: Spool
+    jobs: JobStore
+    min_free_bytes: int
+
+
+def set_tcp_nodelay(event: Event) -> None:
+    """EVT_CONN_OPEN: turn Nagle off; with it on each small PDU waits ~40 ms for an ACK."""
+    try:
+        assoc_socket = event.assoc.dul.socket
+        sock = assoc_socket.socket if assoc_socket is not None else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        logger.warning("could not set TCP_NODELAY", exc_info=True)
+
+
+def handle_echo(event: Event) -> int:
+    """C-ECHO: always success while the node runs."""
+    logger.info("echo", extra={"calling_ae": event.assoc.requestor.ae_title})
+    return int(Status.SUCCESS)
+
+
+def handle_rejected(event: Event) -> None:
+    """EVT_REJECTED: log who was turned away (AE titles and address are not PHI)."""
+    requestor = event.assoc.requestor
+    logger.warning(
+        "association rejected",
+        extra={"calling_ae": requestor.ae_title, "peer": f"{requestor.address}:{requestor.port}"},
+    )
+
+
+def handle_store(event: Event, ctx: StoreContext) -> int:
+    """C-STORE: durable file, committed row, then success.
+
+    The bytes are written exactly as received (``event.encoded_dataset()``); they are
+    parsed (never decoded) to learn the UIDs and to check the pixel data is intact.
+    """
+    request = cast("C_STORE", event.request)
+    sop_uid_cmd = str(request.AffectedSOPInstanceUID or "")
+    calling_ae = str(event.assoc.requestor.ae_title)
+    log_ids = {"sop_instance_uid": sop_uid_cmd, "calling_ae": calling_ae}
+    try:
+        if ctx.spool.free_bytes() < ctx.min_free_bytes:
+            logger.error("refused: free disk under storage.min_free_bytes", extra=log_ids)
+            return int(Status.OUT_OF_RESOURCES)
+
+        data = event.encoded_dataset()
+        details = {
+            "calling_ae": calling_ae,
+            "affected_sop_instance_uid": sop_uid_cmd,
+            "affected_sop_class_uid": str(request.AffectedSOPClassUID or ""),
+            "transfer_syntax_uid": str(event.context.transfer_syntax),
+        }
+        try:
+            header = check_instance(data, sop_uid_cmd)
+        except InstanceRejectedError as exc:
+            where = ctx.spool.quarantine(data, exc.reason, details)
+            logger.warning(
+                "instance refused and quarantined",
+                extra={**log_ids, "quarantine": where.name, "status": f"0x{exc.status:04X}"},
+            )
+            return int(exc.status)
+
+        path = ctx.spool.store(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
+        )
+        ctx.jobs.record_instance(
+            InstanceRecord(
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=details["affected_sop_class_uid"],
+                transfer_syntax_uid=details["transfer_syntax_uid"],
+                modality=header.modality,
+                path=str(path),
+                size_bytes=len(data),
+                calling_ae=calling_ae,
+                series_number=header.series_number,
+                series_description=header.series_description,
+                study_date=header.study_date,
+            )
+        )
+        logger.debug(
+            "stored",
+            extra={
+                **log_ids,
+                "study_instance_uid": header.study_instance_uid,
+                "series_instance_uid": header.series_instance_uid,
+            },
+        )
+        return int(Status.SUCCESS)
+    except Exception:
+        logger.exception("store failed", extra=log_ids)
+        return int(Status.PROCESSING_FAILURE)

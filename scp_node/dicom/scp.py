@@ -1,0 +1,119 @@
+"""The Storage SCP: presentation contexts, handlers bound, start and graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pydicom.uid import (
+    JPEG2000,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    MRImageStorage,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+
+from scp_node.dicom.handlers import (
+    StoreContext,
+    handle_echo,
+    handle_rejected,
+    handle_store,
+    set_tcp_nodelay,
+)
+from scp_node.dicom.uids import VERIFICATION_SOP_CLASS
+
+logger = logging.getLogger(__name__)
+
+#: Accepted as sent and stored without transcoding (uncompressed first: preferred).
+STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    MRImageStorage,
+    EnhancedMRImageStorage,
+)
+
+
+def build_storage_ae(
+    ae_title: str,
+    *,
+    allowed_calling_ae: Sequence[str] = (),
+    max_pdu_bytes: int = 131072,
+    network_timeout_s: float = 60.0,
+) -> AE:
+    """An AE that accepts Verification and CT/MR image storage in the usual syntaxes."""
+    ae = AE(ae_title=ae_title)
+    ae.maximum_pdu_size = max_pdu_bytes
+    ae.network_timeout = network_timeout_s
+    ae.maximum_associations = 16
+    ae.add_supported_context(VERIFICATION_SOP_CLASS)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
+    if allowed_calling_ae:
+        ae.require_calling_aet = list(allowed_calling_ae)
+    return ae
+
+
+class StorageServer:
+    """A running Storage SCP; :meth:`stop` stops accepting and lets transfers finish."""
+
+    def __init__(self, ae: AE, host: str, port: int, ctx: StoreContext) -> None:
+        self._ae = ae
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [ctx]),
+            (evt.EVT_REJECTED, handle_rejected),
+        ]
+        server = ae.start_server((host, port), block=False, evt_handlers=handlers)
+        if server is None:  # only a blocking start returns None
+            raise RuntimeError("storage SCP did not start")
+        self._server = server
+        self.host = host
+        self.port = int(self._server.server_address[1])
+        logger.info(
+            "storage SCP listening",
+            extra={"ae_title": ae.ae_title, "host": host, "port": self.port},
+        )
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Close the listening socket, wait up to ``grace_s`` for open associations to end
+        (the instance in flight is finished and acknowledged), then abort the rest."""
+        self._server.shutdown()
+        active = self._server.active_associations
+        deadline = time.monotonic() + grace_s
+        while any(a.is_alive() for a in active) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in active:
+            if assoc.is_alive():
+                assoc.abort()
+        self._ae.shutdown()
+        logger.info("storage SCP stopped")

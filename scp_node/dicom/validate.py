@@ -1,0 +1,128 @@
+"""Checks on an instance's bytes before the node accepts it.
+
+pydicom reads damaged data tolerantly (a truncated value is silently shortened), so parsing
+alone proves little. What we check is what the worker will need: the identifying UIDs, the
+image attributes, and pixel data whose length (native) or fragment structure
+(encapsulated) is intact.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
+
+from scp_node.dicom.status import Status
+from scp_node.dicom.uids import is_valid_uid
+
+_IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
+
+
+class InstanceRejectedError(ValueError):
+    """An instance is refused: ``status`` is the DIMSE status, the message the reason."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the node records about an accepted instance (no patient data)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    study_date: str | None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return None if value in (None, "") else str(value)
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_pixel_data(ds: Dataset) -> None:
+    missing = [kw for kw in _IMAGE_ATTRIBUTES if kw not in ds]
+    if missing or "PixelData" not in ds:
+        what = ", ".join([*missing, *([] if "PixelData" in ds else ["PixelData"])])
+        raise InstanceRejectedError(
+            Status.DATASET_DOES_NOT_MATCH, f"image attributes missing: {what}"
+        )
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if rows == 0 or columns == 0:
+        raise InstanceRejectedError(Status.DATASET_DOES_NOT_MATCH, "image has zero rows or columns")
+    pixel_data = ds.PixelData
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        try:
+            fragments = list(generate_fragments(pixel_data))
+        except Exception as exc:
+            raise InstanceRejectedError(
+                Status.CANNOT_UNDERSTAND, f"encapsulated pixel data is malformed: {exc}"
+            ) from exc
+        if not fragments or not any(fragments):
+            raise InstanceRejectedError(
+                Status.CANNOT_UNDERSTAND, "encapsulated pixel data is empty"
+            )
+        return
+    frames = _int(ds, "NumberOfFrames") or 1
+    expected = rows * columns * int(ds.SamplesPerPixel) * frames * int(ds.BitsAllocated) // 8
+    # Native pixel data is padded to an even length.
+    if len(pixel_data) not in (expected, expected + 1):
+        raise InstanceRejectedError(
+            Status.CANNOT_UNDERSTAND,
+            f"pixel data has {len(pixel_data)} bytes, the image attributes need {expected}",
+        )
+
+
+def check_instance(data: bytes, affected_sop_instance_uid: str) -> InstanceHeader:
+    """Parse ``data`` (a DICOM file's bytes) and check it can be accepted.
+
+    Raises
+    ------
+    InstanceRejectedError
+        With ``CANNOT_UNDERSTAND`` when the bytes do not parse or the pixel data is damaged,
+        ``DATASET_DOES_NOT_MATCH`` when identifying UIDs or image attributes are missing or
+        invalid.
+    """
+    try:
+        ds = dcmread(io.BytesIO(data))
+        for element in ds:  # force every value to convert: damage surfaces here
+            _ = element.value
+    except Exception as exc:
+        raise InstanceRejectedError(
+            Status.CANNOT_UNDERSTAND, f"cannot parse data set: {type(exc).__name__}: {exc}"
+        ) from exc
+
+    uids = {kw: _text(ds, kw) for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    problems = [
+        f"{kw} missing or not a valid UID" for kw, uid in uids.items() if not is_valid_uid(uid)
+    ]
+    if not problems and uids["SOPInstanceUID"] != affected_sop_instance_uid:
+        problems.append("SOPInstanceUID differs from the command's AffectedSOPInstanceUID")
+    if problems:
+        raise InstanceRejectedError(Status.DATASET_DOES_NOT_MATCH, "; ".join(problems))
+    _check_pixel_data(ds)
+    return InstanceHeader(
+        study_instance_uid=str(uids["StudyInstanceUID"]),
+        series_instance_uid=str(uids["SeriesInstanceUID"]),
+        sop_instance_uid=str(uids["SOPInstanceUID"]),
+        modality=_text(ds, "Modality"),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        study_date=_text(ds, "StudyDate"),
+    )

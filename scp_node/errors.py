@@ -1,0 +1,35 @@
+"""One exception root for the node; driver and library errors are wrapped in these."""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Root of every error the node raises on purpose."""
+
+
+class ConfigError(NodeError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+class ModelError(NodeError):
+    """A model folder, its card or its weights cannot be used."""
+
+
+class SeriesError(NodeError):
+    """A DICOM series cannot be turned into a volume (inconsistent geometry, missing pixels)."""
+
+
+class NoMatchingSeriesError(SeriesError):
+    """No series of a study satisfies the model's selection rules."""
+
+
+class SegmentationError(NodeError):
+    """A DICOM SEG cannot be built from a label map."""
+
+
+class DeliveryError(NodeError):
+    """A destination could not be reached or refused an instance."""
+
+
+class JobLeaseLostError(NodeError):
+    """The job's lease expired or was taken by another worker; its result must be dropped."""

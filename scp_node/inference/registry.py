@@ -1,0 +1,143 @@
+"""Model cards: ``models/<name>/model.toml`` parsed into a :class:`ModelSpec`.
+
+The card is the contract between a model folder and the node: which series the model wants,
+how its input is prepared, what its output labels mean (SNOMED CT codes, colours) and where
+its weights are. A hospital can drop in its own folder and the node runs it unchanged.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from scp_node.errors import ModelError
+
+CARD_FILE = "model.toml"
+
+
+class _Card(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CodeSpec(_Card):
+    """A coded concept: (code value, coding scheme designator, code meaning)."""
+
+    code: str = Field(min_length=1)
+    scheme: str = Field(min_length=1)
+    meaning: str = Field(min_length=1)
+
+
+class LabelSpec(_Card):
+    """One output label of the model: its value in the label map and its DICOM codes."""
+
+    value: int = Field(ge=1, le=65535)
+    name: str = Field(min_length=1)
+    category: CodeSpec
+    type: CodeSpec
+    color: tuple[int, int, int] = (255, 0, 0)
+
+
+class SeriesRules(_Card):
+    """Which series of a study the model accepts."""
+
+    modalities: tuple[str, ...] = ("CT",)
+    min_slices: int = Field(default=10, ge=1)
+    orientation: Literal["axial", "any"] = "axial"
+    #: Largest angle between the slice normal and the patient's z axis for "axial".
+    max_tilt_deg: float = Field(default=10.0, ge=0, le=90)
+
+
+class InputSpec(_Card):
+    """How a volume is turned into the network's input."""
+
+    modality: str = "CT"
+    #: In-plane pixel spacing (row, column) in mm the network works at.
+    spacing_mm: tuple[float, float] = (3.0, 3.0)
+    #: Window (centre, width) in modality units applied before scaling to [0, 1]; CT only.
+    window_center: float | None = 50.0
+    window_width: float | None = 400.0
+    #: Neighbouring slices either side fed as extra channels (2.5-D); 0 means plain 2-D.
+    context_slices: int = Field(default=0, ge=0)
+
+
+class WeightsSpec(_Card):
+    """Where the weights are and how to load them."""
+
+    format: Literal["state_dict", "torchscript", "onnx"] = "state_dict"
+    file: str = "weights.pt"
+    #: Architecture name from ``scp_node.inference.nets`` (``state_dict`` only).
+    architecture: str | None = None
+    #: Keyword arguments of the architecture's constructor.
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _architecture_needed(self) -> WeightsSpec:
+        if self.format == "state_dict" and not self.architecture:
+            raise ValueError("weights.architecture is required when weights.format = 'state_dict'")
+        return self
+
+
+class ModelSpec(_Card):
+    """A parsed model card plus the folder it came from."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    version: str = Field(min_length=1, max_length=16)
+    description: str = ""
+    #: Shown as SEG SeriesDescription (max 64 characters).
+    series_description: str = Field(default="AI segmentation", max_length=64)
+    weights: WeightsSpec
+    input: InputSpec = InputSpec()
+    series: SeriesRules = SeriesRules()
+    labels: tuple[LabelSpec, ...] = Field(min_length=1)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    directory: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> ModelSpec:
+        values = [label.value for label in self.labels]
+        if len(values) != len(set(values)):
+            raise ValueError("label values must be unique")
+        return self
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / self.weights.file
+
+    @classmethod
+    def from_model_dir(cls, directory: Path) -> ModelSpec:
+        """Read ``directory/model.toml``.
+
+        Raises
+        ------
+        ModelError
+            The card is missing, not TOML, or invalid (the message names the key), or the
+            weights file it names does not exist.
+        """
+        card = directory / CARD_FILE
+        try:
+            with card.open("rb") as handle:
+                raw = tomllib.load(handle)
+        except FileNotFoundError as exc:
+            raise ModelError(f"no {CARD_FILE} in {directory}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ModelError(f"{card}: not valid TOML: {exc}") from exc
+        raw["directory"] = directory
+        try:
+            spec = cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                ".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors()
+            )
+            raise ModelError(f"{card}: {problems}") from exc
+        if not spec.weights_path.is_file():
+            raise ModelError(f"{card}: weights file {spec.weights_path} not found")
+        return spec
+
+
+def load_model_spec(models_dir: Path, name: str) -> ModelSpec:
+    """The card of model ``name`` under ``models_dir``; raises :class:`ModelError`."""
+    return ModelSpec.from_model_dir(models_dir / name)

@@ -1,0 +1,271 @@
+"""Label map + source series + model card -> a DICOM Segmentation (BINARY SEG).
+
+The SEG lies exactly on the source images: one frame per source slice per segment, each
+frame with its source slice's ImagePositionPatient, the source orientation, rows,
+columns, pixel spacing and frame of reference. Its Series and SOP Instance UIDs derive
+from (source series, model name, model version), so a retry or a re-run of the same
+series with the same model replaces the earlier SEG in the PACS instead of adding one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.codedict import codes
+
+from scp_node.dicom.series import Volume
+from scp_node.errors import SegmentationError
+from scp_node.inference.registry import CodeSpec, LabelSpec, ModelSpec
+
+__all__ = [
+    "MANUFACTURER",
+    "build_segmentation",
+    "content_label_for",
+    "seg_uids",
+    "write_segmentation",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Manufacturer and DeviceSerialNumber of every SEG the node writes.
+MANUFACTURER = "scp-node"
+
+_CS_INVALID = re.compile(r"[^A-Z0-9 _]")
+_CS_MAX_LENGTH = 16
+
+
+def seg_uids(
+    source_series_instance_uid: str, model_name: str, model_version: str
+) -> tuple[str, str]:
+    """Deterministic UIDs of the SEG made from one series by one model version.
+
+    UUID-derived UIDs (PS3.5 B.2, ``2.25.<decimal UUID>``) from name-based (version 5)
+    UUIDs of the three inputs. pydicom's ``generate_uid(prefix=None, ...)`` cannot be
+    used: it ignores ``entropy_srcs`` and returns a random UUID when ``prefix`` is None.
+
+    Parameters
+    ----------
+    source_series_instance_uid : str
+        Series Instance UID of the source images.
+    model_name, model_version : str
+        From the model card.
+
+    Returns
+    -------
+    tuple of str
+        ``(series_instance_uid, sop_instance_uid)``: two distinct valid UIDs (at most
+        44 characters) that are the same every time for the same three inputs.
+    """
+    sources = [source_series_instance_uid, model_name, model_version]
+    series_uid = _uuid_uid(["scp-node SEG series", *sources])
+    sop_uid = _uuid_uid(["scp-node SEG instance", *sources])
+    return series_uid, sop_uid
+
+
+def _uuid_uid(parts: list[str]) -> str:
+    # JSON keeps the parts unambiguous ("a.b" + "c" differs from "a" + "b.c").
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, json.dumps(parts)).int}"
+
+
+def content_label_for(model_name: str) -> str:
+    """ContentLabel (a valid CS, at most 16 characters) derived from a model name.
+
+    Upper case; characters other than ``A-Z``, ``0-9``, space and ``_`` become ``_``.
+    """
+    label = _CS_INVALID.sub("_", model_name.upper())[:_CS_MAX_LENGTH].strip()
+    return label or "SEGMENTATION"
+
+
+def build_segmentation(
+    volume: Volume,
+    labelmap: np.ndarray,
+    spec: ModelSpec,
+    *,
+    software_version: str,
+    series_number: int = 9901,
+) -> hd.seg.Segmentation | None:
+    """Build a BINARY SEG of ``labelmap`` on the geometry of ``volume``.
+
+    One segment per label of ``spec`` that has at least one voxel, numbered 1..n in the
+    card's label order (segment label = label name, category/type codes and display
+    colour from the card, algorithm type AUTOMATIC identified by model name and version).
+    Labels without a voxel are left out. Every segment has exactly one frame per source
+    slice (empty frames kept), placed at that slice's ImagePositionPatient; every source
+    instance is referenced.
+
+    Parameters
+    ----------
+    volume : Volume
+        The source series; ``volume.datasets[i]`` is the source of ``labelmap[i]``.
+    labelmap : numpy.ndarray
+        Shape ``(slices, rows, columns)`` equal to ``volume.array.shape``, any integer
+        (or bool) dtype, in the same axis order as ``volume.array``. Values are 0
+        (background) or a ``LabelSpec.value`` of ``spec``.
+    spec : ModelSpec
+        The model card: name, version, series description, labels.
+    software_version : str
+        The node's version, written as SoftwareVersions.
+    series_number : int, optional
+        SeriesNumber of the SEG.
+
+    Returns
+    -------
+    highdicom.seg.Segmentation or None
+        The SEG, or ``None`` when no label has any voxel: the caller records "no
+        findings" and sends nothing.
+
+    Raises
+    ------
+    SegmentationError
+        ``labelmap`` has the wrong shape or dtype or values that are not labels of
+        ``spec``, or highdicom refused to build the SEG (the message says why).
+    """
+    expected_shape = tuple(volume.array.shape)
+    if labelmap.shape != expected_shape:
+        raise SegmentationError(
+            f"labelmap has shape {labelmap.shape}, the volume {expected_shape} "
+            "(slices, rows, columns)"
+        )
+    if not (np.issubdtype(labelmap.dtype, np.integer) or labelmap.dtype == np.bool_):
+        raise SegmentationError(f"labelmap must hold integers, not {labelmap.dtype}")
+
+    # Segment numbers 1..n in card order, absent labels skipped. One comparison per label
+    # keeps memory at a few bytes per voxel, whatever the labelmap's dtype.
+    dtype = np.uint8 if len(spec.labels) < 256 else np.uint16
+    segments = np.zeros(labelmap.shape, dtype=dtype)
+    covered = labelmap == 0
+    labels: list[LabelSpec] = []
+    for label in spec.labels:
+        mask = labelmap == label.value
+        if mask.any():
+            labels.append(label)
+            segments[mask] = len(labels)
+            covered |= mask
+    if not covered.all():
+        unknown = [int(v) for v in np.unique(labelmap[~covered])[:10]]
+        raise SegmentationError(
+            f"labelmap holds values {unknown} that are not labels of model {spec.name} "
+            f"(known: {sorted(label.value for label in spec.labels)})"
+        )
+    if not labels:
+        logger.info(
+            "no label has any voxel; no SEG built",
+            extra={"series_instance_uid": volume.series_instance_uid},
+        )
+        return None
+
+    series_instance_uid, sop_instance_uid = seg_uids(
+        volume.series_instance_uid, spec.name, spec.version
+    )
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=spec.name,
+        version=spec.version,
+        family=codes.cid7162.ArtificialIntelligence,
+    )
+    started = time.perf_counter()
+    try:
+        descriptions = [
+            _segment_description(number, label, algorithm)
+            for number, label in enumerate(labels, start=1)
+        ]
+        seg = hd.seg.Segmentation(
+            source_images=list(volume.datasets),
+            pixel_array=segments,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=spec.name,
+            software_versions=software_version,
+            device_serial_number=MANUFACTURER,
+            series_description=spec.series_description,
+            content_label=content_label_for(spec.name),
+            content_description=f"{spec.name} {spec.version}"[:64],
+            omit_empty_frames=False,
+        )
+    except Exception as exc:  # highdicom raises ValueError, TypeError, AttributeError, ...
+        raise SegmentationError(
+            f"cannot build SEG of model {spec.name} {spec.version}: {exc}"
+        ) from exc
+    elapsed_s = time.perf_counter() - started
+    logger.info(
+        "SEG built: %d segment(s), %d frame(s) in %.3f s",
+        len(labels),
+        int(seg.NumberOfFrames),
+        elapsed_s,
+        extra={
+            "series_instance_uid": volume.series_instance_uid,
+            "seg_series_instance_uid": series_instance_uid,
+            "seg_sop_instance_uid": sop_instance_uid,
+        },
+    )
+    return seg
+
+
+def _coded(code: CodeSpec) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=code.code, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def _segment_description(
+    number: int, label: LabelSpec, algorithm: hd.AlgorithmIdentificationSequence
+) -> hd.seg.SegmentDescription:
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label.name,
+        segmented_property_category=_coded(label.category),
+        segmented_property_type=_coded(label.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        display_color=hd.color.CIELabColor.from_rgb(*label.color),
+    )
+
+
+def write_segmentation(seg: hd.seg.Segmentation, path: Path) -> None:
+    """Write ``seg`` durably to ``path``.
+
+    The bytes go to ``path.with_suffix(".part")``, are fsynced, renamed over ``path`` and
+    the directory is fsynced, so after a crash ``path`` is either absent or complete.
+    The parent directory must exist.
+
+    Parameters
+    ----------
+    seg : highdicom.seg.Segmentation
+        As returned by :func:`build_segmentation`.
+    path : Path
+        Destination file.
+
+    Raises
+    ------
+    SegmentationError
+        The file cannot be written (the message names the path); no ``.part`` is left.
+    """
+    part = path.with_suffix(".part")
+    try:
+        with part.open("wb") as handle:
+            seg.save_as(handle, enforce_file_format=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(part, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except (OSError, ValueError) as exc:
+        part.unlink(missing_ok=True)
+        raise SegmentationError(f"cannot write SEG to {path}: {exc}") from exc
+    logger.info(
+        "SEG written",
+        extra={"sop_instance_uid": str(seg.SOPInstanceUID)},
+    )

@@ -1,0 +1,265 @@
+"""SQLAlchemy 2.0 mapped classes of the job table.
+
+No PHI is stored: only UIDs, the study date (DICOM DA), technical attributes and file paths.
+Every timestamp column is :class:`UTCDateTime`, which stores UTC and always gives back a
+timezone-aware UTC :class:`~datetime.datetime`, also on SQLite (which has no time zones).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "TERMINAL_STATES",
+    "Base",
+    "Delivery",
+    "DeliveryState",
+    "Instance",
+    "Job",
+    "JobEvent",
+    "JobState",
+    "Series",
+    "Study",
+    "UTCDateTime",
+]
+
+#: Deterministic constraint names, so later Alembic migrations can address them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+_UID = 64  # DICOM UI value representation: at most 64 characters
+
+
+class JobState(StrEnum):
+    """Life cycle of a job; stored as its string value."""
+
+    #: Waiting to be claimed by a worker (possibly not before ``not_before``).
+    QUEUED = "queued"
+    #: Claimed by a worker that holds a live lease and runs inference.
+    RUNNING = "running"
+    #: Inference produced a SEG; deliveries to the destinations are pending.
+    DELIVERING = "delivering"
+    #: Finished: SEG delivered everywhere, or nothing to deliver.
+    DONE = "done"
+    #: Failed for good: attempts exhausted, non-retryable error or delivery gave up.
+    FAILED = "failed"
+    #: Cancelled by an administrator.
+    CANCELLED = "cancelled"
+
+
+#: States a job never leaves on its own (only an admin retry moves it again).
+TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+
+class DeliveryState(StrEnum):
+    """Life cycle of one SEG delivery to one destination."""
+
+    #: Waiting for (another) attempt at ``next_attempt_at``.
+    PENDING = "pending"
+    #: The destination accepted the SEG.
+    DONE = "done"
+    #: Gave up (too old) or cancelled.
+    FAILED = "failed"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and returned timezone-aware UTC on every backend.
+
+    Naive datetimes are refused on the way in: they are a bug, not a convention.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert to UTC; SQLite gets the naive UTC value since it cannot keep an offset."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: timestamps must be timezone-aware")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Give back an aware UTC datetime whatever the backend returned."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _state_enum(enum_cls: type[StrEnum]) -> Enum:
+    # Stored as the plain value in a VARCHAR (no native enum) so PostgreSQL and SQLite agree
+    # and new states need no ALTER TYPE.
+    return Enum(
+        enum_cls,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+    )
+
+
+class Base(DeclarativeBase):
+    """Declarative base with the shared metadata."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+    }
+
+
+class Study(Base):
+    """A study as received: one row per Study Instance UID."""
+
+    __tablename__ = "studies"
+    __table_args__ = (Index("ix_studies_last_received_at", "last_received_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(_UID), unique=True)
+    #: DICOM DA (YYYYMMDD); not PHI on its own.
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    first_received_at: Mapped[datetime]
+    last_received_at: Mapped[datetime]
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: The ``last_received_at`` already covered by created jobs.
+    settled_through: Mapped[datetime | None]
+
+
+class Series(Base):
+    """A series of a study."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(_UID), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    """One stored SOP instance and where its file lies in the spool."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(_UID), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(_UID))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(_UID))
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime]
+
+
+class Job(Base):
+    """One inference of one model on one study, and its delivery."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_state_not_before", "state", "not_before"),
+        Index("ix_jobs_state_lease_expires_at", "state", "lease_expires_at"),
+        Index("ix_jobs_study_id_model_state", "study_id", "model", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    model: Mapped[str] = mapped_column(String(64))
+    state: Mapped[JobState] = mapped_column(_state_enum(JobState))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    not_before: Mapped[datetime]
+    created_at: Mapped[datetime]
+    claimed_at: Mapped[datetime | None]
+    #: First claim ever (``claimed_at`` is the latest).
+    started_at: Mapped[datetime | None]
+    #: When the job last entered DELIVERING (for the delivery duration).
+    delivering_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    #: The series inference chose.
+    series_instance_uid: Mapped[str | None] = mapped_column(String(_UID))
+    seg_path: Mapped[str | None] = mapped_column(Text)
+    seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(_UID))
+    #: e.g. ``"seg"`` or ``"no_findings"``.
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    #: Stage name -> seconds.
+    durations: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class JobEvent(Base):
+    """One line of a job's story; ``id`` is monotonic so followers resume after it."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    at: Mapped[datetime]
+    stage: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text, default="")
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Delivery(Base):
+    """Delivery of a job's SEG to one destination."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_state_next_attempt_at", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    state: Mapped[DeliveryState] = mapped_column(_state_enum(DeliveryState))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    first_attempt_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime]
+    last_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]

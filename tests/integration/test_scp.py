@@ -1,0 +1,223 @@
+"""The Storage SCP against real peers on loopback: dcmtk's storescu/echoscu and pynetdicom."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pynetdicom._config
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+from sqlalchemy import func, select
+
+from scp_node.dicom.handlers import StoreContext
+from scp_node.dicom.scp import StorageServer, build_storage_ae
+from scp_node.dicom.status import Status
+from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.models import Instance
+from scp_node.queue.retry import RetryPolicy
+from scp_node.queue.store import JobStore
+from scp_node.spool import Spool
+from tests.support.net import free_port
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class RunningScp:
+    port: int
+    spool: Spool
+    jobs: JobStore
+    engine: object
+    server: StorageServer
+
+    def instance_rows(self) -> int:
+        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+            return int(conn.execute(select(func.count()).select_from(Instance)).scalar_one())
+
+
+def _start(tmp_path: Path, *, allowed: tuple[str, ...] = (), min_free: int = 0) -> RunningScp:
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    upgrade(engine)
+    jobs = JobStore(engine, RetryPolicy(3, 1.0, 10.0, 2.0, 60.0))
+    spool = Spool(tmp_path / "spool")
+    ae = build_storage_ae("SCPNODE", allowed_calling_ae=allowed)
+    port = free_port()
+    server = StorageServer(ae, "127.0.0.1", port, StoreContext(spool, jobs, min_free))
+    return RunningScp(port, spool, jobs, engine, server)
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[RunningScp]:
+    running = _start(tmp_path, allowed=())
+    yield running
+    running.server.stop(grace_s=1)
+
+
+def _storescu(
+    port: int, files: list[Path], calling: str = "STORESCU"
+) -> subprocess.CompletedProcess[str]:
+    # -xv proposes JPEG 2000 lossless, the syntax of the shared series; files go as they are.
+    return subprocess.run(
+        ["storescu", "-aet", calling, "-aec", "SCPNODE", "-xv", "127.0.0.1", str(port)]
+        + [str(f) for f in files],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=120,
+    )
+
+
+def test_storescu_push_is_stored_as_received(scp: RunningScp, ct_b_files: list[Path]) -> None:
+    result = _storescu(scp.port, ct_b_files)
+    assert result.returncode == 0, result.stderr
+    assert scp.instance_rows() == 20
+    for source in ct_b_files:
+        original = dcmread(source)
+        stored_path = scp.spool.instance_path(
+            original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID
+        )
+        stored = dcmread(stored_path)
+        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        # Encapsulated JPEG 2000 bytes unchanged: stored as received, never transcoded.
+        assert stored.PixelData == original.PixelData
+    assert not list(scp.spool.root.rglob("*.part"))
+
+
+def test_resent_instance_replaces_its_copy(scp: RunningScp, ct_b_files: list[Path]) -> None:
+    assert _storescu(scp.port, ct_b_files[:3]).returncode == 0
+    assert _storescu(scp.port, ct_b_files[:3]).returncode == 0
+    assert scp.instance_rows() == 3
+    assert len(list(scp.spool.root.rglob("*.dcm"))) == 3
+
+
+def test_echoscu_succeeds(scp: RunningScp) -> None:
+    result = subprocess.run(
+        ["echoscu", "-aet", "ANYONE", "-aec", "SCPNODE", "127.0.0.1", str(scp.port)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_unknown_calling_ae_refused_at_association(tmp_path: Path) -> None:
+    running = _start(tmp_path, allowed=("GOODSCU",))
+    try:
+        args = ["-aec", "SCPNODE", "127.0.0.1", str(running.port)]
+        bad = subprocess.run(
+            ["echoscu", "-aet", "EVILSCU", *args], capture_output=True, text=True, env=DCMTK_ENV
+        )
+        assert bad.returncode != 0
+        assert "Calling AE Title Not Recognized" in bad.stderr + bad.stdout
+        good = subprocess.run(
+            ["echoscu", "-aet", "GOODSCU", *args], capture_output=True, text=True, env=DCMTK_ENV
+        )
+        assert good.returncode == 0, good.stderr
+    finally:
+        running.server.stop(grace_s=1)
+
+
+def _send(port: int, dataset_or_path: Dataset | Path) -> int:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCPNODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(dataset_or_path)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def _ct_dataset(**overrides: object) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.Rows = 2
+    ds.Columns = 2
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = b"\x00" * 8
+    for key, value in overrides.items():
+        setattr(ds, key, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _quarantined(spool: Spool) -> list[dict[str, object]]:
+    return [json.loads(p.read_text()) for p in sorted(spool.quarantine_dir.glob("*.json"))]
+
+
+def test_truncated_instance_quarantined_and_node_keeps_serving(scp: RunningScp) -> None:
+    # A transfer cut short: pydicom would read it tolerantly; the node must not accept it.
+    truncated = _ct_dataset()
+    truncated.PixelData = b"\x00" * 6
+    assert _send(scp.port, truncated) == Status.CANNOT_UNDERSTAND
+    (entry,) = _quarantined(scp.spool)
+    assert "pixel data has 6 bytes" in str(entry["reason"])
+    (kept,) = scp.spool.quarantine_dir.glob("*.dcm")
+    assert dcmread(kept).SOPInstanceUID == truncated.SOPInstanceUID
+    assert scp.instance_rows() == 0
+    assert _send(scp.port, _ct_dataset()) == Status.SUCCESS
+    assert scp.instance_rows() == 1
+
+
+def test_garbage_after_file_meta_refused(
+    scp: RunningScp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Send the file's bytes as they are, without pydicom decoding (and rejecting) them first.
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    good = _ct_dataset()
+    good.save_as(tmp_path / "good.dcm", enforce_file_format=True)
+    raw = (tmp_path / "good.dcm").read_bytes()
+    meta_end = raw.index(b"\x08\x00\x16\x00")  # (0008,0016) SOPClassUID: first data element
+    garbage = bytes(range(256)) * 2
+    (tmp_path / "broken.dcm").write_bytes(raw[:meta_end] + garbage)
+
+    status = _send(scp.port, tmp_path / "broken.dcm")
+    assert status in (Status.CANNOT_UNDERSTAND, Status.DATASET_DOES_NOT_MATCH)
+    (kept,) = scp.spool.quarantine_dir.glob("*.dcm")
+    assert kept.read_bytes().endswith(garbage)
+    assert scp.instance_rows() == 0
+
+
+def test_missing_uid_refused_with_reason(scp: RunningScp) -> None:
+    ds = _ct_dataset()
+    del ds.StudyInstanceUID
+    assert _send(scp.port, ds) == Status.DATASET_DOES_NOT_MATCH
+    (entry,) = _quarantined(scp.spool)
+    assert "StudyInstanceUID" in str(entry["reason"])
+    assert scp.instance_rows() == 0
+
+
+def test_path_traversal_uid_refused(scp: RunningScp) -> None:
+    ds = _ct_dataset(SeriesInstanceUID="../../etc")
+    assert _send(scp.port, ds) == Status.DATASET_DOES_NOT_MATCH
+    assert not (scp.spool.root.parent / "etc").exists()
+
+
+def test_low_disk_refused_with_out_of_resources(tmp_path: Path) -> None:
+    running = _start(tmp_path, min_free=2**62)
+    try:
+        assert _send(running.port, _ct_dataset()) == Status.OUT_OF_RESOURCES
+        assert running.instance_rows() == 0
+    finally:
+        running.server.stop(grace_s=1)

@@ -1,0 +1,276 @@
+"""DICOM SEG built on subject B's real CT slices, written, read back and validated."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from scp_node.dicom.series import Volume, load_volume
+from scp_node.errors import SegmentationError
+from scp_node.inference.registry import ModelSpec
+from scp_node.output.seg import (
+    build_segmentation,
+    content_label_for,
+    seg_uids,
+    write_segmentation,
+)
+
+ANATOMY = {"code": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"}
+#: The box of label 1: source slices with z in this range (mm), rows and columns below.
+BOX_Z_MM = (-795.0, -783.0)
+BOX_ROWS = slice(180, 300)
+BOX_COLUMNS = slice(120, 260)
+
+
+@pytest.fixture(scope="module")
+def spec() -> ModelSpec:
+    return ModelSpec.model_validate(
+        {
+            "name": "liver-unet.v1",
+            "version": "1.2.0",
+            "series_description": "AI liver segmentation",
+            "weights": {"architecture": "unet"},
+            "labels": [
+                {
+                    "value": 1,
+                    "name": "Liver",
+                    "category": ANATOMY,
+                    "type": {"code": "10200004", "scheme": "SCT", "meaning": "Liver"},
+                    "color": [221, 130, 101],
+                },
+                {
+                    "value": 2,
+                    "name": "Spleen",
+                    "category": ANATOMY,
+                    "type": {"code": "78961009", "scheme": "SCT", "meaning": "Spleen"},
+                    "color": [157, 108, 162],
+                },
+            ],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def volume(ct_b_files: list[Path]) -> Volume:
+    return load_volume(ct_b_files)
+
+
+@pytest.fixture(scope="module")
+def sources(ct_b_files: list[Path]) -> dict[str, pydicom.Dataset]:
+    """The source files read with pydicom alone, by SOP Instance UID."""
+    datasets = (pydicom.dcmread(path, stop_before_pixels=True) for path in ct_b_files)
+    return {str(ds.SOPInstanceUID): ds for ds in datasets}
+
+
+def _in_box_slice(z: float) -> bool:
+    return BOX_Z_MM[0] <= z <= BOX_Z_MM[1]
+
+
+def _box_labelmap(volume: Volume) -> np.ndarray:
+    labelmap = np.zeros(volume.array.shape, dtype=np.uint8)
+    for index, ds in enumerate(volume.datasets):
+        if _in_box_slice(float(ds.ImagePositionPatient[2])):
+            labelmap[index, BOX_ROWS, BOX_COLUMNS] = 1
+    assert 0 < labelmap.any(axis=(1, 2)).sum() < len(volume.datasets)
+    return labelmap
+
+
+@pytest.fixture(scope="module")
+def written(volume: Volume, spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    seg = build_segmentation(volume, _box_labelmap(volume), spec, software_version="0.1.0")
+    assert seg is not None
+    path = tmp_path_factory.mktemp("seg") / "seg.dcm"
+    write_segmentation(seg, path)
+    return path
+
+
+def _floats(values: Any) -> list[float]:
+    return [float(v) for v in values]
+
+
+def test_segment_descriptions(written: Path, spec: ModelSpec) -> None:
+    seg = hd.seg.segread(written)
+    assert seg.segment_numbers == [1]
+    description = seg.get_segment_description(1)
+    assert description.segment_label == "Liver"
+    assert description.segmented_property_type.value == "10200004"
+    assert description.segmented_property_type.scheme_designator == "SCT"
+    assert description.segmented_property_category.value == "123037004"
+    assert description.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+    algorithm = description.algorithm_identification
+    assert algorithm is not None
+    assert algorithm[0].AlgorithmName == spec.name
+    assert algorithm[0].AlgorithmVersion == spec.version
+    assert algorithm[0].AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
+    colour = hd.color.CIELabColor.from_dicom_value(
+        tuple(pydicom.dcmread(written).SegmentSequence[0].RecommendedDisplayCIELabValue)
+    )
+    assert colour.to_rgb() == pytest.approx((221, 130, 101), abs=1)
+
+
+def test_header(written: Path, spec: ModelSpec, sources: dict[str, pydicom.Dataset]) -> None:
+    ds = pydicom.dcmread(written)
+    source = next(iter(sources.values()))
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert ds.SegmentationType == "BINARY"
+    assert ds.Manufacturer == "scp-node"
+    assert ds.ManufacturerModelName == spec.name
+    assert ds.DeviceSerialNumber == "scp-node"
+    assert ds.SoftwareVersions == "0.1.0"
+    assert ds.SeriesDescription == "AI liver segmentation"
+    assert ds.ContentLabel == "LIVER_UNET_V1"
+    assert ds.SeriesNumber == 9901
+    assert ds.InstanceNumber == 1
+    assert (ds.SeriesInstanceUID, ds.SOPInstanceUID) == seg_uids(
+        source.SeriesInstanceUID, spec.name, spec.version
+    )
+    assert ds.StudyInstanceUID == source.StudyInstanceUID
+    assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert (ds.Rows, ds.Columns) == (source.Rows, source.Columns)
+
+
+def test_frames_lie_on_the_source_slices(
+    written: Path, sources: dict[str, pydicom.Dataset]
+) -> None:
+    ds = pydicom.dcmread(written)
+    assert ds.NumberOfFrames == len(sources) == 20
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    any_source = next(iter(sources.values()))
+    orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    assert _floats(orientation) == pytest.approx(_floats(any_source.ImageOrientationPatient))
+    spacing = shared.PixelMeasuresSequence[0].PixelSpacing
+    assert _floats(spacing) == pytest.approx(_floats(any_source.PixelSpacing))
+
+    pixels = ds.pixel_array
+    assert pixels.shape == (20, any_source.Rows, any_source.Columns)
+    seen = set()
+    for index, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        source_uid = str(
+            frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        )
+        seen.add(source_uid)
+        position = _floats(frame.PlanePositionSequence[0].ImagePositionPatient)
+        assert position == pytest.approx(_floats(sources[source_uid].ImagePositionPatient))
+        expected = np.zeros((any_source.Rows, any_source.Columns), dtype=np.uint8)
+        if _in_box_slice(position[2]):
+            expected[BOX_ROWS, BOX_COLUMNS] = 1
+        np.testing.assert_array_equal(pixels[index], expected)
+    assert seen == set(sources)
+
+
+def test_references_every_source_instance(
+    written: Path, sources: dict[str, pydicom.Dataset]
+) -> None:
+    ds = pydicom.dcmread(written)
+    (series,) = ds.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == next(iter(sources.values())).SeriesInstanceUID
+    referenced = {str(item.ReferencedSOPInstanceUID) for item in series.ReferencedInstanceSequence}
+    assert referenced == set(sources)
+
+
+def test_highdicom_reads_pixels_by_source_instance(
+    written: Path, sources: dict[str, pydicom.Dataset]
+) -> None:
+    seg = hd.seg.segread(written)
+    uids = sorted(sources, key=lambda uid: float(sources[uid].ImagePositionPatient[2]))
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
+    assert pixels.shape == (20, 512, 512, 1)
+    for uid, plane in zip(uids, pixels[..., 0], strict=True):
+        assert plane.any() == _in_box_slice(float(sources[uid].ImagePositionPatient[2]))
+
+
+def test_dciodvfy_reports_no_error(written: Path) -> None:
+    dciodvfy = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
+    result = subprocess.run(
+        [dciodvfy, str(written)], capture_output=True, text=True, timeout=120, check=False
+    )
+    lines = (result.stdout + result.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    assert errors == [], "\n".join(errors)
+
+
+def test_write_leaves_no_part_file(written: Path) -> None:
+    assert written.is_file()
+    assert not written.with_suffix(".part").exists()
+
+
+def test_uids_are_stable_across_builds(volume: Volume, spec: ModelSpec) -> None:
+    labelmap = _box_labelmap(volume)
+    first = build_segmentation(volume, labelmap, spec, software_version="0.1.0")
+    second = build_segmentation(volume, labelmap, spec, software_version="0.1.1")
+    assert first is not None and second is not None
+    assert first.SeriesInstanceUID == second.SeriesInstanceUID
+    assert first.SOPInstanceUID == second.SOPInstanceUID
+
+
+def test_seg_uids() -> None:
+    series_uid, sop_uid = seg_uids("1.2.3", "liver", "1.0")
+    assert series_uid != sop_uid
+    assert (series_uid, sop_uid) == seg_uids("1.2.3", "liver", "1.0")
+    assert seg_uids("1.2.3", "liver", "1.1")[0] != series_uid
+    assert seg_uids("1.2.4", "liver", "1.0")[0] != series_uid
+    for uid in (series_uid, sop_uid):
+        assert uid.startswith("2.25.")
+        assert len(uid) <= 64
+        assert pydicom.uid.UID(uid).is_valid
+
+
+def test_empty_labelmap_gives_none(volume: Volume, spec: ModelSpec) -> None:
+    labelmap = np.zeros(volume.array.shape, dtype=np.uint8)
+    assert build_segmentation(volume, labelmap, spec, software_version="0.1.0") is None
+
+
+def test_segments_follow_label_order_and_skip_absent_labels(
+    volume: Volume, spec: ModelSpec
+) -> None:
+    only_spleen = np.zeros(volume.array.shape, dtype=np.int16)
+    only_spleen[3, 10:20, 10:20] = 2
+    seg = build_segmentation(volume, only_spleen, spec, software_version="0.1.0")
+    assert seg is not None
+    assert [item.SegmentNumber for item in seg.SegmentSequence] == [1]
+    assert seg.SegmentSequence[0].SegmentLabel == "Spleen"
+    assert seg.NumberOfFrames == 20
+
+    both = only_spleen.copy()
+    both[5, 100:120, 100:120] = 1
+    seg = build_segmentation(volume, both, spec, software_version="0.1.0")
+    assert seg is not None
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["Liver", "Spleen"]
+    assert [item.SegmentNumber for item in seg.SegmentSequence] == [1, 2]
+    assert seg.NumberOfFrames == 40
+
+
+def test_rejects_bad_labelmaps(volume: Volume, spec: ModelSpec) -> None:
+    with pytest.raises(SegmentationError, match="shape"):
+        build_segmentation(
+            volume, np.zeros((19, 512, 512), np.uint8), spec, software_version="0.1.0"
+        )
+    with pytest.raises(SegmentationError, match="integers"):
+        build_segmentation(
+            volume, np.zeros(volume.array.shape, np.float32), spec, software_version="0.1.0"
+        )
+    unknown = np.zeros(volume.array.shape, np.uint8)
+    unknown[0, 0, 0] = 7
+    with pytest.raises(SegmentationError, match=r"\[7\]"):
+        build_segmentation(volume, unknown, spec, software_version="0.1.0")
+
+
+def test_write_into_missing_folder_fails_cleanly(
+    volume: Volume, spec: ModelSpec, tmp_path: Path
+) -> None:
+    seg = build_segmentation(volume, _box_labelmap(volume), spec, software_version="0.1.0")
+    assert seg is not None
+    with pytest.raises(SegmentationError, match="missing"):
+        write_segmentation(seg, tmp_path / "missing" / "seg.dcm")
+
+
+def test_content_label_for() -> None:
+    assert content_label_for("liver-unet.v1") == "LIVER_UNET_V1"
+    assert content_label_for("a" * 40) == "A" * 16
