@@ -1,0 +1,78 @@
+"""Configuration: the shipped config.toml, precedence, and errors that name the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from scp_node.errors import ConfigError
+from scp_node.settings import load_settings
+from tests.conftest import REPO_ROOT
+
+
+def test_shipped_config_loads_with_the_documented_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("SCP_NODE_")]:
+        monkeypatch.delenv(key)
+    settings = load_settings(REPO_ROOT / "config.toml")
+    assert settings.node.ae_title == "SCPNODE"
+    assert settings.node.port == 11112
+    assert settings.settle.quiet_s == 10
+    assert settings.database.url.startswith("sqlite:///var/")
+    assert settings.worker.model == "ct-abdomen"
+    assert [d.name for d in settings.destinations] == ["pacs"]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, "[node]\nport = 1000\nae_title = 'FROMFILE'\n[settle]\nquiet_s = 3\n")
+    assert load_settings(path).node.port == 1000
+    monkeypatch.setenv("SCP_NODE_NODE__PORT", "2000")
+    settings = load_settings(path)
+    assert settings.node.port == 2000
+    assert settings.node.ae_title == "FROMFILE"  # untouched keys keep the file's value
+    assert settings.settle.quiet_s == 3
+    assert load_settings(path, {"node": {"port": 3000}}).node.port == 3000
+
+
+def test_destinations_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "SCP_NODE_DESTINATIONS", '[{"name": "a", "ae_title": "PACS", "host": "h", "port": 104}]'
+    )
+    (dest,) = load_settings(None).destinations
+    assert (dest.ae_title, dest.port) == ("PACS", 104)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[node]\nport = 70000\n", "node.port"),
+        ("[node]\nae_title = 'WAY_TOO_LONG_AE_TITLE'\n", "node.ae_title"),
+        ("[worker]\ndevice = 'tpu'\n", "worker.device"),
+        ("[settle]\nquiet_s = -1\n", "settle.quiet_s"),
+        ("[node]\nnot_a_key = 1\n", "node.not_a_key"),
+        ("[[destinations]]\nname = 'x'\nae_title = 'A'\nhost = 'h'\n", "destinations.0.port"),
+    ],
+)
+def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(_write(tmp_path, text))
+
+
+def test_bad_environment_value_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCP_NODE_NODE__PORT", "eleven")
+    with pytest.raises(ConfigError, match=r"node\.port"):
+        load_settings(None)
+
+
+def test_missing_or_broken_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(_write(tmp_path, "[node\nport = 1"))
