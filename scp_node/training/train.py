@@ -1,0 +1,251 @@
+"""Short, deterministic training of a slice-wise segmentation network on one subject.
+
+Hyper-parameters come from ``models/<name>/train.toml`` (see :class:`TrainConfig`); the
+best checkpoint by validation Dice on a held-out part of the training subject is written
+as ``models/<name>/weights.pt`` (a ``state_dict``). The held-out evaluation subject is
+never looked at here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from scp_node.inference.nets import build_network
+from scp_node.inference.preprocess import stack_context
+from scp_node.training.data import (
+    TRAIN_FILE,
+    CropSampler,
+    Subject,
+    TrainConfig,
+    load_subject,
+    split_slices,
+)
+
+__all__ = ["TrainResult", "dice_scores", "segmentation_loss", "train"]
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.pt"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced.
+
+    ``val_dice`` is the mean foreground Dice on the held-out slices of the training subject
+    for the saved (best) checkpoint; ``history`` has it for every epoch.
+    """
+
+    weights_path: Path
+    val_dice: float
+    best_epoch: int
+    epochs_run: int
+    steps: int
+    minutes: float
+    stopped: str
+    history: list[float] = field(default_factory=list)
+    train_slices: int = 0
+    val_slices: int = 0
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weights: torch.Tensor | None,
+    dice_weight: float,
+) -> torch.Tensor:
+    """Weighted cross-entropy + soft Dice over the foreground classes.
+
+    ``logits`` (B, K, H, W), ``target`` (B, H, W) int64 class indices.
+    """
+    ce = F.cross_entropy(logits, target, weight=class_weights)
+    if dice_weight == 0 or logits.shape[1] < 2:
+        return ce
+    probs = logits.softmax(dim=1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+    intersection = (probs * onehot).sum(dim=(0, 2, 3))
+    total = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    dice = (2 * intersection + 1.0) / (total + 1.0)
+    return ce + dice_weight * (1 - dice.mean())
+
+
+def dice_scores(
+    prediction: npt.NDArray[np.integer], reference: npt.NDArray[np.integer], num_classes: int
+) -> list[float]:
+    """Dice per foreground class (1 .. num_classes-1); 1.0 where both are empty."""
+    scores = []
+    for index in range(1, num_classes):
+        pred = prediction == index
+        ref = reference == index
+        total = int(pred.sum()) + int(ref.sum())
+        scores.append(1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total)
+    return scores
+
+
+@torch.inference_mode()
+def _validate(net: nn.Module, subject: Subject, slices: list[int], config: TrainConfig) -> float:
+    net.eval()
+    stacked = stack_context(subject.image, config.context_slices)[slices]
+    predictions = []
+    for start in range(0, len(slices), 16):
+        batch = torch.from_numpy(stacked[start : start + 16])
+        predictions.append(net(batch).argmax(dim=1).numpy())
+    net.train()
+    prediction = np.concatenate(predictions)
+    return float(np.mean(dice_scores(prediction, subject.target[slices], config.num_classes)))
+
+
+def train(
+    model_dir: Path,
+    data_dir: Path,
+    *,
+    seed: int = 0,
+    max_minutes: float | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the network described by ``model_dir/train.toml`` and save its best weights.
+
+    Parameters
+    ----------
+    model_dir
+        Folder with ``train.toml``; ``weights.pt`` (a ``state_dict``) is written there,
+        replaced atomically each time validation Dice improves.
+    data_dir
+        Folder holding ``<subject>/<image>`` and ``<subject>/<labels>`` (NIfTI).
+    seed
+        Seeds torch and the numpy Generator: with the same seed, config and no time limit
+        a run gives identical weights.
+    max_minutes
+        Wall-clock limit; the run stops after the epoch that crosses it (then the result
+        depends on machine speed, so it is no longer reproducible).
+    progress
+        Show a rich progress bar.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ModelError
+        ``train.toml`` is missing or invalid, or the architecture is unknown.
+    """
+    started = time.monotonic()
+    config = TrainConfig.from_file(model_dir / TRAIN_FILE)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    subject = load_subject(data_dir, config)
+    train_slices, val_slices = split_slices(
+        subject.image.shape[0], config.val_block, config.val_every
+    )
+    sampler = CropSampler(subject, train_slices, config, rng)
+    net = build_network(config.architecture, config.params)
+    net.train()
+    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = max(1, config.epochs * config.steps_per_epoch)
+
+    def lr_factor(step: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_factor)
+    class_weights = (
+        torch.tensor(config.ce_class_weights, dtype=torch.float32)
+        if config.ce_class_weights
+        else None
+    )
+    weights_path = model_dir / WEIGHTS_FILE
+    best_dice = -1.0
+    best_epoch = 0
+    best_state: dict[str, torch.Tensor] = {}
+    history: list[float] = []
+    stopped = "epochs"
+    steps = 0
+    logger.info(
+        "training %s on %s: %d train / %d validation slices, %d parameters",
+        config.architecture,
+        config.subject,
+        len(train_slices),
+        len(val_slices),
+        sum(p.numel() for p in net.parameters()),
+    )
+    with Progress(
+        TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} val Dice {task.fields[dice]:.3f}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+    ) as bar:
+        task = bar.add_task("train", total=total_steps, epoch=0, loss=0.0, dice=0.0)
+        for epoch in range(1, config.epochs + 1):
+            running = 0.0
+            for _ in range(config.steps_per_epoch):
+                inputs, target = sampler.sample(config.batch_size)
+                loss = segmentation_loss(net(inputs), target, class_weights, config.dice_weight)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimiser.step()
+                scheduler.step()
+                steps += 1
+                value = loss.item()
+                running += value
+                bar.update(task, advance=1, epoch=epoch, loss=value)
+            dice = _validate(net, subject, val_slices, config)
+            history.append(dice)
+            bar.update(task, dice=dice)
+            logger.info(
+                "epoch %d: loss %.4f, validation Dice %.4f",
+                epoch,
+                running / max(1, config.steps_per_epoch),
+                dice,
+            )
+            if dice > best_dice:
+                best_dice, best_epoch = dice, epoch
+                best_state = copy.deepcopy(net.state_dict())
+                _save(best_state, weights_path)
+            elif epoch - best_epoch >= config.patience:
+                stopped = "early stopping"
+                break
+            if max_minutes is not None and (time.monotonic() - started) / 60 >= max_minutes:
+                stopped = "time limit"
+                break
+    minutes = (time.monotonic() - started) / 60
+    logger.info(
+        "best validation Dice %.4f at epoch %d (%s after %d epochs, %.1f min)",
+        best_dice,
+        best_epoch,
+        stopped,
+        len(history),
+        minutes,
+    )
+    return TrainResult(
+        weights_path=weights_path,
+        val_dice=best_dice,
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        steps=steps,
+        minutes=minutes,
+        stopped=stopped,
+        history=history,
+        train_slices=len(train_slices),
+        val_slices=len(val_slices),
+    )
+
+
+def _save(state: dict[str, torch.Tensor], path: Path) -> None:
+    partial = path.with_suffix(path.suffix + ".part")
+    torch.save(state, partial)
+    os.replace(partial, path)
