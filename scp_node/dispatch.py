@@ -1,0 +1,80 @@
+"""Dispatch: send each finished SEG to every destination by C-STORE, retrying with backoff
+until it lands or the give-up age is reached. The SEG's UIDs are deterministic, so a resend
+replaces the same instance at the PACS instead of adding a second SEG."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from scp_node.dicom.scu import Peer, send_files
+from scp_node.errors import DeliveryError
+from scp_node.queue.store import ClaimedDelivery, JobStore
+
+logger = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Claims deliveries from the job table and sends them."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        *,
+        owner: str,
+        calling_ae: str,
+        lease_s: float = 120.0,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.jobs = jobs
+        self.owner = owner
+        self.calling_ae = calling_ae
+        self.lease_s = lease_s
+        self.timeout_s = timeout_s
+
+    def run(self, stop: threading.Event, poll_s: float = 1.0) -> None:
+        """Deliver until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:
+                logger.exception("dispatch loop error")
+                worked = False
+            if not worked:
+                stop.wait(poll_s)
+
+    def run_once(self) -> bool:
+        """Claim and attempt one delivery; False when none is due."""
+        delivery = self.jobs.claim_delivery(self.owner, self.lease_s)
+        if delivery is None:
+            return False
+        self._deliver(delivery)
+        return True
+
+    def _deliver(self, delivery: ClaimedDelivery) -> None:
+        ids = {
+            "job_id": delivery.job_id,
+            "destination": delivery.destination,
+            "sop_instance_uid": delivery.seg_sop_instance_uid,
+            "attempt": delivery.attempts,
+        }
+        peer = Peer(delivery.ae_title, delivery.host, delivery.port)
+        try:
+            (result,) = send_files(
+                [Path(delivery.seg_path)],
+                peer,
+                calling_ae=self.calling_ae,
+                timeout_s=self.timeout_s,
+            )
+        except (DeliveryError, OSError) as exc:
+            state = self.jobs.delivery_failed(delivery.id, delivery.token, str(exc))
+            logger.warning("delivery failed", extra={**ids, "error": str(exc), "state": str(state)})
+            return
+        if result.ok:
+            self.jobs.delivery_succeeded(delivery.id, delivery.token)
+            logger.info("delivered", extra={**ids, "status": result.status})
+            return
+        error = result.error or f"refused with status 0x{result.status or 0:04X}"
+        state = self.jobs.delivery_failed(delivery.id, delivery.token, error, result.status)
+        logger.warning("delivery refused", extra={**ids, "error": error, "state": str(state)})

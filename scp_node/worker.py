@@ -1,0 +1,196 @@
+"""The worker: claim a job -> select series -> volume -> predict -> SEG in the outbox -> hand
+over to dispatch. Every step is timed into the job's events; the lease is renewed by a
+heartbeat thread while the job runs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from scp_node.dicom.series import choose_series, load_volume
+from scp_node.errors import JobLeaseLostError, ModelError, SeriesError
+from scp_node.inference.predictor import Predictor
+from scp_node.inference.registry import ModelSpec
+from scp_node.output.seg import build_segmentation, write_segmentation
+from scp_node.queue.models import JobState
+from scp_node.queue.store import ClaimedJob, JobStore
+from scp_node.settings import Destination
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Runtime settings of one worker."""
+
+    owner: str
+    outbox_dir: Path
+    destinations: tuple[Destination, ...]
+    lease_s: float
+    heartbeat_s: float
+    software_version: str
+
+
+class _Heartbeat:
+    """Renews a job's lease every ``interval_s`` until stopped; remembers a lost lease."""
+
+    def __init__(self, jobs: JobStore, job: ClaimedJob, lease_s: float, interval_s: float) -> None:
+        self._jobs, self._job, self._lease_s, self._interval_s = jobs, job, lease_s, interval_s
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._jobs.heartbeat(self._job.id, self._job.token, self._lease_s)
+            except JobLeaseLostError:
+                self.lost = True
+                return
+            except Exception:
+                logger.warning("heartbeat failed", exc_info=True, extra={"job_id": self._job.id})
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Worker:
+    """Runs jobs for one model with one predictor."""
+
+    def __init__(
+        self, jobs: JobStore, spec: ModelSpec, predictor: Predictor, config: WorkerConfig
+    ) -> None:
+        self.jobs = jobs
+        self.spec = spec
+        self.predictor = predictor
+        self.config = config
+
+    def run(self, stop: threading.Event, poll_s: float = 1.0) -> None:
+        """Process jobs until ``stop`` is set; sleeps ``poll_s`` when the queue is empty."""
+        logger.info("worker started", extra={"owner": self.config.owner, "model": self.spec.name})
+        while not stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:
+                logger.exception("worker loop error")
+                worked = False
+            if not worked:
+                stop.wait(poll_s)
+        logger.info("worker stopped", extra={"owner": self.config.owner})
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when there was none."""
+        job = self.jobs.claim(self.config.owner, self.config.lease_s)
+        if job is None:
+            return False
+        if job.model != self.spec.name:
+            self.jobs.fail(job.id, job.token, f"this worker runs {self.spec.name}", retryable=True)
+            return True
+        with _Heartbeat(self.jobs, job, self.config.lease_s, self.config.heartbeat_s) as beat:
+            try:
+                self._process(job)
+            except JobLeaseLostError:
+                logger.warning("lease lost; result dropped", extra={"job_id": job.id})
+            except (SeriesError, ModelError) as exc:
+                self._fail(job, str(exc), retryable=False)
+            except Exception as exc:
+                logger.exception("job failed", extra={"job_id": job.id})
+                self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True)
+        if beat.lost:
+            logger.warning("lease was lost while the job ran", extra={"job_id": job.id})
+        return True
+
+    def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> None:
+        try:
+            state = self.jobs.fail(job.id, job.token, error, retryable=retryable)
+        except JobLeaseLostError:
+            logger.warning("lease lost before failing the job", extra={"job_id": job.id})
+            return
+        logger.warning(
+            "job attempt failed",
+            extra={
+                "job_id": job.id,
+                "state": str(state),
+                "study_instance_uid": job.study_instance_uid,
+            },
+        )
+
+    @contextmanager
+    def _stage(self, job: ClaimedJob, stage: str) -> Iterator[dict[str, str]]:
+        """Time a stage and record it (event + duration) when it ends without error."""
+        note: dict[str, str] = {}
+        started = time.perf_counter()
+        yield note
+        self.jobs.record_stage(
+            job.id, job.token, stage, time.perf_counter() - started, note.get("message", "")
+        )
+
+    def _process(self, job: ClaimedJob) -> None:
+        ids = {"job_id": job.id, "study_instance_uid": job.study_instance_uid}
+        with self._stage(job, "select") as note:
+            candidates = self.jobs.study_series(job.study_instance_uid)
+            choice = choose_series(candidates, self.spec.series)
+            if choice.series_instance_uid is None:
+                note["message"] = "no series matches the model's rules: " + "; ".join(
+                    f"{uid}: {why}" for uid, why in sorted(choice.rejected.items())
+                )
+            else:
+                note["message"] = f"series {choice.series_instance_uid}"
+        if choice.series_instance_uid is None:
+            self._complete(job, None, None, None, "no_matching_series")
+            return
+        series_uid = choice.series_instance_uid
+        paths: Sequence[Path] = candidates[series_uid]
+
+        with self._stage(job, "load") as note:
+            volume = load_volume(paths)
+            note["message"] = f"{volume.array.shape[0]} slices"
+        with self._stage(job, "inference") as note:
+            labelmap = self.predictor.predict(volume.array, volume.spacing_zyx)
+            note["message"] = f"device {self.predictor.device}"
+        with self._stage(job, "seg") as note:
+            seg = build_segmentation(
+                volume, labelmap, self.spec, software_version=self.config.software_version
+            )
+            seg_path: Path | None = None
+            seg_uid: str | None = None
+            if seg is None:
+                note["message"] = "no label found: no SEG built"
+            else:
+                seg_uid = str(seg.SOPInstanceUID)
+                seg_path = self.config.outbox_dir / str(job.id) / f"{seg_uid}.dcm"
+                seg_path.parent.mkdir(parents=True, exist_ok=True)
+                write_segmentation(seg, seg_path)
+                note["message"] = f"SEG {seg_uid}, {len(seg.SegmentSequence)} segment(s)"
+        logger.info("inference done", extra={**ids, "series_instance_uid": series_uid})
+        self._complete(job, series_uid, seg_path, seg_uid, "seg" if seg_path else "no_findings")
+
+    def _complete(
+        self,
+        job: ClaimedJob,
+        series_uid: str | None,
+        seg_path: Path | None,
+        seg_uid: str | None,
+        outcome: str,
+    ) -> None:
+        state = self.jobs.complete_inference(
+            job.id,
+            job.token,
+            series_instance_uid=series_uid,
+            seg_path=str(seg_path) if seg_path else None,
+            seg_sop_instance_uid=seg_uid,
+            outcome=outcome,
+            destinations=self.config.destinations,
+        )
+        if state is JobState.DONE:
+            logger.info("job done", extra={"job_id": job.id, "outcome": outcome})

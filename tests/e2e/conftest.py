@@ -1,0 +1,172 @@
+"""The whole node as a subprocess (`scp-node serve`), driven by real peers on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.support.net import PacsStub, free_port, wait_for_port
+
+SCP_NODE = Path(sys.executable).parent / "scp-node"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class NodeProcess:
+    """A running `scp-node serve` and the paths it uses."""
+
+    root: Path
+    config: Path
+    port: int
+    pacs_port: int
+    process: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.root / "stdout.log"
+
+    def start(self) -> NodeProcess:
+        with self.log.open("ab") as handle:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [str(SCP_NODE), "serve", "--config", str(self.config)],
+                cwd=self.root,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        try:
+            wait_for_port(self.port, timeout_s=120)
+        except TimeoutError:
+            self.process.kill()
+            raise AssertionError(f"node did not start:\n{self.log.read_text()[-4000:]}") from None
+        return self
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+
+    def cli(self, *args: str) -> str:
+        """Run the CLI against this node's config (after the group name for `jobs ...`)."""
+        head, rest = (args[:1], args[1:]) if args[0] == "jobs" else (args, ())
+        result = subprocess.run(
+            [str(SCP_NODE), *head, "--config", str(self.config), *rest],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr + result.stdout
+        return result.stdout
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.cli("jobs", "--json")))
+
+    def spool_files(self) -> list[Path]:
+        return sorted((self.root / "spool").rglob("*.dcm"))
+
+    def storescu(self, files: list[Path], calling: str = "STORESCU") -> None:
+        result = subprocess.run(
+            ["storescu", "-aet", calling, "-aec", "SCPNODE", "-xv", "127.0.0.1", str(self.port)]
+            + [str(f) for f in files],
+            capture_output=True,
+            text=True,
+            env=DCMTK_ENV,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+
+
+def write_config(root: Path, port: int, pacs_port: int, **sections: dict[str, Any]) -> Path:
+    """A config.toml for a test node: temp paths, short timings, the PACS stub as destination."""
+    values: dict[str, dict[str, Any]] = {
+        "node": {"ae_title": "SCPNODE", "host": "127.0.0.1", "port": port},
+        "storage": {"spool_dir": str(root / "spool"), "min_free_bytes": 0},
+        "database": {"url": f"sqlite:///{root / 'node.db'}"},
+        "settle": {"quiet_s": 1.0, "poll_s": 0.2},
+        "worker": {
+            "device": "cpu",
+            "model": "ct-abdomen",
+            "models_dir": str(REPO_ROOT / "models"),
+            "outbox_dir": str(root / "outbox"),
+            "lease_s": 30,
+            "heartbeat_s": 2,
+            "poll_s": 0.2,
+            "threads": 1,
+        },
+        "retry": {"max_attempts": 3, "initial_backoff_s": 0.5, "max_backoff_s": 1.0},
+        "log": {"level": "INFO", "dir": str(root / "log")},
+    }
+    for name, overrides in sections.items():
+        values.setdefault(name, {}).update(overrides)
+    lines: list[str] = []
+    for section, items in values.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in items.items())
+        lines.append("")
+    lines += [
+        "[[destinations]]",
+        'name = "pacs"',
+        'ae_title = "PACS"',
+        'host = "127.0.0.1"',
+        f"port = {pacs_port}",
+    ]
+    path = root / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Any]:
+    """Make (not start) nodes; every started one is stopped at teardown."""
+    made: list[NodeProcess] = []
+
+    def make(**sections: dict[str, Any]) -> NodeProcess:
+        root = tmp_path / f"node{len(made)}"
+        root.mkdir()
+        port, pacs_port = free_port(), free_port()
+        node = NodeProcess(root, write_config(root, port, pacs_port, **sections), port, pacs_port)
+        made.append(node)
+        return node
+
+    yield make
+    for node in made:
+        node.stop()
+
+
+@pytest.fixture
+def pacs_factory(tmp_path: Path) -> Iterator[Any]:
+    """PACS stand-ins listening on the port a node sends to."""
+    started: list[PacsStub] = []
+
+    def make(port: int, status: int = 0) -> PacsStub:
+        stub = PacsStub(tmp_path / f"pacs{len(started)}", port, status=status).start()
+        started.append(stub)
+        return stub
+
+    yield make
+    for stub in started:
+        stub.stop()
