@@ -184,20 +184,25 @@ def jobs(
     if as_json:
         sys.stdout.write(json.dumps([v.to_json() for v in views], indent=2) + "\n")
         return
-    table = Table(title="scp-node jobs", header_style="bold")
-    for column in ("id", "state", "model", "study", "date", "outcome", "try", *STAGES, "error"):
-        table.add_column(column, no_wrap=column not in ("error", "study"))
+    table = Table(title="scp-node jobs", header_style="bold", expand=True)
+    # Identity columns never shrink; the wide ones fold so the table fits any terminal.
+    for column in ("id", "state", "try"):
+        table.add_column(column, no_wrap=True, min_width=len(column))
+    for column in ("model", "study", "date", "outcome", "time per stage", "error"):
+        table.add_column(column, overflow="fold", ratio=3 if column == "time per stage" else 1)
     for v in views:
         table.add_row(
             str(v.id),
             f"[{STATE_STYLES.get(str(v.state), '')}]{v.state}[/]",
+            f"{v.attempts}/{v.max_attempts}",
             v.model,
             "…" + v.study_instance_uid[-12:],
             v.study_date or "",
             v.outcome or "",
-            f"{v.attempts}/{v.max_attempts}",
-            *(_fmt_s(v.durations.get(stage)) for stage in STAGES),
-            (v.error or "")[:80],
+            " ".join(
+                f"{stage} {_fmt_s(v.durations[stage])}" for stage in STAGES if stage in v.durations
+            ),
+            (v.error or "")[:160],
         )
     console.print(table)
 
@@ -238,26 +243,25 @@ def jobs_show(
         console.print(_event_line(event))
 
 
-@jobs_app.command("retry")
-def jobs_retry(ctx: typer.Context, job_id: int) -> None:
-    """Run a failed or cancelled job again (or resend its SEG if only delivery failed)."""
+def _job_action(config: Path | None, job_id: int, action: str, done: str) -> None:
     try:
-        _jobs_store(ctx.obj).retry_job(job_id)
+        getattr(_jobs_store(config), action)(job_id)
     except NodeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from exc
-    console.print(f"job {job_id} requeued")
+    console.print(f"job {job_id} {done}")
+
+
+@jobs_app.command("retry")
+def jobs_retry(ctx: typer.Context, job_id: int) -> None:
+    """Run a failed or cancelled job again (or resend its SEG if only delivery failed)."""
+    _job_action(ctx.obj, job_id, "retry_job", "requeued")
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(ctx: typer.Context, job_id: int) -> None:
     """Cancel a job that has not finished."""
-    try:
-        _jobs_store(ctx.obj).cancel_job(job_id)
-    except NodeError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
-    console.print(f"job {job_id} cancelled")
+    _job_action(ctx.obj, job_id, "cancel_job", "cancelled")
 
 
 def _event_json(event: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import SCP_NODE
 from tests.support.net import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -89,14 +90,45 @@ def _check_seg_against_sources(seg_path: Path, sources: list[Path]) -> None:
     assert errors == []
 
 
+def _assert_no_phi_in_logs(node: Any, source: Path) -> None:
+    """No log the node wrote names the patient: only UIDs and job ids."""
+    ds = dcmread(source, stop_before_pixels=True)
+    secrets = [
+        str(value)
+        for value in (ds.get("PatientName"), ds.get("PatientID"), ds.get("PatientBirthDate"))
+        if value
+    ]
+    assert secrets, "the test series must carry a patient name or ID to look for"
+    logs = [node.log, *node.root.joinpath("log").glob("*.log*"), *node.root.glob("*.jsonl")]
+    assert len(logs) >= 2
+    for path in logs:
+        text = path.read_text()
+        for secret in secrets:
+            assert secret not in text, f"{secret!r} found in {path.name}"
+        for part in str(ds.PatientName).split("^"):
+            assert part not in text, f"a part of the patient name found in {path.name}"
+
+
 def test_storescu_push_yields_one_valid_seg_at_the_pacs(
     node_factory: Any, pacs_factory: Any, ct_b_files: list[Path]
 ) -> None:
     node = node_factory().start()
     pacs = pacs_factory(node.pacs_port)
-
-    node.storescu(ct_b_files)
-    wait_until(lambda: _done_jobs(node), SEG_TIMEOUT_S, "the job to be done")
+    follow_out = node.root / "logs-follow.jsonl"
+    with follow_out.open("w") as handle:
+        follower = subprocess.Popen(
+            [str(SCP_NODE), "logs", "-f", "--json", "--config", str(node.config)],
+            cwd=node.root,
+            stdout=handle,
+        )
+    try:
+        node.storescu(ct_b_files)
+        wait_until(lambda: _done_jobs(node), SEG_TIMEOUT_S, "the job to be done")
+        # `logs -f`, started before anything arrived, followed the job to its end live.
+        wait_until(lambda: '"stage": "done"' in follow_out.read_text(), 30, "logs -f to show done")
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
 
     (job,) = node.jobs()
     assert job["outcome"] == "seg", job
@@ -114,10 +146,16 @@ def test_storescu_push_yields_one_valid_seg_at_the_pacs(
     assert list(pacs.received) == [first_uid] and pacs.received[first_uid] == 2
     assert len(pacs.files()) == 1
 
+    _assert_no_phi_in_logs(node, ct_b_files[0])
+
     # The event log tells the job's story through the CLI.
     log = node.cli("logs", "--job", str(job["id"]), "--json")
     stages = {line.split('"stage": "')[1].split('"')[0] for line in log.splitlines() if line}
     assert {"settled", "claim", "load", "inference", "seg", "deliver", "done"} <= stages, stages
+
+    # SIGTERM is a clean stop.
+    assert node.stop() == 0
+    assert "node stopped" in node.log.read_text()
 
 
 def test_seg_waits_for_a_destination_that_is_down(
