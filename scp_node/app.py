@@ -66,12 +66,15 @@ def _owner(stage: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{stage}"
 
 
-def _sweep(jobs: JobStore, settings: Settings, stop: threading.Event) -> None:
+def _sweep(
+    jobs: JobStore, settings: Settings, stop: threading.Event, wake_work: threading.Event
+) -> None:
     """Turn quiet studies into jobs and requeue jobs whose worker stopped heartbeating."""
     while not stop.is_set():
         try:
-            jobs.settle(settings.settle.quiet_s, [settings.worker.model])
-            jobs.requeue_expired()
+            created = jobs.settle(settings.settle.quiet_s, [settings.worker.model])
+            if created or jobs.requeue_expired():
+                wake_work.set()
         except Exception:
             logger.exception("settle sweep failed")
         stop.wait(settings.settle.poll_s)
@@ -108,6 +111,8 @@ def run_node(
 
     db = open_database(settings)
     threads: list[threading.Thread] = []
+    # Stages in one process wake each other instead of waiting for their next poll.
+    wake_work, wake_dispatch = threading.Event(), threading.Event()
     server: StorageServer | None = None
     logger.info("node starting", extra={"version": __version__, "stages": ",".join(sorted(stages))})
 
@@ -127,12 +132,15 @@ def run_node(
                 heartbeat_s=settings.worker.heartbeat_s,
                 software_version=__version__,
             ),
+            wake_dispatch=wake_dispatch,
         )
         logger.info(
             "model loaded",
             extra={"model": spec.name, "model_version": spec.version, "device": predictor.device},
         )
-        threads.append(_start_thread(lambda: worker.run(stop, settings.worker.poll_s), "worker"))
+        threads.append(
+            _start_thread(lambda: worker.run(stop, settings.worker.poll_s, wake_work), "worker")
+        )
     if Stage.DISPATCH in stages:
         dispatcher = Dispatcher(
             db.jobs,
@@ -141,7 +149,9 @@ def run_node(
             lease_s=settings.worker.lease_s,
         )
         threads.append(
-            _start_thread(lambda: dispatcher.run(stop, settings.worker.poll_s), "dispatch")
+            _start_thread(
+                lambda: dispatcher.run(stop, settings.worker.poll_s, wake_dispatch), "dispatch"
+            )
         )
     if Stage.RECEIVE in stages:
         spool = Spool(settings.storage.spool_dir)
@@ -157,11 +167,13 @@ def run_node(
             settings.node.port,
             StoreContext(spool, db.jobs, settings.storage.min_free_bytes),
         )
-    threads.append(_start_thread(lambda: _sweep(db.jobs, settings, stop), "settle"))
+    threads.append(_start_thread(lambda: _sweep(db.jobs, settings, stop, wake_work), "settle"))
     logger.info("node ready")
 
     while not stop.wait(0.5):
         pass
+    wake_work.set()
+    wake_dispatch.set()
     if server is not None:
         server.stop()
     for thread in threads:

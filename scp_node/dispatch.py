@@ -33,8 +33,10 @@ class Dispatcher:
         self.lease_s = lease_s
         self.timeout_s = timeout_s
 
-    def run(self, stop: threading.Event, poll_s: float = 1.0) -> None:
-        """Deliver until ``stop`` is set."""
+    def run(
+        self, stop: threading.Event, poll_s: float = 1.0, wake: threading.Event | None = None
+    ) -> None:
+        """Deliver until ``stop`` is set; when idle, wait ``poll_s`` or until ``wake``."""
         while not stop.is_set():
             try:
                 worked = self.run_once()
@@ -42,7 +44,9 @@ class Dispatcher:
                 logger.exception("dispatch loop error")
                 worked = False
             if not worked:
-                stop.wait(poll_s)
+                (wake or stop).wait(poll_s)
+                if wake is not None:
+                    wake.clear()
 
     def run_once(self) -> bool:
         """Claim and attempt one delivery; False when none is due."""

@@ -68,15 +68,25 @@ class Worker:
     """Runs jobs for one model with one predictor."""
 
     def __init__(
-        self, jobs: JobStore, spec: ModelSpec, predictor: Predictor, config: WorkerConfig
+        self,
+        jobs: JobStore,
+        spec: ModelSpec,
+        predictor: Predictor,
+        config: WorkerConfig,
+        *,
+        wake_dispatch: threading.Event | None = None,
     ) -> None:
         self.jobs = jobs
         self.spec = spec
         self.predictor = predictor
         self.config = config
+        self._wake_dispatch = wake_dispatch
 
-    def run(self, stop: threading.Event, poll_s: float = 1.0) -> None:
-        """Process jobs until ``stop`` is set; sleeps ``poll_s`` when the queue is empty."""
+    def run(
+        self, stop: threading.Event, poll_s: float = 1.0, wake: threading.Event | None = None
+    ) -> None:
+        """Process jobs until ``stop`` is set. With the queue empty it waits ``poll_s``, or
+        less when ``wake`` is set (the settle sweep in the same process made a job)."""
         logger.info("worker started", extra={"owner": self.config.owner, "model": self.spec.name})
         while not stop.is_set():
             try:
@@ -85,7 +95,9 @@ class Worker:
                 logger.exception("worker loop error")
                 worked = False
             if not worked:
-                stop.wait(poll_s)
+                (wake or stop).wait(poll_s)
+                if wake is not None:
+                    wake.clear()
         logger.info("worker stopped", extra={"owner": self.config.owner})
 
     def run_once(self) -> bool:
@@ -194,3 +206,5 @@ class Worker:
         )
         if state is JobState.DONE:
             logger.info("job done", extra={"job_id": job.id, "outcome": outcome})
+        elif self._wake_dispatch is not None:
+            self._wake_dispatch.set()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from scp_node.dicom.status import Status
@@ -20,6 +21,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class InFlight:
+    """Counts C-STORE handlers running now, so a stop can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._idle:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once no handler runs; False if some still did after ``timeout_s``."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout=timeout_s)
+
+
 @dataclass(frozen=True)
 class StoreContext:
     """What ``handle_store`` needs: where to write, where to record, the disk floor."""
@@ -27,6 +51,7 @@ class StoreContext:
     spool: Spool
     jobs: JobStore
     min_free_bytes: int
+    in_flight: InFlight = field(default_factory=InFlight)
 
 
 def set_tcp_nodelay(event: Event) -> None:
@@ -61,6 +86,11 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     The bytes are written exactly as received (``event.encoded_dataset()``); they are
     parsed (never decoded) to learn the UIDs and to check the pixel data is intact.
     """
+    with ctx.in_flight:
+        return _store(event, ctx)
+
+
+def _store(event: Event, ctx: StoreContext) -> int:
     request = cast("C_STORE", event.request)
     sop_uid_cmd = str(request.AffectedSOPInstanceUID or "")
     calling_ae = str(event.assoc.requestor.ae_title)

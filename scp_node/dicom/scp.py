@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,6 +86,7 @@ class StorageServer:
 
     def __init__(self, ae: AE, host: str, port: int, ctx: StoreContext) -> None:
         self._ae = ae
+        self._in_flight = ctx.in_flight
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_C_ECHO, handle_echo),
@@ -105,15 +105,13 @@ class StorageServer:
         )
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """Close the listening socket, wait up to ``grace_s`` for open associations to end
-        (the instance in flight is finished and acknowledged), then abort the rest."""
+        """Close the listening socket, let the instances in flight finish (durable and
+        acknowledged, up to ``grace_s``), then abort the open associations: the sender
+        resends what it had not yet sent, and a resend replaces its copy."""
         self._server.shutdown()
-        active = self._server.active_associations
-        deadline = time.monotonic() + grace_s
-        while any(a.is_alive() for a in active) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for assoc in active:
-            if assoc.is_alive():
-                assoc.abort()
+        if not self._in_flight.wait_idle(grace_s):
+            logger.warning("stopping with a C-STORE still running after the grace period")
+        for assoc in self._server.active_associations:
+            assoc.abort()
         self._ae.shutdown()
         logger.info("storage SCP stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from scp_node.queue.models import Instance
 from scp_node.queue.retry import RetryPolicy
 from scp_node.queue.store import JobStore
 from scp_node.spool import Spool
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_until
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -221,3 +222,18 @@ def test_low_disk_refused_with_out_of_resources(tmp_path: Path) -> None:
         assert running.instance_rows() == 0
     finally:
         running.server.stop(grace_s=1)
+
+
+def test_stop_finishes_acknowledged_work_and_aborts_idle_associations(tmp_path: Path) -> None:
+    running = _start(tmp_path)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title="SCPNODE")
+    assert assoc.is_established
+    assert assoc.send_c_store(_ct_dataset()).Status == Status.SUCCESS
+    running.server.stop(grace_s=5)  # the association stays open and idle: it must not block
+    wait_until(lambda: not assoc.is_established, 10, "the idle association to be aborted")
+    ae.shutdown()
+    assert running.instance_rows() == 1
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", running.port), timeout=2).close()
