@@ -1,0 +1,118 @@
+"""Settle early when a study is known to be complete, later when it is known not to be.
+
+The quiet-period rule guesses that a study is complete when nothing has arrived for
+``settle.quiet_s``. When the sending PACS answers C-FIND, the node can know instead: it asks
+for NumberOfSeriesRelatedInstances of every series it received. All there -> settle now (no
+quiet wait at all). Some missing -> keep waiting past ``quiet_s``, until they arrive or
+``max_wait_s`` after the last instance, when the study is settled as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from scp_node.dicom.query import series_instance_counts
+from scp_node.dicom.scu import Peer
+from scp_node.errors import NodeError
+from scp_node.queue.store import UnsettledStudy
+from scp_node.settings import Source
+
+logger = logging.getLogger(__name__)
+
+CountQuery = Callable[[Peer, str], dict[str, int]]
+
+
+@dataclass(frozen=True)
+class SettleDecision:
+    """Studies to settle now regardless of quiet, and studies not to settle yet."""
+
+    ready: frozenset[str]
+    hold: frozenset[str]
+
+
+class CompletenessGate:
+    """Decides, per unsettled study, from the sending PACS's own instance counts."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        *,
+        calling_ae: str,
+        quiet_s: float,
+        max_wait_s: float,
+        query_interval_s: float,
+        query: CountQuery | None = None,
+    ) -> None:
+        self._sources = {s.ae_title: Peer(s.ae_title, s.host, s.port) for s in sources}
+        self._quiet_s = quiet_s
+        self._max_wait_s = max_wait_s
+        self._interval_s = query_interval_s
+        self._query: CountQuery = query or (
+            lambda peer, uid: series_instance_counts(peer, uid, calling_ae=calling_ae)
+        )
+        #: study uid -> (instance count when asked, monotonic time asked, answer, not logged)
+        self._asked: dict[str, tuple[int, float, dict[str, int] | None, bool]] = {}
+
+    def _expected(self, study: UnsettledStudy, peer: Peer) -> dict[str, int] | None:
+        uid = study.study_instance_uid
+        cached = self._asked.get(uid)
+        if (
+            cached is not None
+            and cached[0] == study.instance_count
+            and time.monotonic() - cached[1] < self._interval_s
+        ):
+            return cached[2]
+        try:
+            answer: dict[str, int] | None = self._query(peer, uid)
+        except (NodeError, OSError, ValueError) as exc:
+            logger.warning(
+                "completeness query failed; quiet rule applies",
+                extra={"study_instance_uid": uid, "source": str(peer), "error": str(exc)},
+            )
+            answer = None
+        self._asked[uid] = (study.instance_count, time.monotonic(), answer, True)
+        return answer
+
+    def decide(self, studies: Sequence[UnsettledStudy], now: datetime) -> SettleDecision:
+        """Ready and held studies among ``studies``; the others follow the quiet rule."""
+        ready: set[str] = set()
+        hold: set[str] = set()
+        for study in studies:
+            peer = next(
+                (self._sources[ae] for ae in study.calling_aes if ae in self._sources), None
+            )
+            if peer is None:
+                continue
+            expected = self._expected(study, peer)
+            if not expected:
+                continue
+            missing = {
+                series: count - study.series_counts.get(series, 0)
+                for series, count in expected.items()
+                if series in study.series_counts and study.series_counts[series] < count
+            }
+            uid = study.study_instance_uid
+            if not missing:
+                ready.add(uid)
+                continue
+            quiet_for = (now - study.last_received_at).total_seconds()
+            if quiet_for < self._max_wait_s:
+                hold.add(uid)
+                if self._asked[uid][3]:
+                    self._asked[uid] = (*self._asked[uid][:3], False)  # log once per answer
+                    logger.info(
+                        "study incomplete: waiting for missing instances",
+                        extra={"study_instance_uid": uid, "missing": sum(missing.values())},
+                    )
+            else:
+                logger.warning(
+                    "study still incomplete after settle.max_wait_s: settling it as it is",
+                    extra={"study_instance_uid": uid, "missing": sum(missing.values())},
+                )
+        for uid in set(self._asked) - {s.study_instance_uid for s in studies}:
+            del self._asked[uid]  # settled: forget
+        return SettleDecision(frozenset(ready), frozenset(hold))

@@ -1,0 +1,65 @@
+"""C-FIND SCU: ask a PACS how many instances each series of a study has."""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+
+from scp_node.dicom.handlers import set_tcp_nodelay
+from scp_node.dicom.scu import Peer
+from scp_node.errors import DeliveryError
+
+logger = logging.getLogger(__name__)
+
+#: Study Root Query/Retrieve Information Model - FIND.
+STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
+
+
+def series_instance_counts(
+    peer: Peer, study_instance_uid: str, *, calling_ae: str, timeout_s: float = 10.0
+) -> dict[str, int]:
+    """Series Instance UID -> NumberOfSeriesRelatedInstances, as ``peer`` reports them.
+
+    Raises
+    ------
+    DeliveryError
+        The association failed, the peer refused the query, or it answered without counts.
+    """
+    ae = AE(ae_title=calling_ae)
+    for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+        setattr(ae, attr, timeout_s)
+    ae.add_requested_context(STUDY_ROOT_FIND, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_instance_uid
+    query.SeriesInstanceUID = ""
+    query.NumberOfSeriesRelatedInstances = ""
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+    )
+    if not assoc.is_established:
+        raise DeliveryError(f"C-FIND association with {peer} not established")
+    counts: dict[str, int] = {}
+    try:
+        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+            if "Status" not in status:
+                raise DeliveryError(f"no C-FIND response from {peer}")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01) and identifier is not None:
+                series_uid = str(identifier.get("SeriesInstanceUID", ""))
+                number = identifier.get("NumberOfSeriesRelatedInstances")
+                if not series_uid or number in (None, ""):
+                    raise DeliveryError(f"{peer} answered C-FIND without instance counts")
+                counts[series_uid] = int(number)
+            elif code != 0x0000:
+                raise DeliveryError(f"{peer} refused C-FIND with status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return counts

@@ -1,0 +1,72 @@
+"""The completeness gate's decisions from a PACS's instance counts (the C-FIND itself is
+tested against Orthanc in tests/e2e/test_completeness.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from scp_node.completeness import CompletenessGate
+from scp_node.dicom.scu import Peer
+from scp_node.errors import DeliveryError
+from scp_node.queue.store import UnsettledStudy
+from scp_node.settings import Source
+
+NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
+PACS = Source(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)
+
+
+def _study(uid: str, counts: dict[str, int], quiet_s: float, ae: str = "PACS") -> UnsettledStudy:
+    return UnsettledStudy(
+        study_instance_uid=uid,
+        last_received_at=NOW - timedelta(seconds=quiet_s),
+        instance_count=sum(counts.values()),
+        calling_aes=frozenset({ae}),
+        series_counts=counts,
+    )
+
+
+def _gate(answers: dict[str, dict[str, int]], asked: list[str]) -> CompletenessGate:
+    def query(peer: Peer, uid: str) -> dict[str, int]:
+        asked.append(uid)
+        if uid not in answers:
+            raise DeliveryError("refused")
+        return answers[uid]
+
+    return CompletenessGate(
+        [PACS], calling_ae="SCPNODE", quiet_s=10, max_wait_s=60, query_interval_s=5, query=query
+    )
+
+
+def test_complete_study_is_ready_before_its_quiet_period() -> None:
+    asked: list[str] = []
+    gate = _gate({"1.1": {"1.1.1": 20, "1.1.2": 3}}, asked)
+    decision = gate.decide([_study("1.1", {"1.1.1": 20}, quiet_s=0.5)], NOW)
+    # Only the series we received count: a series the PACS did not send is not awaited.
+    assert decision.ready == {"1.1"} and decision.hold == frozenset()
+
+
+def test_incomplete_study_is_held_until_max_wait() -> None:
+    gate = _gate({"1.2": {"1.2.1": 20}}, [])
+    assert gate.decide([_study("1.2", {"1.2.1": 15}, quiet_s=30)], NOW).hold == {"1.2"}
+    late = gate.decide([_study("1.2", {"1.2.1": 15}, quiet_s=61)], NOW)
+    assert late.hold == frozenset() and late.ready == frozenset()  # quiet rule settles it
+
+
+def test_unknown_sender_or_failed_query_falls_back_to_the_quiet_rule() -> None:
+    asked: list[str] = []
+    gate = _gate({}, asked)
+    decision = gate.decide(
+        [_study("1.3", {"1.3.1": 5}, quiet_s=1), _study("1.4", {"1.4.1": 5}, 1, ae="OTHER")], NOW
+    )
+    assert decision == decision.__class__(frozenset(), frozenset())
+    assert asked == ["1.3"]  # the unknown AE is never queried
+
+
+def test_answers_are_cached_until_new_instances_arrive() -> None:
+    asked: list[str] = []
+    gate = _gate({"1.5": {"1.5.1": 20}}, asked)
+    gate.decide([_study("1.5", {"1.5.1": 10}, quiet_s=1)], NOW)
+    gate.decide([_study("1.5", {"1.5.1": 10}, quiet_s=2)], NOW)
+    assert asked == ["1.5"]
+    assert gate.decide([_study("1.5", {"1.5.1": 20}, quiet_s=0)], NOW).ready == {"1.5"}
+    assert asked == ["1.5", "1.5"]
