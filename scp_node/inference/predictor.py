@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scp_node.errors import ModelError
@@ -27,7 +30,7 @@ from scp_node.inference.preprocess import (
 )
 from scp_node.inference.registry import ModelSpec
 
-__all__ = ["Predictor"]
+__all__ = ["OnnxModule", "Predictor", "autocast_dtype", "class_argmax"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ class Predictor:
         self.batch_size = batch_size
         self._module: nn.Module | None = None
         self._spec: ModelSpec | None = None
+        self._pad_multiple = 1
+        self._variant = ""
 
     @property
     def device(self) -> str:
@@ -87,49 +92,93 @@ class Predictor:
             raise ModelError("no model loaded: call load() or load_module() first")
         return self._spec
 
-    def load(self, spec: ModelSpec) -> None:
+    @property
+    def variant(self) -> str:
+        """Name of the loaded variant (``"fp32"`` is the card's ``[weights]``)."""
+        return self._variant
+
+    def load(self, spec: ModelSpec, variant: str | None = None) -> None:
         """Load the weights named by ``spec`` onto this predictor's device, in eval mode.
 
-        ``state_dict`` weights are loaded into ``spec.weights.architecture`` built with
-        ``spec.weights.params``; ``torchscript`` files with :func:`torch.jit.load`.
+        ``state_dict`` weights are loaded into the card's architecture built with its
+        params; ``torchscript`` files with :func:`torch.jit.load` (int8 files after
+        selecting their ``quantized_engine``); ``onnx`` files into an ONNX Runtime
+        session (CUDA provider when on CUDA and installed, else the CPU, which then
+        becomes this predictor's device).
+
+        Parameters
+        ----------
+        spec
+            The model card.
+        variant
+            ``"fp32"`` (the ``[weights]`` table), a key of the card's ``[variants]``, or
+            ``None``: the card's ``[runtime]`` choice for this predictor's device (int8 on
+            the CPU, fp32 + autocast on CUDA for the shipped model).
 
         Raises
         ------
         ModelError
-            The format is not supported (``onnx``), the file cannot be read, or the
-            weights do not fit the architecture.
+            Unknown variant, the file cannot be read, the weights do not fit the
+            architecture, or a quantized engine is not available in this torch build.
         """
-        path = spec.weights_path
-        fmt = spec.weights.format
+        name = variant if variant is not None else spec.variant_for(self._device.type)
+        weights = spec.variant(name)
+        path = spec.directory / weights.file
+        fmt = weights.format
         try:
             if fmt == "state_dict":
-                assert spec.weights.architecture is not None  # the card validates this
-                module = build_network(spec.weights.architecture, dict(spec.weights.params))
+                assert weights.architecture is not None  # the card validates this
+                module = build_network(weights.architecture, dict(weights.params))
                 state = torch.load(path, map_location=self._device, weights_only=True)
                 if isinstance(state, dict) and "state_dict" in state:
                     state = state["state_dict"]
                 module.load_state_dict(state)
             elif fmt == "torchscript":
-                module = torch.jit.load(  # type: ignore[no-untyped-call]
-                    str(path), map_location=self._device
-                )
+                if weights.quantized_engine is not None:
+                    _select_quantized_engine(weights.quantized_engine, spec.name)
+                    if self._device.type != "cpu":
+                        raise ModelError(
+                            f"{spec.name}: variant {name!r} is int8 for the CPU; "
+                            f"cannot run on {self._device.type}"
+                        )
+                with warnings.catch_warnings():
+                    # torch 2.13 deprecates TorchScript in favour of torch.export, but
+                    # TorchScript files are a supported model format of the card (int8
+                    # FX variants and bring-your-own models) and still load correctly.
+                    warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated")
+                    module = torch.jit.load(  # type: ignore[no-untyped-call]
+                        str(path), map_location=self._device
+                    )
             else:
-                raise ModelError(f"{spec.name}: weights format {fmt!r} is not supported")
+                module = OnnxModule(path, cuda=self._device.type == "cuda")
+                if module.device_type != self._device.type:
+                    self._device = torch.device(module.device_type)
         except ModelError:
             raise
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise ModelError(f"{spec.name}: cannot load weights {path}: {exc}") from exc
-        self.load_module(module, spec)
-        logger.info("loaded model %s %s (%s) on %s", spec.name, spec.version, fmt, self.device)
+        self.load_module(module, spec, pad_multiple=weights.pad_multiple)
+        self._variant = name
+        logger.info(
+            "loaded model %s %s variant %s (%s) on %s",
+            spec.name,
+            spec.version,
+            name,
+            fmt,
+            self.device,
+        )
 
-    def load_module(self, module: nn.Module, spec: ModelSpec) -> None:
+    def load_module(self, module: nn.Module, spec: ModelSpec, pad_multiple: int = 1) -> None:
         """Use a ready ``module`` with ``spec``'s input contract and labels.
 
         The module must map (batch, 2 * context_slices + 1, rows, columns) float32 to
-        (batch, len(spec.labels) + 1, rows, columns) logits.
+        (batch, len(spec.labels) + 1, rows, columns) logits; with ``pad_multiple`` > 1
+        rows and columns are zero-padded to a multiple of it first.
         """
         self._module = module.to(self._device).eval()
         self._spec = spec
+        self._pad_multiple = pad_multiple
+        self._variant = "module"
 
     def predict(
         self, volume: npt.NDArray[np.floating], spacing_zyx: tuple[float, float, float]
@@ -216,13 +265,161 @@ class Predictor:
             for start in range(0, stacked.shape[0], self.batch_size):
                 batch = torch.from_numpy(stacked[start : start + self.batch_size]).to(self._device)
                 batch = resample_inplane(batch, model_size, antialias=True)
-                logits = self._module(batch).float()
+                logits = self.logits(batch)
                 probs = resample_inplane(logits.softmax(dim=1), native)
-                out[start : start + len(batch)] = probs.argmax(dim=1).cpu().numpy()
+                out[start : start + len(batch)] = class_argmax(probs).cpu().numpy()
         return out
 
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The network alone on a prepared batch (the innermost layer of :meth:`predict`).
+
+        Parameters
+        ----------
+        batch
+            (N, 2 * context_slices + 1, rows, columns) float32 on :attr:`device`, already
+            normalised and at the model's spacing; padded here to the variant's
+            ``pad_multiple`` and cropped back.
+
+        Returns
+        -------
+        torch.Tensor
+            (N, classes, rows, columns) float32 logits.
+
+        Raises
+        ------
+        ModelError
+            No model loaded.
+        """
+        if self._module is None:
+            raise ModelError("no model loaded: call load() or load_module() first")
+        rows, columns = int(batch.shape[-2]), int(batch.shape[-1])
+        pad_h = (-rows) % self._pad_multiple
+        pad_w = (-columns) % self._pad_multiple
+        if pad_h or pad_w:
+            batch = F.pad(batch, (0, pad_w, 0, pad_h))
+        return self._module(batch).float()[..., :rows, :columns]  # type: ignore[no-any-return]
+
     def _autocast(self) -> contextlib.AbstractContextManager[None]:
-        if self._device.type != "cuda":
+        dtype = self.autocast_dtype
+        if dtype is None:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The CUDA autocast dtype :meth:`predict` uses, ``None`` for none (CPU, ONNX, int8,
+        or the card's ``runtime.cuda_autocast = "none"``)."""
+        if self._device.type != "cuda" or isinstance(self._module, OnnxModule):
+            return None
+        setting = self._spec.runtime.cuda_autocast if self._spec is not None else "auto"
+        return autocast_dtype(setting, bf16_supported=torch.cuda.is_bf16_supported())
+
+
+def class_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """Index of the largest score along axis 1, as int32 (ties: the lowest index).
+
+    Same result as ``scores.argmax(dim=1)`` for finite scores, but element-wise over the
+    (few) classes: torch's CPU argmax over a strided class axis of (N, K, 512, 512)
+    probabilities cost more than the whole int8 network (26 ms vs 9 ms per slice).
+
+    Parameters
+    ----------
+    scores
+        (N, K, ...) float tensor.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, ...) int32.
+    """
+    best = scores[:, 0].clone()
+    index = torch.zeros(best.shape, dtype=torch.int32, device=scores.device)
+    for k in range(1, scores.shape[1]):
+        better = scores[:, k] > best
+        index.masked_fill_(better, k)
+        torch.maximum(best, scores[:, k], out=best)
+    return index
+
+
+def autocast_dtype(setting: str, *, bf16_supported: bool) -> torch.dtype | None:
+    """The autocast dtype for a card's ``runtime.cuda_autocast`` setting.
+
+    Parameters
+    ----------
+    setting
+        ``"auto"``, ``"bf16"``, ``"fp16"`` or ``"none"``.
+    bf16_supported
+        Whether the GPU computes in bfloat16 (``torch.cuda.is_bf16_supported()``).
+
+    Returns
+    -------
+    torch.dtype or None
+        ``None`` for ``"none"``; ``"auto"`` gives bfloat16 when supported (its range
+        matches fp32, so no overflow in logits), else float16.
+
+    Raises
+    ------
+    ValueError
+        Unknown setting.
+    """
+    if setting == "none":
+        return None
+    if setting == "bf16" or (setting == "auto" and bf16_supported):
+        return torch.bfloat16
+    if setting in ("fp16", "auto"):
+        return torch.float16
+    raise ValueError(f"cuda_autocast must be auto, bf16, fp16 or none, got {setting!r}")
+
+
+def _select_quantized_engine(engine: str, model: str) -> None:
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ModelError(
+            f"{model}: quantized engine {engine!r} not in this torch build "
+            f"({torch.backends.quantized.supported_engines})"
+        )
+    torch.backends.quantized.engine = engine
+
+
+class OnnxModule(nn.Module):
+    """An ONNX graph behind the ``nn.Module`` call interface (tensors in, tensors out).
+
+    Parameters
+    ----------
+    path
+        The ``.onnx`` file; its first input takes (batch, channels, rows, columns)
+        float32, its first output is the logits.
+    cuda
+        Use ONNX Runtime's CUDA provider when it is installed; otherwise the CPU.
+    threads
+        ONNX Runtime intra-op threads; 0 follows ``torch.get_num_threads()``.
+
+    Raises
+    ------
+    ModelError
+        onnxruntime is not installed or cannot read the file.
+    """
+
+    def __init__(self, path: Path, *, cuda: bool = False, threads: int = 0) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - a runtime dependency
+            raise ModelError("onnx weights need the onnxruntime package") from exc
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped exception classes
+            raise ModelError(f"cannot load ONNX model {path}: {exc}") from exc
+        self._input = self._session.get_inputs()[0].name
+        self.device_type = "cuda" if self._session.get_providers()[0].startswith("CUDA") else "cpu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, channels, rows, columns) float32 -> logits of the graph's first output."""
+        inputs = x.detach().float().cpu().numpy()
+        (logits, *_rest) = self._session.run(None, {self._input: inputs})
+        return torch.from_numpy(np.ascontiguousarray(logits)).to(x.device)

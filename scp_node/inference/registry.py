@@ -72,12 +72,36 @@ class WeightsSpec(_Card):
     architecture: str | None = None
     #: Keyword arguments of the architecture's constructor.
     params: dict[str, Any] = Field(default_factory=dict)
+    #: Input height and width are zero-padded (bottom/right) to a multiple of this before
+    #: the network runs, and the logits cropped back (exported graphs that cannot pad).
+    pad_multiple: int = Field(default=1, ge=1, le=1024)
+    #: torch quantized engine a TorchScript int8 file was converted for ("x86", "onednn",
+    #: "fbgemm", "qnnpack"); set process-wide before it is loaded.
+    quantized_engine: str | None = None
+    #: Numeric precision of the weights, for the record ("fp32", "int8", ...).
+    precision: str = "fp32"
 
     @model_validator(mode="after")
     def _architecture_needed(self) -> WeightsSpec:
         if self.format == "state_dict" and not self.architecture:
             raise ValueError("weights.architecture is required when weights.format = 'state_dict'")
         return self
+
+
+#: Variant name that always means the card's ``[weights]`` table.
+REFERENCE_VARIANT = "fp32"
+
+
+class RuntimeSpec(_Card):
+    """Which variant runs on which device (``[runtime]`` in the card)."""
+
+    #: Variant used on the CPU: ``"fp32"`` (``[weights]``) or a key of ``[variants]``.
+    cpu: str = REFERENCE_VARIANT
+    #: Variant used on CUDA.
+    cuda: str = REFERENCE_VARIANT
+    #: Autocast on CUDA: ``"auto"`` (bf16 when the GPU supports it, else fp16), ``"bf16"``,
+    #: ``"fp16"`` or ``"none"`` (fp32).
+    cuda_autocast: Literal["auto", "bf16", "fp16", "none"] = "auto"
 
 
 class ModelSpec(_Card):
@@ -94,6 +118,9 @@ class ModelSpec(_Card):
     labels: tuple[LabelSpec, ...] = Field(min_length=1)
     metrics: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
+    #: Alternative weights (pruned, int8, exported), by name; ``[weights]`` is ``"fp32"``.
+    variants: dict[str, WeightsSpec] = Field(default_factory=dict)
+    runtime: RuntimeSpec = RuntimeSpec()
     directory: Path = Path(".")
 
     @model_validator(mode="after")
@@ -101,7 +128,33 @@ class ModelSpec(_Card):
         values = [label.value for label in self.labels]
         if len(values) != len(set(values)):
             raise ValueError("label values must be unique")
+        if REFERENCE_VARIANT in self.variants:
+            raise ValueError(f"variant name {REFERENCE_VARIANT!r} is reserved for [weights]")
+        for device in ("cpu", "cuda"):
+            name = getattr(self.runtime, device)
+            if name != REFERENCE_VARIANT and name not in self.variants:
+                raise ValueError(f"runtime.{device} names unknown variant {name!r}")
         return self
+
+    def variant(self, name: str) -> WeightsSpec:
+        """The weights of variant ``name`` (``"fp32"``: the ``[weights]`` table).
+
+        Raises
+        ------
+        ModelError
+            No such variant in the card.
+        """
+        if name == REFERENCE_VARIANT:
+            return self.weights
+        try:
+            return self.variants[name]
+        except KeyError:
+            known = ", ".join([REFERENCE_VARIANT, *sorted(self.variants)])
+            raise ModelError(f"{self.name}: no variant {name!r} (known: {known})") from None
+
+    def variant_for(self, device_type: str) -> str:
+        """Name of the variant the card wants on ``device_type`` (``"cpu"`` or ``"cuda"``)."""
+        return self.runtime.cuda if device_type == "cuda" else self.runtime.cpu
 
     @property
     def weights_path(self) -> Path:
@@ -135,6 +188,11 @@ class ModelSpec(_Card):
             raise ModelError(f"{card}: {problems}") from exc
         if not spec.weights_path.is_file():
             raise ModelError(f"{card}: weights file {spec.weights_path} not found")
+        for name, variant in spec.variants.items():
+            if not (directory / variant.file).is_file():
+                raise ModelError(
+                    f"{card}: variant {name!r}: file {directory / variant.file} not found"
+                )
         return spec
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "CropSampler",
     "Subject",
     "TrainConfig",
+    "elastic_displacement",
     "load_nifti_zyx",
     "load_subject",
     "split_slices",
@@ -71,6 +72,9 @@ class TrainConfig:
     scale_range: tuple[float, float] = (0.85, 1.15)
     intensity_jitter: float = 0.05
     noise_std: float = 0.02
+    #: Elastic deformation: standard deviation (pixels) of a smooth random displacement
+    #: field (a 4x4 grid of random vectors, interpolated bicubically); 0 disables it.
+    elastic_px: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -188,14 +192,44 @@ def split_slices(num_slices: int, block: int, every: int) -> tuple[list[int], li
     return train, val
 
 
+def elastic_displacement(
+    rng: np.random.Generator, batch_size: int, size: int, sigma_px: float, grid: int = 4
+) -> npt.NDArray[np.float64]:
+    """Smooth random displacement fields for elastic augmentation.
+
+    Parameters
+    ----------
+    rng
+        Source of randomness (seeded by the caller).
+    batch_size, size
+        Number of fields and their (square) size in pixels.
+    sigma_px
+        Standard deviation of the control-point displacements, in pixels.
+    grid
+        Control points per side; fewer points give smoother, larger-scale warps.
+
+    Returns
+    -------
+    numpy.ndarray
+        (batch_size, 2, size, size) float64: row and column displacement in pixels.
+    """
+    coarse = rng.standard_normal((batch_size, 2, grid, grid)) * sigma_px
+    fine = F.interpolate(
+        torch.from_numpy(coarse), size=(size, size), mode="bicubic", align_corners=True
+    )
+    out: npt.NDArray[np.float64] = fine.numpy()
+    return out
+
+
 class CropSampler:
     """Random augmented crops from a set of slices, reproducible from a numpy Generator.
 
     Each crop is centred on a foreground pixel with probability ``foreground_fraction``
     (else anywhere), rotated by up to ``rotation_deg`` and scaled within ``scale_range``
     (one bilinear resampling for the image, nearest for the target), then contrast,
-    brightness and noise are jittered. Left-right and anterior-posterior flips are not
-    used: they would change the anatomy's sides.
+    brightness and noise are jittered; with ``elastic_px`` > 0 the sampling grid is also
+    warped by a smooth random field (:func:`elastic_displacement`). Left-right and
+    anterior-posterior flips are not used: they would change the anatomy's sides.
     """
 
     def __init__(
@@ -244,6 +278,10 @@ class CropSampler:
         sin = (np.sin(angles) * scales)[:, None, None]
         rows = centres[:, 0, None, None] + cos * dy - sin * dx
         cols = centres[:, 1, None, None] + sin * dy + cos * dx
+        if cfg.elastic_px > 0:
+            displacement = elastic_displacement(rng, batch_size, crop, cfg.elastic_px)
+            rows = rows + displacement[:, 0]
+            cols = cols + displacement[:, 1]
         grid = np.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], axis=-1)
         grid_t = torch.from_numpy(grid.astype(np.float32))
         channels = self.image[torch.from_numpy(self._context_index[picks])]

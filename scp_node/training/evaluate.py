@@ -29,6 +29,9 @@ from scp_node.training.data import TRAIN_FILE, TrainConfig
 __all__ = [
     "dicom_volume",
     "evaluate_on_dicom",
+    "evaluate_series",
+    "hausdorff95",
+    "labelmap_from_seg",
     "read_dicom_series",
     "reference_labels_on_dicom_grid",
 ]
@@ -189,4 +192,163 @@ def evaluate_on_dicom(
         scores[label.name] = 1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total
     scores["ms_per_slice"] = 1000 * elapsed / len(datasets)
     logger.info("evaluation on %s: %s", dicom_dir, scores)
+    return scores
+
+
+def hausdorff95(
+    prediction: npt.NDArray[np.bool_],
+    reference: npt.NDArray[np.bool_],
+    spacing_zyx: tuple[float, float, float],
+) -> float:
+    """95th percentile of the symmetric surface distance in mm.
+
+    Surfaces are the voxels of each mask that touch the background (6-neighbourhood);
+    distances are Euclidean with the voxel spacing. Returns ``0.0`` when both masks are
+    empty and ``inf`` when exactly one is.
+    """
+    from scipy import ndimage
+
+    if not prediction.any() and not reference.any():
+        return 0.0
+    if not prediction.any() or not reference.any():
+        return float("inf")
+
+    def surface(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        eroded = ndimage.binary_erosion(mask, border_value=0)
+        return mask & ~eroded  # type: ignore[no-any-return]
+
+    pred_surface, ref_surface = surface(prediction), surface(reference)
+    to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=spacing_zyx)
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing_zyx)
+    distances = np.concatenate([to_ref[pred_surface], to_pred[ref_surface]])
+    return float(np.percentile(distances, 95))
+
+
+def labelmap_from_seg(
+    seg_bytes: bytes, source_sop_instance_uids: Sequence[str], names: Mapping[str, int]
+) -> npt.NDArray[np.uint16]:
+    """Read a SEG with highdicom and rebuild the label map on its source images.
+
+    Parameters
+    ----------
+    seg_bytes
+        The encoded SEG (as written by the worker).
+    source_sop_instance_uids
+        The source images in volume order (axis 0 of the result).
+    names
+        Segment label -> value to write (the card's ``LabelSpec.value``).
+
+    Returns
+    -------
+    numpy.ndarray
+        (len(source_sop_instance_uids), Rows, Columns) uint16; 0 where no segment is.
+
+    Raises
+    ------
+    ModelError
+        A segment's label is not in ``names``.
+    """
+    import io
+
+    import highdicom as hd
+
+    seg = hd.seg.segread(io.BytesIO(seg_bytes))
+    numbers = list(seg.segment_numbers)
+    masks = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(source_sop_instance_uids),
+        segment_numbers=numbers,
+        assert_missing_frames_are_empty=True,
+    )
+    out = np.zeros(masks.shape[:3], dtype=np.uint16)
+    for channel, number in enumerate(numbers):
+        label = str(seg.get_segment_description(number).segment_label)
+        if label not in names:
+            raise ModelError(f"SEG segment {number} has unknown label {label!r}")
+        out[masks[..., channel] > 0] = names[label]
+    return out
+
+
+def evaluate_series(
+    model_dir: Path,
+    dicom_dir: Path,
+    labels_path: Path,
+    *,
+    variant: str | None = None,
+    reference_values: Mapping[str, int] | None = None,
+    predictor: Predictor | None = None,
+) -> dict[str, float]:
+    """Dice and 95% Hausdorff per label through the worker's own path.
+
+    The series is read with :func:`scp_node.dicom.series.load_volume` (the worker's
+    reader: sorting, rescale, JPEG 2000 decoding), segmented by :class:`Predictor`
+    with the chosen variant, turned into a DICOM SEG by
+    :func:`scp_node.output.seg.build_segmentation`, encoded, read back with highdicom
+    and compared with the reference labels mapped onto the source pixels in physical
+    space (:func:`reference_labels_on_dicom_grid`).
+
+    Parameters
+    ----------
+    model_dir
+        Model folder.
+    dicom_dir
+        The series' ``.dcm`` files.
+    labels_path
+        Reference labels (NIfTI, any grid with a valid affine).
+    variant
+        Card variant to run (``"fp32"``, a ``[variants]`` key, or ``None`` for the
+        card's CPU choice).
+    reference_values
+        Label name -> value in the reference file (default: ``train.toml``'s ``[labels]``).
+    predictor
+        Predictor to use (default: a new CPU one).
+
+    Returns
+    -------
+    dict
+        ``dice_<label>`` and ``hd95_mm_<label>`` per card label, ``ms_per_slice`` (the
+        predictor alone) and ``slices``.
+
+    Raises
+    ------
+    ModelError
+        The card, weights, variant or reference mapping is missing or invalid.
+    """
+    import io
+
+    from scp_node.dicom.series import load_volume
+    from scp_node.output.seg import build_segmentation
+
+    spec = ModelSpec.from_model_dir(model_dir)
+    if reference_values is None:
+        reference_values = TrainConfig.from_file(model_dir / TRAIN_FILE).labels
+    missing = [label.name for label in spec.labels if label.name not in reference_values]
+    if missing:
+        raise ModelError(f"no reference value for labels {missing}")
+    predictor = predictor or Predictor(device="cpu")
+    predictor.load(spec, variant)
+    volume = load_volume(sorted(dicom_dir.glob("*.dcm")))
+    started = time.perf_counter()
+    labelmap = predictor.predict(volume.array, volume.spacing_zyx)
+    elapsed = time.perf_counter() - started
+    seg = build_segmentation(volume, labelmap, spec, software_version="evaluation")
+    sources = [str(ds.SOPInstanceUID) for ds in volume.datasets]
+    if seg is None:
+        from_seg = np.zeros(volume.shape, dtype=np.uint16)
+    else:
+        buffer = io.BytesIO()
+        seg.save_as(buffer, enforce_file_format=True)
+        from_seg = labelmap_from_seg(
+            buffer.getvalue(), sources, {label.name: label.value for label in spec.labels}
+        )
+    reference = reference_labels_on_dicom_grid(labels_path, volume.datasets)
+    scores: dict[str, float] = {}
+    for label in spec.labels:
+        pred = from_seg == label.value
+        ref = reference == reference_values[label.name]
+        total = int(pred.sum()) + int(ref.sum())
+        scores[f"dice_{label.name}"] = 1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total
+        scores[f"hd95_mm_{label.name}"] = hausdorff95(pred, ref, volume.spacing_zyx)
+    scores["ms_per_slice"] = 1000 * elapsed / volume.shape[0]
+    scores["slices"] = float(volume.shape[0])
+    logger.info("evaluation of %s (%s): %s", spec.name, predictor.variant, scores)
     return scores

@@ -8,7 +8,7 @@ never looked at here.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import math
 import os
@@ -98,11 +98,12 @@ def dice_scores(
 @torch.inference_mode()
 def _validate(net: nn.Module, subject: Subject, slices: list[int], config: TrainConfig) -> float:
     net.eval()
+    device = next(net.parameters()).device
     stacked = stack_context(subject.image, config.context_slices)[slices]
     predictions = []
     for start in range(0, len(slices), 16):
-        batch = torch.from_numpy(stacked[start : start + 16])
-        predictions.append(net(batch).argmax(dim=1).numpy())
+        batch = torch.from_numpy(stacked[start : start + 16]).to(device)
+        predictions.append(net(batch).argmax(dim=1).cpu().numpy())
     net.train()
     prediction = np.concatenate(predictions)
     return float(np.mean(dice_scores(prediction, subject.target[slices], config.num_classes)))
@@ -115,6 +116,11 @@ def train(
     seed: int = 0,
     max_minutes: float | None = None,
     progress: bool = True,
+    network: nn.Module | None = None,
+    weights_file: str = WEIGHTS_FILE,
+    epochs: int | None = None,
+    lr: float | None = None,
+    device: str = "cpu",
 ) -> TrainResult:
     """Train the network described by ``model_dir/train.toml`` and save its best weights.
 
@@ -133,6 +139,17 @@ def train(
         depends on machine speed, so it is no longer reproducible).
     progress
         Show a rich progress bar.
+    network
+        Start from this network (e.g. a pruned one, for fine-tuning) instead of a fresh
+        ``config.architecture``; it is trained in place.
+    weights_file
+        Name of the checkpoint written in ``model_dir``.
+    epochs, lr
+        Override ``train.toml``'s ``epochs`` and ``lr`` (fine-tuning runs are shorter and
+        gentler).
+    device
+        ``"cpu"``, ``"cuda"`` or ``"auto"``. On CUDA the forward pass runs under autocast
+        (bf16 when supported, else fp16 with a gradient scaler); on the CPU in fp32.
 
     Returns
     -------
@@ -152,10 +169,17 @@ def train(
         subject.image.shape[0], config.val_block, config.val_every
     )
     sampler = CropSampler(subject, train_slices, config, rng)
-    net = build_network(config.architecture, config.params)
-    net.train()
-    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = max(1, config.epochs * config.steps_per_epoch)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_device = torch.device(device)
+    net = network if network is not None else build_network(config.architecture, config.params)
+    net.to(run_device).train()
+    num_epochs = epochs if epochs is not None else config.epochs
+    base_lr = lr if lr is not None else config.lr
+    optimiser = torch.optim.AdamW(net.parameters(), lr=base_lr, weight_decay=config.weight_decay)
+    total_steps = max(1, num_epochs * config.steps_per_epoch)
+    amp_dtype = _cuda_amp_dtype() if run_device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     def lr_factor(step: int) -> float:
         cosine = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
@@ -163,11 +187,11 @@ def train(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_factor)
     class_weights = (
-        torch.tensor(config.ce_class_weights, dtype=torch.float32)
+        torch.tensor(config.ce_class_weights, dtype=torch.float32, device=run_device)
         if config.ce_class_weights
         else None
     )
-    weights_path = model_dir / WEIGHTS_FILE
+    weights_path = model_dir / weights_file
     best_dice = -1.0
     best_epoch = 0
     best_state: dict[str, torch.Tensor] = {}
@@ -190,14 +214,18 @@ def train(
         disable=not progress,
     ) as bar:
         task = bar.add_task("train", total=total_steps, epoch=0, loss=0.0, dice=0.0)
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(1, num_epochs + 1):
             running = 0.0
             for _ in range(config.steps_per_epoch):
                 inputs, target = sampler.sample(config.batch_size)
-                loss = segmentation_loss(net(inputs), target, class_weights, config.dice_weight)
+                inputs, target = inputs.to(run_device), target.to(run_device)
+                with _autocast(amp_dtype):
+                    logits = net(inputs)
+                loss = segmentation_loss(logits.float(), target, class_weights, config.dice_weight)
                 optimiser.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                optimiser.step()
+                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+                scaler.step(optimiser)
+                scaler.update()
                 scheduler.step()
                 steps += 1
                 value = loss.item()
@@ -214,7 +242,7 @@ def train(
             )
             if dice > best_dice:
                 best_dice, best_epoch = dice, epoch
-                best_state = copy.deepcopy(net.state_dict())
+                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
                 _save(best_state, weights_path)
             elif epoch - best_epoch >= config.patience:
                 stopped = "early stopping"
@@ -243,6 +271,17 @@ def train(
         train_slices=len(train_slices),
         val_slices=len(val_slices),
     )
+
+
+def _cuda_amp_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
+    """Autocast on CUDA with ``dtype``; no-op (fp32) when ``dtype`` is None (the CPU)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:

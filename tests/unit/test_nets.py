@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from scp_node.errors import ModelError
-from scp_node.inference.nets import ARCHITECTURES, AttentionGate, AttentionUNet, build_network
+from scp_node.inference.nets import (
+    ARCHITECTURES,
+    ASPP,
+    AttentionGate,
+    AttentionUNet,
+    DeepLabV3Plus,
+    build_network,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +92,49 @@ def test_build_network_unknown_name_or_bad_params() -> None:
         build_network("attention_unet", {"colour": "blue"})
     with pytest.raises(ModelError, match="depth"):
         build_network("attention_unet", {"depth": 0})
+
+
+@pytest.mark.parametrize(("height", "width"), [(37, 53), (64, 64), (5, 9)])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_deeplab_output_shape_any_size_and_context(
+    height: int, width: int, in_channels: int
+) -> None:
+    net = DeepLabV3Plus(in_channels=in_channels, num_classes=4, base_channels=4, aspp_channels=8)
+    with torch.inference_mode():
+        out = net.eval()(torch.rand(2, in_channels, height, width))
+    assert out.shape == (2, 4, height, width)
+
+
+def test_deeplab_aspp_keeps_resolution_and_fuses_branches() -> None:
+    aspp = ASPP(8, 6, rates=(2, 3)).eval()
+    with torch.inference_mode():
+        out = aspp(torch.rand(1, 8, 12, 10))
+    assert out.shape == (1, 6, 12, 10)
+    assert len(aspp.branches) == 3  # 1x1 + two dilated 3x3 (+ image pooling)
+
+
+def test_deeplab_registered_and_learns_a_toy_task() -> None:
+    net = build_network("deeplabv3plus", {"in_channels": 1, "num_classes": 2, "base_channels": 4})
+    assert isinstance(net, DeepLabV3Plus)
+    x = torch.zeros(4, 1, 32, 32)
+    x[:, :, 8:24, 8:24] = 1.0
+    target = (x[:, 0] > 0.5).long()
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(net(x), target)
+        optimiser.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimiser.step()
+    # Judged in training mode: 30 steps are too few for batch-norm running statistics.
+    with torch.no_grad():
+        accuracy = (net(x).argmax(1) == target).float().mean()
+    assert accuracy > 0.95
+
+
+def test_unet_explicit_widths() -> None:
+    net = AttentionUNet(in_channels=1, num_classes=2, depth=2, widths=(3, 5, 7)).eval()
+    assert net.widths == (3, 5, 7)
+    with torch.inference_mode():
+        assert net(torch.rand(1, 1, 20, 22)).shape == (1, 2, 20, 22)
+    with pytest.raises(ValueError, match="widths"):
+        AttentionUNet(depth=2, widths=(3, 5))

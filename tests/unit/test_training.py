@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,13 @@ from scp_node.inference.registry import ModelSpec
 from scp_node.training.data import (
     CropSampler,
     TrainConfig,
+    elastic_displacement,
     load_nifti_zyx,
     load_subject,
     split_slices,
 )
 from scp_node.training.train import dice_scores, segmentation_loss, train
+from scp_node.training.variants import prune_model, quantize_model
 
 TINY_TRAIN_TOML = """
 [data]
@@ -154,3 +157,54 @@ def test_tiny_training_is_deterministic_and_loadable(
     out = predictor.predict(np.zeros((2, 30, 40), np.float32), (3.0, 3.0, 3.0))
     assert out.shape == (2, 30, 40)
     assert out.dtype == np.uint8
+
+
+def test_elastic_displacement_is_smooth_and_seeded() -> None:
+    first = elastic_displacement(np.random.default_rng(3), 2, 32, 2.0)
+    again = elastic_displacement(np.random.default_rng(3), 2, 32, 2.0)
+    np.testing.assert_array_equal(first, again)
+    assert first.shape == (2, 2, 32, 32)
+    assert 0.5 < float(first.std()) < 4.0
+    # Smooth: neighbouring pixels move almost together.
+    assert float(np.abs(np.diff(first, axis=-1)).mean()) < 0.2 * float(first.std())
+
+
+def test_sampler_with_elastic_keeps_labels_on_the_image(
+    tiny_model_dir: Path, shared_data: Path
+) -> None:
+    config = replace(
+        TrainConfig.from_file(tiny_model_dir / "train.toml"),
+        elastic_px=2.0,
+        foreground_fraction=1.0,
+    )
+    subject = load_subject(shared_data, config)
+    slices = range(subject.image.shape[0])
+    sampler = CropSampler(subject, slices, config, np.random.default_rng(0))
+    inputs, target = sampler.sample(8)
+    assert inputs.shape == (8, 1, 24, 24)
+    assert set(torch.unique(target).tolist()) <= {0, 1}
+    # Liver voxels stay soft tissue after the warp (windowed 50/400 -> around 0.6).
+    assert 0.45 < float(inputs[:, 0][target == 1].mean()) < 0.8
+
+
+def test_prune_fine_tune_and_quantize_pipeline(tiny_model_dir: Path, shared_data: Path) -> None:
+    train(tiny_model_dir, shared_data, seed=1, progress=False)
+    result = prune_model(tiny_model_dir, shared_data, ratio=0.5, epochs=1, progress=False)
+    assert result.widths_after == (1, 2, 4)
+    assert result.flops_after < result.flops_before
+    assert result.fine_tune is not None and result.fine_tune.steps == 3
+    written = quantize_model(
+        tiny_model_dir, shared_data, source="pruned", methods=("ort",), calibration_slices=4
+    )
+    assert set(written) == {"pruned-onnx", "pruned-int8-ort"}
+    spec = ModelSpec.from_model_dir(tiny_model_dir)
+    assert spec.variants["pruned"].params["widths"] == [1, 2, 4]
+    assert spec.variants["pruned-int8-ort"].pad_multiple == 4
+    volume = np.random.default_rng(0).normal(40, 80, (3, 50, 60)).astype(np.float32)
+    outputs = {}
+    for variant in ("pruned", "pruned-onnx", "pruned-int8-ort"):
+        predictor = Predictor("cpu")
+        predictor.load(spec, variant)
+        outputs[variant] = predictor.predict(volume, (3.0, 3.0, 3.0))
+    np.testing.assert_array_equal(outputs["pruned"], outputs["pruned-onnx"])
+    assert outputs["pruned-int8-ort"].shape == volume.shape

@@ -8,12 +8,21 @@ from torch import nn
 
 from scp_node.errors import ModelError
 from scp_node.inference.nets.attention_unet import AttentionGate, AttentionUNet
+from scp_node.inference.nets.deeplab import ASPP, DeepLabV3Plus
 
-__all__ = ["ARCHITECTURES", "AttentionGate", "AttentionUNet", "build_network"]
+__all__ = [
+    "ARCHITECTURES",
+    "ASPP",
+    "AttentionGate",
+    "AttentionUNet",
+    "DeepLabV3Plus",
+    "build_network",
+]
 
 #: Architecture name (``weights.architecture`` in a model card) -> module class.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "attention_unet": AttentionUNet,
+    "deeplabv3plus": DeepLabV3Plus,
 }
 
 

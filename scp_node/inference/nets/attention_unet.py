@@ -11,6 +11,8 @@ variant of the node is quantised.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,6 +110,10 @@ class AttentionUNet(nn.Module):
         Channels of the first encoder level; each deeper level doubles them.
     depth
         Number of 2x downsamplings (encoder levels before the bottleneck).
+    widths
+        Channels per level (``depth + 1`` values, the last one the bottleneck's); when
+        given it replaces ``base_channels * 2**level``. Structured pruning
+        (:mod:`scp_node.training.prune`) produces such narrower networks.
 
     Notes
     -----
@@ -127,6 +133,7 @@ class AttentionUNet(nn.Module):
         num_classes: int = 2,
         base_channels: int = 16,
         depth: int = 4,
+        widths: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -140,7 +147,15 @@ class AttentionUNet(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.depth = depth
-        channels = [base_channels * 2**level for level in range(depth + 1)]
+        if widths is None:
+            channels = [base_channels * 2**level for level in range(depth + 1)]
+        else:
+            channels = [int(w) for w in widths]
+            if len(channels) != depth + 1 or min(channels) < 1:
+                raise ValueError(
+                    f"widths must be {depth + 1} values >= 1 (depth + 1), got {list(widths)}"
+                )
+        self.widths = tuple(channels)
         self.encoders = nn.ModuleList()
         previous = in_channels
         for level in range(depth):
@@ -159,13 +174,26 @@ class AttentionUNet(nn.Module):
         """The attention gates, from the deepest skip connection to the shallowest."""
         return [m for m in self.modules() if isinstance(m, AttentionGate)]
 
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width that need no padding are multiples of this."""
+        return int(2**self.depth)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        multiple = 2**self.depth
+        multiple = self.size_multiple
         pad_h = (-height) % multiple
         pad_w = (-width) % multiple
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.forward_padded(x)[..., :height, :width]
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for input whose height and width are multiples of :attr:`size_multiple`.
+
+        Free of shape-dependent Python control flow, so FX tracing, TorchScript tracing
+        and ONNX export (with dynamic height/width) see one graph.
+        """
         skips: list[torch.Tensor] = []
         for encoder in self.encoders:
             x = encoder(x)
@@ -175,4 +203,4 @@ class AttentionUNet(nn.Module):
         for decoder, skip in zip(self.decoders, reversed(skips), strict=True):
             x = decoder(x, skip)
         logits: torch.Tensor = self.head(x)
-        return logits[..., :height, :width]
+        return logits
