@@ -1,0 +1,172 @@
+"""Node health: what ``/healthz`` answers and what the health page shows."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from scp_node.errors import NodeError
+from scp_node.queue.models import JobState
+from scp_node.queue.store import JobStore, utcnow
+
+__all__ = ["Check", "HealthReport", "NodeRuntime", "WorkerLease", "check_health"]
+
+
+@dataclass
+class NodeRuntime:
+    """What this process runs, as the web server sees it (filled in by ``app.run_node``).
+
+    Attributes
+    ----------
+    stages : frozenset of str
+        Stages this process runs (``receive``, ``work``, ``dispatch``); empty for
+        ``scp-node web``.
+    spool_dir : Path
+        The spool, whose file system's free space is checked.
+    min_free_bytes : int
+        Below this the node refuses instances, and ``/healthz`` fails.
+    device : str or None
+        The inference device of this process's worker, if it runs one.
+    threads : dict of str to Thread
+        The stage threads of this process; each must be alive.
+    receiving : callable or None
+        True while the Storage SCP listens (None when this process does not receive).
+    """
+
+    stages: frozenset[str] = frozenset()
+    spool_dir: Path = Path("var/spool")
+    min_free_bytes: int = 0
+    device: str | None = None
+    threads: dict[str, threading.Thread] = field(default_factory=dict)
+    receiving: Callable[[], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One health check: its name, whether it passed, and a line for humans."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class WorkerLease:
+    """A running job as seen from the job table: who holds it and since when."""
+
+    job_id: int
+    owner: str
+    claimed_at: datetime
+    last_event_at: datetime
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Everything the health page shows; ``ok`` is what ``/healthz`` answers."""
+
+    checks: tuple[Check, ...]
+    counts: Mapping[str, int]
+    disk_free_bytes: int | None
+    device: str | None
+    stages: frozenset[str]
+    workers: tuple[WorkerLease, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed."""
+        return all(check.ok for check in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (the body of ``/healthz``)."""
+        return {
+            "status": "ok" if self.ok else "fail",
+            "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in self.checks},
+            "jobs": dict(self.counts),
+            "disk_free_bytes": self.disk_free_bytes,
+            "device": self.device,
+            "stages": sorted(self.stages),
+        }
+
+
+def _running_leases(jobs: JobStore) -> tuple[WorkerLease, ...]:
+    leases = []
+    for view in jobs.list_jobs(state=JobState.RUNNING, limit=100):
+        events = jobs.events_after(0, job_id=view.id, limit=10_000)
+        claims = [e for e in events if e.stage == "claim"]
+        owner = str(claims[-1].data.get("owner", "?")) if claims else "?"
+        leases.append(
+            WorkerLease(
+                job_id=view.id,
+                owner=owner,
+                claimed_at=view.claimed_at or view.created_at,
+                last_event_at=events[-1].at if events else view.created_at,
+            )
+        )
+    return tuple(leases)
+
+
+def check_health(jobs: JobStore, runtime: NodeRuntime) -> HealthReport:
+    """Check the database, the spool's free disk and this process's stage threads.
+
+    Parameters
+    ----------
+    jobs : JobStore
+        The job table.
+    runtime : NodeRuntime
+        What this process runs.
+
+    Returns
+    -------
+    HealthReport
+        Never raises: a failing dependency becomes a failed check.
+    """
+    checks: list[Check] = []
+    counts: dict[str, int] = {}
+    workers: tuple[WorkerLease, ...] = ()
+    try:
+        counts = jobs.counts_by_state()
+        workers = _running_leases(jobs)
+        checks.append(Check("database", True, "reachable"))
+    except NodeError as exc:
+        checks.append(Check("database", False, str(exc)))
+    free: int | None = None
+    try:
+        target = runtime.spool_dir if runtime.spool_dir.exists() else runtime.spool_dir.parent
+        free = shutil.disk_usage(target if target.exists() else Path(".")).free
+        checks.append(
+            Check(
+                "disk",
+                free >= runtime.min_free_bytes,
+                f"{free / 1e9:.1f} GB free (minimum {runtime.min_free_bytes / 1e9:.1f} GB)",
+            )
+        )
+    except OSError as exc:
+        checks.append(Check("disk", False, f"cannot stat the spool: {exc}"))
+    for name, thread in sorted(runtime.threads.items()):
+        alive = thread.is_alive()
+        checks.append(Check(name, alive, "running" if alive else "stopped"))
+    if runtime.receiving is not None:
+        listening = runtime.receiving()
+        checks.append(Check("receive", listening, "listening" if listening else "not listening"))
+    return HealthReport(
+        checks=tuple(checks),
+        counts=counts,
+        disk_free_bytes=free,
+        device=runtime.device,
+        stages=runtime.stages,
+        workers=workers,
+    )
+
+
+def age(at: datetime, now: datetime | None = None) -> str:
+    """``at`` as a short age, e.g. ``"42s"``, ``"5m"``, ``"3h"``, ``"2d"``."""
+    seconds = max(0.0, ((now or utcnow()) - at).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"

@@ -1,0 +1,63 @@
+"""CLI polish: `logs` filters by state and study and colours by level; `jobs` shows the
+page's columns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from scp_node.cli import app
+from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.retry import RetryPolicy
+from scp_node.queue.store import InstanceRecord, JobStore
+
+runner = CliRunner()
+
+
+def test_logs_filters_and_jobs_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    monkeypatch.setenv("SCP_NODE_DATABASE__URL", url)
+    monkeypatch.chdir(tmp_path)
+    engine = make_engine(url)
+    upgrade(engine)
+    store = JobStore(engine, RetryPolicy())
+    for study in ("1.2.3", "1.2.4"):
+        store.record_instance(
+            InstanceRecord(
+                study_instance_uid=study,
+                series_instance_uid=f"{study}.1",
+                sop_instance_uid=f"{study}.1.1",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                modality="CT",
+                path=str(tmp_path / f"{study}.dcm"),
+                size_bytes=10,
+                calling_ae="TEST",
+                series_description="ABDOMEN",
+            )
+        )
+    first, second = sorted(store.settle(0.0, ["ct-abdomen"]))
+    store.cancel_job(first)
+
+    def events(*args: str) -> list[dict[str, object]]:
+        result = runner.invoke(app, ["logs", "--json", *args])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    assert {e["job_id"] for e in events()} == {first, second}
+    assert [(e["job_id"], e["stage"]) for e in events("--state", "cancelled")] == [
+        (first, "cancel")
+    ]
+    assert {e["job_id"] for e in events("--study", "1.2.4")} == {second}
+    assert events("--study", "9.9") == []
+
+    colored = runner.invoke(app, ["logs"], env={"FORCE_COLOR": "1", "COLUMNS": "200"})
+    assert colored.exit_code == 0
+    assert "WARNING" in colored.stdout and "INFO" in colored.stdout
+
+    table = runner.invoke(app, ["jobs"], env={"COLUMNS": "240"})
+    assert table.exit_code == 0
+    assert "ABDOMEN" in table.stdout and "series" in table.stdout and "age" in table.stdout
