@@ -251,6 +251,9 @@ class Delivery(Base):
     ae_title: Mapped[str] = mapped_column(String(16))
     host: Mapped[str] = mapped_column(String(255))
     port: Mapped[int] = mapped_column(Integer)
+    #: DICOMweb root of a ``kind = "dicomweb"`` destination (then ae_title/host/port are
+    #: empty); None for C-STORE destinations.
+    url: Mapped[str | None] = mapped_column(Text)
     state: Mapped[DeliveryState] = mapped_column(_state_enum(DeliveryState))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     first_attempt_at: Mapped[datetime | None]

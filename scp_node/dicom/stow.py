@@ -1,0 +1,100 @@
+"""DICOMweb STOW-RS client: send DICOM files to a DICOMweb service, one status per file.
+
+The statuses are DIMSE-style so the dispatcher treats both kinds of destination alike: a file
+listed in the response's ReferencedSOPSequence is stored (0x0000, or its WarningReason), one
+in FailedSOPSequence carries its FailureReason. Retries are the dispatcher's job, so the HTTP
+client's own retrying is switched off.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from scp_node.dicom.scu import SendResult
+from scp_node.errors import DeliveryError
+
+__all__ = ["stow_files"]
+
+logger = logging.getLogger(__name__)
+
+#: STOW-RS "processing failure" when the response names neither success nor failure.
+_NO_ANSWER_STATUS = 0x0110
+
+
+def _statuses(response: Dataset | None) -> tuple[dict[str, int], dict[str, int]]:
+    """SOP Instance UID -> status for the stored and the failed instances of a response."""
+    stored: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    if response is None:
+        return stored, failed
+    for item in response.get("ReferencedSOPSequence", []):
+        stored[str(item.ReferencedSOPInstanceUID)] = int(item.get("WarningReason", 0x0000))
+    for item in response.get("FailedSOPSequence", []):
+        failed[str(item.ReferencedSOPInstanceUID)] = int(item.get("FailureReason", 0xC000))
+    return stored, failed
+
+
+def stow_files(paths: Sequence[Path], url: str, *, timeout_s: float = 30.0) -> list[SendResult]:
+    """Store ``paths`` with one STOW-RS request per study to the DICOMweb root ``url``.
+
+    Parameters
+    ----------
+    paths
+        DICOM files (Part 10). Files of one study go in one multipart request.
+    url
+        The DICOMweb root, e.g. ``http://pacs:8042/dicom-web`` (``/studies`` is appended).
+    timeout_s
+        Connect and read timeout of each HTTP request.
+
+    Returns
+    -------
+    list of SendResult
+        One per file, in order; ``status`` is DIMSE-style (0x0000 stored, 0xBxxx stored
+        with a warning, the FailureReason otherwise).
+
+    Raises
+    ------
+    DeliveryError
+        The service is unreachable, timed out, or answered with an HTTP error (the status
+        code and the start of its body are in the message).
+    """
+    client = DICOMwebClient(url=url, timeout=timeout_s)
+    client.set_http_retry_params(retry=False)
+    datasets = [dcmread(path) for path in paths]
+    by_study: dict[str, list[int]] = {}
+    for index, ds in enumerate(datasets):
+        by_study.setdefault(str(ds.StudyInstanceUID), []).append(index)
+    results: list[SendResult | None] = [None] * len(paths)
+    for study_uid, indexes in by_study.items():
+        try:
+            response = client.store_instances(
+                [datasets[i] for i in indexes], study_instance_uid=study_uid
+            )
+        except requests.HTTPError as exc:
+            # Status and reason phrase only: a body could echo patient data back.
+            code = exc.response.status_code if exc.response is not None else "?"
+            reason = exc.response.reason if exc.response is not None else ""
+            raise DeliveryError(f"STOW-RS to {url} answered HTTP {code} {reason}") from exc
+        except requests.RequestException as exc:
+            raise DeliveryError(f"STOW-RS to {url} failed: {exc}") from exc
+        stored, failed = _statuses(response)
+        for i in indexes:
+            sop_uid = str(datasets[i].SOPInstanceUID)
+            if sop_uid in stored:
+                results[i] = SendResult(paths[i], sop_uid, stored[sop_uid])
+            elif sop_uid in failed:
+                results[i] = SendResult(
+                    paths[i], sop_uid, failed[sop_uid], f"STOW-RS failure 0x{failed[sop_uid]:04X}"
+                )
+            else:
+                results[i] = SendResult(
+                    paths[i], sop_uid, _NO_ANSWER_STATUS, "STOW-RS response does not list it"
+                )
+    return [result for result in results if result is not None]
