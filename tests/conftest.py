@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# A real PostgreSQL server (session fixture `postgres`, per-test database `postgres_url`).
+pytest_plugins = ["tests.support.postgres"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

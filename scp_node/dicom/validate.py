@@ -12,12 +12,14 @@ import io
 from dataclasses import dataclass
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 
 from scp_node.dicom.status import Status
 from scp_node.dicom.uids import is_valid_uid
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 _IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
 
 
@@ -63,10 +65,19 @@ def _check_pixel_data(ds: Dataset) -> None:
         raise InstanceRejectedError(
             Status.DATASET_DOES_NOT_MATCH, f"image attributes missing: {what}"
         )
-    rows, columns = int(ds.Rows), int(ds.Columns)
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
+    except (TypeError, ValueError) as exc:
+        # A wrong VR (e.g. Rows sent as UI) reads as text or bytes, not a number.
+        raise InstanceRejectedError(
+            Status.CANNOT_UNDERSTAND, f"image attributes are not numbers: {exc}"
+        ) from exc
     if rows == 0 or columns == 0:
         raise InstanceRejectedError(Status.DATASET_DOES_NOT_MATCH, "image has zero rows or columns")
     pixel_data = ds.PixelData
+    if not pixel_data:
+        raise InstanceRejectedError(Status.DATASET_DOES_NOT_MATCH, "pixel data is empty")
     if ds.file_meta.TransferSyntaxUID.is_encapsulated:
         try:
             fragments = list(generate_fragments(pixel_data))
@@ -80,13 +91,28 @@ def _check_pixel_data(ds: Dataset) -> None:
             )
         return
     frames = _int(ds, "NumberOfFrames") or 1
-    expected = rows * columns * int(ds.SamplesPerPixel) * frames * int(ds.BitsAllocated) // 8
+    expected = rows * columns * samples * frames * bits // 8
     # Native pixel data is padded to an even length.
     if len(pixel_data) not in (expected, expected + 1):
         raise InstanceRejectedError(
             Status.CANNOT_UNDERSTAND,
             f"pixel data has {len(pixel_data)} bytes, the image attributes need {expected}",
         )
+
+
+def _check_lengths(ds: Dataset) -> None:
+    # pydicom reads an element whose declared length runs past the end of the data (a
+    # truncated transfer, or a huge length field) with what is there; the bytes are corrupt.
+    for tag, raw in ds.items():  # the raw elements, before any value conversion
+        if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED_LENGTH:
+            continue
+        present = len(raw.value) if raw.value is not None else 0
+        if present != raw.length:
+            raise InstanceRejectedError(
+                Status.CANNOT_UNDERSTAND,
+                f"element {tag} declares {raw.length} bytes but {present} are present "
+                "(truncated or bad length)",
+            )
 
 
 def check_instance(data: bytes, affected_sop_instance_uid: str) -> InstanceHeader:
@@ -101,6 +127,7 @@ def check_instance(data: bytes, affected_sop_instance_uid: str) -> InstanceHeade
     """
     try:
         ds = dcmread(io.BytesIO(data))
+        _check_lengths(ds)
         for element in ds:  # force every value to convert: damage surfaces here
             _ = element.value
     except Exception as exc:

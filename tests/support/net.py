@@ -52,10 +52,20 @@ class PacsStub:
     """A real pynetdicom Storage SCP standing in for the PACS: stores every SEG it gets
     under ``directory`` (named by SOP Instance UID) and counts receipts per UID."""
 
-    def __init__(self, directory: Path, port: int, ae_title: str = "PACS", status: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int,
+        ae_title: str = "PACS",
+        status: int = 0,
+        delay_s: float = 0.0,
+    ) -> None:
         self.directory = directory
         self.port = port
         self.status = status
+        #: Seconds to wait after storing and before answering (a slow PACS: the sender may
+        #: die between our receipt and its acknowledgement).
+        self.delay_s = delay_s
         self.received: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._ae = AE(ae_title=ae_title)
@@ -74,6 +84,8 @@ class PacsStub:
         (self.directory / f"{sop_uid}.dcm").write_bytes(data)
         with self._lock:
             self.received[sop_uid] += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
         return 0x0000
 
     def start(self) -> PacsStub:

@@ -1,4 +1,5 @@
-"""JobStore on real SQLite files with an injected clock (no sleeping, no mocks)."""
+"""JobStore on real SQLite files and a real PostgreSQL server, with an injected clock (no
+sleeping, no mocks)."""
 
 from __future__ import annotations
 
@@ -56,8 +57,12 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same contract on both backends: a SQLite file, and a fresh real PostgreSQL database
+    (server from ``tests/support/postgres.py``)."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
     return f"sqlite:///{tmp_path / 'var' / 'node.db'}"
 
 

@@ -1,0 +1,106 @@
+"""Scale-out on PostgreSQL: one `scp-node receive`, three `scp-node work` and one
+`scp-node dispatch`, separate processes sharing one real PostgreSQL database and one spool
+directory; workers are killed (-9) at random and restarted while studies flow through.
+
+Seeded: ``SCP_NODE_FAULT_SEED`` (default: a fresh random seed, printed).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import write_config
+from tests.support.cluster import (
+    NodeProc,
+    StudyMaker,
+    check_exactly_once,
+    jobs_by_state,
+    send_until_broken,
+    settled,
+    study_of,
+)
+from tests.support.net import PacsStub, free_port, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+STUDIES = 6
+WORKERS = 3
+KILLS = 6
+LEASE_S = 4.0
+
+
+def test_receive_three_workers_dispatch_on_postgresql_exactly_once(
+    tmp_path: Path, postgres_url: str, ct_b_files: list[Path]
+) -> None:
+    env = os.environ.get("SCP_NODE_FAULT_SEED")
+    seed = int(env) if env else random.SystemRandom().randrange(2**31)
+    print(f"\nscale-out: SCP_NODE_FAULT_SEED={seed}")  # noqa: T201
+    rng = random.Random(seed)
+    maker = StudyMaker(ct_b_files)
+    root = tmp_path / "node"
+    root.mkdir()
+    port, pacs_port = free_port(), free_port()
+    config = write_config(
+        root,
+        port,
+        pacs_port,
+        database={"url": postgres_url},
+        worker={"lease_s": LEASE_S, "heartbeat_s": 0.5},
+        retry={"max_attempts": 50, "initial_backoff_s": 0.2, "max_backoff_s": 0.5},
+    )
+    pacs = PacsStub(tmp_path / "pacs", pacs_port, delay_s=0.1).start()
+    receiver = NodeProc("receive", config, root, "receive", port=port).start()
+    workers = [NodeProc("work", config, root, f"work{i}") for i in range(WORKERS)]
+    dispatcher = NodeProc("dispatch", config, root, "dispatch")
+    for proc in [*workers, dispatcher]:
+        proc.start()
+    acked: set[str] = set()
+    studies: set[str] = set()
+    kills: list[str] = []
+    sending_done = threading.Event()
+
+    def killer() -> None:
+        # Kill a random worker every 0.5-2.5 s while the studies flow; restart it at once.
+        while len(kills) < KILLS:
+            time.sleep(rng.uniform(0.5, 2.5))
+            victim = rng.choice(workers)
+            victim.kill9()
+            kills.append(victim.name)
+            victim.start()
+        sending_done.wait()
+
+    try:
+        batches = [
+            maker.make(tmp_path / "studies" / str(i), rng.randint(10, 14)) for i in range(STUDIES)
+        ]
+        studies = {study_of(files[0]) for files in batches}
+        chaos = threading.Thread(target=killer, daemon=True)
+        chaos.start()
+        for files in batches:
+            while not send_until_broken(port, files, acked):
+                time.sleep(0.2)
+            time.sleep(rng.uniform(0.0, 1.5))
+        sending_done.set()
+        chaos.join(timeout=120)
+        wait_until(
+            lambda: settled(postgres_url, STUDIES),
+            240,
+            f"seed {seed}: all studies processed; jobs {jobs_by_state(postgres_url)}",
+        )
+        check_exactly_once(postgres_url, acked, studies, pacs, f"seed {seed}")
+        for proc in [receiver, *workers, dispatcher]:
+            assert proc.alive, f"{proc.name} died:\n{proc.log.read_text()[-3000:]}"
+    finally:
+        for proc in [receiver, *workers, dispatcher]:
+            proc.stop()
+        pacs.stop()
+    print(  # noqa: T201 - the figures of the run, for the closing note
+        f"scale-out passed: {STUDIES} studies, {len(acked)} instances, kills {kills}, "
+        f"{sum(pacs.received.values())} SEG receipts at the PACS for {len(studies)} SEGs"
+    )
