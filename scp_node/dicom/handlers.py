@@ -3,6 +3,7 @@ a failure becomes the specific DIMSE status and a log line with the traceback.""
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, cast
 
 from scp_node.dicom.status import Status
 from scp_node.dicom.validate import InstanceRejectedError, check_instance
+from scp_node.metrics import NodeMetrics
 from scp_node.queue.store import InstanceRecord, JobStore
 from scp_node.spool import Spool
 
@@ -52,6 +54,8 @@ class StoreContext:
     jobs: JobStore
     min_free_bytes: int
     in_flight: InFlight = field(default_factory=InFlight)
+    #: Counts instances, bytes and refusals when given.
+    metrics: NodeMetrics | None = None
 
 
 def set_tcp_nodelay(event: Event) -> None:
@@ -87,7 +91,10 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     parsed (never decoded) to learn the UIDs and to check the pixel data is intact.
     """
     with ctx.in_flight:
-        return _store(event, ctx)
+        status = _store(event, ctx)
+    if ctx.metrics is not None and status != int(Status.SUCCESS):
+        ctx.metrics.record_refused(status)
+    return status
 
 
 def _store(event: Event, ctx: StoreContext) -> int:
@@ -117,9 +124,16 @@ def _store(event: Event, ctx: StoreContext) -> int:
             )
             return int(exc.status)
 
-        path = ctx.spool.store(
-            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
-        )
+        try:
+            path = ctx.spool.store(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
+            )
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The disk filled up between the free-space check and the write.
+            logger.error("refused: no space left on the spool's disk", extra=log_ids)
+            return int(Status.OUT_OF_RESOURCES)
         ctx.jobs.record_instance(
             InstanceRecord(
                 study_instance_uid=header.study_instance_uid,
@@ -136,6 +150,8 @@ def _store(event: Event, ctx: StoreContext) -> int:
                 study_date=header.study_date,
             )
         )
+        if ctx.metrics is not None:
+            ctx.metrics.record_received(len(data))
         logger.debug(
             "stored",
             extra={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 
+from scp_node.dicom.access import SourceAllowList, handle_requested
 from scp_node.dicom.handlers import (
     StoreContext,
     handle_echo,
@@ -82,9 +84,22 @@ def build_storage_ae(
 
 
 class StorageServer:
-    """A running Storage SCP; :meth:`stop` stops accepting and lets transfers finish."""
+    """A running Storage SCP; :meth:`stop` stops accepting and lets transfers finish.
 
-    def __init__(self, ae: AE, host: str, port: int, ctx: StoreContext) -> None:
+    ``ssl_context`` (see :func:`scp_node.dicom.tls.server_context`) makes it accept only
+    TLS; ``allowed_source_ips`` (CIDRs) rejects associations from other addresses.
+    """
+
+    def __init__(
+        self,
+        ae: AE,
+        host: str,
+        port: int,
+        ctx: StoreContext,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        allowed_source_ips: Sequence[str] = (),
+    ) -> None:
         self._ae = ae
         self._in_flight = ctx.in_flight
         handlers: list[Any] = [
@@ -93,7 +108,12 @@ class StorageServer:
             (evt.EVT_C_STORE, handle_store, [ctx]),
             (evt.EVT_REJECTED, handle_rejected),
         ]
-        server = ae.start_server((host, port), block=False, evt_handlers=handlers)
+        allow = SourceAllowList(allowed_source_ips)
+        if allow:
+            handlers.append((evt.EVT_REQUESTED, handle_requested, [allow]))
+        server = ae.start_server(
+            (host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
         if server is None:  # only a blocking start returns None
             raise RuntimeError("storage SCP did not start")
         self._server = server
@@ -101,7 +121,12 @@ class StorageServer:
         self.port = int(self._server.server_address[1])
         logger.info(
             "storage SCP listening",
-            extra={"ae_title": ae.ae_title, "host": host, "port": self.port},
+            extra={
+                "ae_title": ae.ae_title,
+                "host": host,
+                "port": self.port,
+                "tls": ssl_context is not None,
+            },
         )
 
     def stop(self, grace_s: float = 30.0) -> None:

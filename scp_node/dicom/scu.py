@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,22 +78,40 @@ def _header(path: Path) -> tuple[str, str, str]:
     )
 
 
-def _associate(calling_ae: str, peer: Peer, contexts: dict[str, set[str]], timeout_s: float) -> Any:
+def _associate(
+    calling_ae: str,
+    peer: Peer,
+    contexts: dict[str, set[str]],
+    timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Any:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
+    # One presentation context per transfer syntax: with several syntaxes in one context the
+    # peer picks one (usually uncompressed) and a compressed file, sent as stored, fits none.
     for sop_class, syntaxes in contexts.items():
-        ae.add_requested_context(sop_class, sorted(syntaxes))
+        for syntax in sorted(syntaxes):
+            ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(
         peer.host,
         peer.port,
         ae_title=peer.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        tls_args=(ssl_context, peer.host) if ssl_context is not None else None,
     )
     if not assoc.is_established:
-        raise DeliveryError(f"association with {peer} not established (refused or unreachable)")
+        # pynetdicom leaves the socket of a refused or failed connection open: close it, or a
+        # dispatcher retrying an unreachable destination leaks a descriptor per attempt.
+        raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        if raw is not None:
+            raw.close()
+        how = " over TLS" if ssl_context is not None else ""
+        raise DeliveryError(
+            f"association with {peer}{how} not established (refused, unreachable or TLS failed)"
+        )
     return assoc
 
 
@@ -103,9 +122,13 @@ def send_files(
     calling_ae: str = "SCPNODE",
     timeout_s: float = 30.0,
     on_sent: Callable[[SendResult], None] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> list[SendResult]:
     """C-STORE each file over one association, proposing each file's own transfer syntax
     (plus uncompressed ones, so the peer may pick those for uncompressed files).
+
+    With ``ssl_context`` (see :func:`scp_node.dicom.tls.client_context`) the association
+    runs over TLS.
 
     Raises
     ------
@@ -116,9 +139,9 @@ def send_files(
     contexts: dict[str, set[str]] = {}
     for sop_class, _sop, syntax in headers:
         contexts.setdefault(sop_class, {ExplicitVRLittleEndian, ImplicitVRLittleEndian}).add(syntax)
-    if len(contexts) > 128:
-        raise DeliveryError("more than 128 SOP classes in one send")
-    assoc = _associate(calling_ae, peer, contexts, timeout_s)
+    if sum(len(syntaxes) for syntaxes in contexts.values()) > 128:
+        raise DeliveryError("more than 128 (SOP class, transfer syntax) pairs in one send")
+    assoc = _associate(calling_ae, peer, contexts, timeout_s, ssl_context)
     results: list[SendResult] = []
     try:
         for path, (_cls, sop_uid, _ts) in zip(paths, headers, strict=True):
@@ -143,8 +166,14 @@ def send_files(
     return results
 
 
-def echo(peer: Peer, *, calling_ae: str = "SCPNODE", timeout_s: float = 10.0) -> int:
-    """C-ECHO ``peer``; returns its status.
+def echo(
+    peer: Peer,
+    *,
+    calling_ae: str = "SCPNODE",
+    timeout_s: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> int:
+    """C-ECHO ``peer`` (over TLS with ``ssl_context``); returns its status.
 
     Raises
     ------
@@ -152,7 +181,7 @@ def echo(peer: Peer, *, calling_ae: str = "SCPNODE", timeout_s: float = 10.0) ->
         The association could not be established.
     """
     assoc = _associate(
-        calling_ae, peer, {VERIFICATION_SOP_CLASS: {ImplicitVRLittleEndian}}, timeout_s
+        calling_ae, peer, {VERIFICATION_SOP_CLASS: {ImplicitVRLittleEndian}}, timeout_s, ssl_context
     )
     try:
         status_ds = assoc.send_c_echo()

@@ -1,0 +1,92 @@
+"""A job table seeded with one job whose SEG waits for delivery, for tests that run only the
+dispatch stage (``scp-node dispatch``) as a real process against real peers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from sqlalchemy import create_engine, func, select, text
+
+from scp_node.dicom.series import load_volume
+from scp_node.inference.registry import ModelSpec
+from scp_node.output.seg import build_segmentation, write_segmentation
+from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.models import Instance
+from scp_node.queue.retry import RetryPolicy
+from scp_node.queue.store import InstanceRecord, JobStore
+from scp_node.settings import Destination, load_settings
+from tests.conftest import REPO_ROOT
+
+
+def make_seg(sources: list[Path], out: Path) -> Path:
+    """A real highdicom SEG of ``sources`` (a box label), written to ``out``."""
+    volume = load_volume(sources)
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    labels[2:-2, 200:300, 200:300] = 1
+    spec = ModelSpec.from_model_dir(REPO_ROOT / "models" / "ct-abdomen")
+    seg = build_segmentation(volume, labels, spec, software_version="test")
+    assert seg is not None
+    write_segmentation(seg, out)
+    return out
+
+
+def seed_delivering_job(config: Path, seg_path: Path) -> tuple[int, str]:
+    """Put one job in ``delivering`` into the database of ``config``, its SEG at ``seg_path``
+    addressed to every ``[[destinations]]`` of that config.
+
+    Returns the job id and the SEG's SOP Instance UID.
+    """
+    settings = load_settings(config)
+    engine = make_engine(settings.database.url)
+    try:
+        upgrade(engine)
+        jobs = JobStore(engine, RetryPolicy.from_settings(settings.retry))
+        seg = dcmread(seg_path, stop_before_pixels=True)
+        source: Any = seg.ReferencedSeriesSequence[0]
+        study, series = str(seg.StudyInstanceUID), str(source.SeriesInstanceUID)
+        sop = str(source.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
+        jobs.record_instance(
+            InstanceRecord(
+                study, series, sop, "1.2.840.10008.5.1.4.1.1.2", "1.2", "CT", "x", 1, "T"
+            )
+        )
+        jobs.settle(0.0, [settings.worker.model])
+        job = jobs.claim("seeder", 60.0)
+        assert job is not None
+        destinations: list[Destination] = list(settings.destinations)
+        jobs.complete_inference(
+            job.id,
+            job.token,
+            series_instance_uid=series,
+            seg_path=str(seg_path),
+            seg_sop_instance_uid=str(seg.SOPInstanceUID),
+            outcome="seg",
+            destinations=destinations,
+        )
+        return job.id, str(seg.SOPInstanceUID)
+    finally:
+        engine.dispose()
+
+
+def job_state(config: Path, job_id: int) -> str:
+    """The job's state read straight from the table of ``config`` (cheap enough to poll)."""
+    engine = create_engine(load_settings(config).database.url)
+    try:
+        with engine.connect() as conn:
+            query = text("SELECT state FROM jobs WHERE id = :id")
+            return str(conn.execute(query, {"id": job_id}).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def instance_rows(db_url: str) -> int:
+    """How many instances the job table holds."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(Instance)).scalar_one())
+    finally:
+        engine.dispose()
