@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 CONFIG ?= config.toml
 APT_PEERS := dcmtk dicom3tools
 
-.PHONY: install run test test-fast lint peers clean
+.PHONY: install run test test-fast lint peers clean ohif
 
 install: $(VENV)/.installed
 
@@ -23,11 +23,18 @@ $(VENV)/.test-installed: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q --group dev
 	touch $@
 
-# Debian peers the tests talk to for real: dcmtk (storescu/echoscu), dicom3tools (dciodvfy).
+# Debian peers the tests talk to for real: dcmtk (storescu/echoscu), dicom3tools (dciodvfy),
+# postgresql (tests/support/postgres.py runs its own private server), orthanc + its DICOMweb
+# plugin (the PACS of tests/e2e/test_orthanc.py; never orthanc-gdcm, it crashed here), chromium
+# (headless, drives the OHIF viewer).
 peers:
 	@missing=""; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -38,7 +45,19 @@ lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff format --check scp_node tests bench
 	$(VENV)/bin/mypy
 
-test: $(VENV)/.test-installed peers lint
+# The OHIF viewer (a prebuilt static site from npm) for tests/e2e/test_ohif.py; git-ignored.
+OHIF_VERSION := 3.12.10
+OHIF_DIR := .cache/ohif
+
+$(OHIF_DIR)/package/dist/index.html:
+	mkdir -p $(OHIF_DIR)
+	cd $(OHIF_DIR) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null \
+	  && tar xzf ohif-app-$(OHIF_VERSION).tgz && rm ohif-app-$(OHIF_VERSION).tgz
+	touch $@
+
+ohif: $(OHIF_DIR)/package/dist/index.html
+
+test: $(VENV)/.test-installed peers ohif lint
 	$(VENV)/bin/pytest
 
 # The quick loop for developers: everything but the slow end-to-end tests.

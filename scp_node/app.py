@@ -14,22 +14,29 @@ import socket
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from types import FrameType
+from typing import Any
 
 from sqlalchemy import Engine
 
 from scp_node import __version__
+from scp_node.completeness import CompletenessGate
 from scp_node.dicom.handlers import StoreContext
 from scp_node.dicom.scp import StorageServer, build_storage_ae
+from scp_node.dicom.tls import client_context_from_settings, server_context_from_settings
 from scp_node.dispatch import Dispatcher
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import load_model_spec
+from scp_node.metrics import NodeMetrics
 from scp_node.queue.db import make_engine, upgrade
 from scp_node.queue.retry import RetryPolicy
 from scp_node.queue.store import JobStore
 from scp_node.settings import Settings
 from scp_node.spool import Spool
+from scp_node.web.health import NodeRuntime
+from scp_node.web.server import WebContext, WebServer
 from scp_node.worker import Worker, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -69,10 +76,30 @@ def _owner(stage: str) -> str:
 def _sweep(
     jobs: JobStore, settings: Settings, stop: threading.Event, wake_work: threading.Event
 ) -> None:
-    """Turn quiet studies into jobs and requeue jobs whose worker stopped heartbeating."""
+    """Turn quiet (or known complete) studies into jobs and requeue jobs whose worker
+    stopped heartbeating."""
+    models = [settings.worker.model]
+    gate = (
+        CompletenessGate(
+            settings.sources,
+            calling_ae=settings.node.ae_title,
+            quiet_s=settings.settle.quiet_s,
+            max_wait_s=settings.settle.max_wait_s,
+            query_interval_s=settings.settle.query_interval_s,
+        )
+        if settings.settle.completeness_check and settings.sources
+        else None
+    )
     while not stop.is_set():
         try:
-            created = jobs.settle(settings.settle.quiet_s, [settings.worker.model])
+            created: list[int] = []
+            hold: frozenset[str] = frozenset()
+            if gate is not None:
+                decision = gate.decide(jobs.unsettled_studies(), datetime.now(UTC))
+                hold = decision.hold
+                if decision.ready:
+                    created += jobs.settle(0.0, models, only=decision.ready)
+            created += jobs.settle(settings.settle.quiet_s, models, exclude=hold)
             if created or jobs.requeue_expired():
                 wake_work.set()
         except Exception:
@@ -110,6 +137,12 @@ def run_node(
         signal.signal(signal.SIGINT, _on_signal)
 
     db = open_database(settings)
+    runtime = NodeRuntime(
+        stages=frozenset(str(s) for s in stages),
+        spool_dir=settings.storage.spool_dir,
+        min_free_bytes=settings.storage.min_free_bytes,
+    )
+    metrics = NodeMetrics(gpu_memory=lambda: _gpu_memory(runtime.device))
     threads: list[threading.Thread] = []
     # Stages in one process wake each other instead of waiting for their next poll.
     wake_work, wake_dispatch = threading.Event(), threading.Event()
@@ -120,6 +153,7 @@ def run_node(
         spec = load_model_spec(settings.worker.models_dir, settings.worker.model)
         predictor = Predictor(settings.worker.device, threads=settings.worker.threads)
         predictor.load(spec)
+        runtime.device = str(predictor.device)
         worker = Worker(
             db.jobs,
             spec,
@@ -147,6 +181,8 @@ def run_node(
             owner=_owner("dispatch"),
             calling_ae=settings.node.ae_title,
             lease_s=settings.worker.lease_s,
+            metrics=metrics,
+            **_dispatch_tls(settings),
         )
         threads.append(
             _start_thread(
@@ -165,9 +201,15 @@ def run_node(
             ae,
             settings.node.host,
             settings.node.port,
-            StoreContext(spool, db.jobs, settings.storage.min_free_bytes),
+            StoreContext(spool, db.jobs, settings.storage.min_free_bytes, metrics=metrics),
+            ssl_context=server_context_from_settings(settings.tls),
+            allowed_source_ips=settings.node.allowed_source_ips,
         )
     threads.append(_start_thread(lambda: _sweep(db.jobs, settings, stop, wake_work), "settle"))
+    runtime.threads = {thread.name: thread for thread in threads}
+    if server is not None:
+        runtime.receiving = lambda: not stop.is_set()
+    web = _start_web(settings, db.jobs, runtime, metrics) if settings.web.enabled else None
     logger.info("node ready")
 
     while not stop.wait(0.5):
@@ -176,7 +218,72 @@ def run_node(
     wake_dispatch.set()
     if server is not None:
         server.stop()
+    if web is not None:
+        web.stop()
     for thread in threads:
         thread.join(timeout=30.0)
     db.engine.dispose()
     logger.info("node stopped")
+
+
+def _dispatch_tls(settings: Settings) -> dict[str, Any]:
+    """The Dispatcher's TLS arguments: a client context when some destination wants TLS."""
+    names = [d.name for d in settings.destinations if d.tls]
+    if not names:
+        return {}
+    return {"ssl_context": client_context_from_settings(settings.tls), "tls_destinations": names}
+
+
+def _gpu_memory(device: str | None) -> int | None:
+    """Bytes of CUDA memory torch holds, when this process infers on CUDA."""
+    if device is None or not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.memory_allocated())
+
+
+def _start_web(
+    settings: Settings, jobs: JobStore, runtime: NodeRuntime, metrics: NodeMetrics
+) -> WebServer | None:
+    """Start the dashboard; a bind failure is logged and the DICOM stages keep running."""
+    ctx = WebContext(jobs, settings.web, runtime, metrics, threading.Event())
+    try:
+        return WebServer(ctx).start()
+    except OSError as exc:
+        logger.error(
+            "dashboard not started",
+            extra={"host": settings.web.host, "port": settings.web.port, "error": str(exc)},
+        )
+        return None
+
+
+def run_web(
+    settings: Settings, *, stop: threading.Event | None = None, install_signals: bool = True
+) -> None:
+    """Run only the dashboard, ``/metrics`` and ``/healthz`` until SIGTERM/SIGINT or ``stop``.
+
+    Raises
+    ------
+    OSError
+        ``web.host``/``web.port`` cannot be bound.
+    """
+    stop = stop or threading.Event()
+    if install_signals:
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            logger.info("stop requested", extra={"signal": signal.Signals(signum).name})
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    db = open_database(settings)
+    runtime = NodeRuntime(
+        spool_dir=settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_bytes
+    )
+    web = WebServer(WebContext(db.jobs, settings.web, runtime, NodeMetrics(), threading.Event()))
+    web.start()
+    while not stop.wait(0.5):
+        pass
+    web.stop()
+    db.engine.dispose()

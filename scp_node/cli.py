@@ -120,6 +120,24 @@ def serve(
 
 
 @app.command()
+def web(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Override web.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override web.port.")] = None,
+) -> None:
+    """Run only the web dashboard, /metrics and /healthz (against the configured database)."""
+    from scp_node.app import run_web
+
+    settings = _settings(config, _overrides(web__host=host, web__port=port))
+    _configure_logging(settings, "web.log")
+    try:
+        run_web(settings)
+    except (NodeError, OSError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
 def receive(
     config: ConfigOption = None,
     port: Annotated[int | None, typer.Option(help="Override node.port.")] = None,
@@ -180,7 +198,8 @@ def jobs(
     except ValueError as exc:
         err_console.print(f"[bold red]error:[/] unknown state {state!r}")
         raise typer.Exit(2) from exc
-    views = _jobs_store(config).list_jobs(state=wanted, limit=limit)
+    store = _jobs_store(config)
+    views = store.list_jobs(state=wanted, limit=limit)
     if as_json:
         sys.stdout.write(json.dumps([v.to_json() for v in views], indent=2) + "\n")
         return
@@ -188,9 +207,15 @@ def jobs(
     # Identity columns never shrink; the wide ones fold so the table fits any terminal.
     for column in ("id", "state", "try"):
         table.add_column(column, no_wrap=True, min_width=len(column))
-    for column in ("model", "study", "date", "outcome", "time per stage", "error"):
+    for column in ("model", "study", "date", "mod", "series", "slices", "age", "outcome"):
+        table.add_column(column, overflow="fold", ratio=1)
+    for column in ("time per stage", "error"):
         table.add_column(column, overflow="fold", ratio=3 if column == "time per stage" else 1)
+    from scp_node.web.health import age
+    from scp_node.web.server import series_summary
+
     for v in views:
+        series = series_summary(store, v)
         table.add_row(
             str(v.id),
             f"[{STATE_STYLES.get(str(v.state), '')}]{v.state}[/]",
@@ -198,6 +223,10 @@ def jobs(
             v.model,
             "…" + v.study_instance_uid[-12:],
             v.study_date or "",
+            series["modality"],
+            series["series_description"],
+            str(series["slices"]),
+            age(v.created_at),
             v.outcome or "",
             " ".join(
                 f"{stage} {_fmt_s(v.durations[stage])}" for stage in STAGES if stage in v.durations
@@ -277,15 +306,26 @@ def _event_json(event: Any) -> dict[str, Any]:
     }
 
 
+LEVEL_STYLES = {"error": "bold red", "warning": "yellow", "info": "green"}
+
+
 def _event_line(event: Any) -> str:
+    from rich.markup import escape
+
+    from scp_node.web.server import event_level
+
+    level = event_level(event)
     style = STATE_STYLES.get(str(event.state), "")
     if "fail" in (event.message or "").lower() or str(event.state) == "failed":
         style = "bold red"
     duration = f" ({_fmt_s(event.duration_s)})" if event.duration_s is not None else ""
     stamp = event.at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    message = escape(event.message or "")
+    if level != "info":
+        message = f"[{LEVEL_STYLES[level]}]{message}[/]"
     return (
-        f"[dim]{stamp}[/] job {event.job_id} [{style}]{event.stage:<10} {event.state or '':<10}[/]"
-        f"{duration} {event.message or ''}".rstrip()
+        f"[dim]{stamp}[/] [{LEVEL_STYLES[level]}]{level.upper():<7}[/] job {event.job_id} "
+        f"[{style}]{event.stage:<10} {event.state or '':<10}[/]{duration} {message}".rstrip()
     )
 
 
@@ -307,6 +347,12 @@ def logs(
         bool, typer.Option("--follow", "-f", help="Keep printing new events.")
     ] = False,
     job: Annotated[int | None, typer.Option("--job", help="Only this job.")] = None,
+    state: Annotated[
+        str | None, typer.Option("--state", help="Only events that left the job in this state.")
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="Only this Study Instance UID (or its prefix).")
+    ] = None,
     since: Annotated[str | None, typer.Option(help="Only events newer than e.g. 10m.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
     poll_s: Annotated[float, typer.Option(hidden=True)] = 0.5,
@@ -320,6 +366,10 @@ def logs(
         for event in events:
             last_id = event.id
             if cutoff is not None and event.at < cutoff:
+                continue
+            if state is not None and event.state != state:
+                continue
+            if study is not None and not event.study_instance_uid.startswith(study):
                 continue
             if as_json:
                 sys.stdout.write(json.dumps(_event_json(event)) + "\n")
@@ -411,36 +461,163 @@ def db_upgrade(config: ConfigOption = None) -> None:
     console.print("database at latest schema")
 
 
+DataDirOption = Annotated[
+    Path, typer.Option(help="The shared data folder (ct-abdomen-a/, ct-abdomen-b/, ...).")
+]
+
+
+def _model_errors(exc: Exception) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(2)
+
+
 @model_app.command("train")
 def model_train(
     model_dir: Annotated[Path, typer.Argument(help="models/<name> with train.toml")],
-    data_dir: Annotated[Path, typer.Option(help="Folder with ct-abdomen-a/ etc.")] = Path(
-        "../shared/data"
-    ),
+    data_dir: DataDirOption = Path("../shared/data"),
     seed: int = 0,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this long.")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest here).")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA: autocast).")] = "cpu",
+    epochs: Annotated[int | None, typer.Option(help="Override train.toml's epochs.")] = None,
 ) -> None:
-    """Train a model on the shared data (see the model's train.toml)."""
+    """Train a model on the shared data (see the model's train.toml); writes weights.pt."""
+    import torch
+
     from scp_node.training.train import train
 
-    result = train(model_dir, data_dir, seed=seed, max_minutes=max_minutes)
+    torch.set_num_threads(threads)
+    try:
+        result = train(
+            model_dir, data_dir, seed=seed, max_minutes=max_minutes, device=device, epochs=epochs
+        )
+    except NodeError as exc:
+        raise _model_errors(exc) from exc
     console.print(result)
 
 
 @model_app.command("evaluate")
 def model_evaluate(
     model_dir: Annotated[Path, typer.Argument(help="models/<name>")],
-    data_dir: Annotated[Path, typer.Option(help="Folder with ct-abdomen-b/.")] = Path(
-        "../shared/data"
-    ),
+    data_dir: DataDirOption = Path("../shared/data"),
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="Variant(s) to evaluate (fp32, pruned, ...); default: all in the card."),
+    ] = None,
+    subject: Annotated[str, typer.Option(help="Held-out DICOM subject folder.")] = "ct-abdomen-b",
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
 ) -> None:
-    """Dice per label on held-out subject B, through DICOM."""
-    from scp_node.training.evaluate import evaluate_on_dicom
+    """Dice and HD95 per label on held-out subject B through the worker's path.
 
-    scores = evaluate_on_dicom(
-        model_dir, data_dir / "ct-abdomen-b" / "dicom", data_dir / "ct-abdomen-b" / "labels.nii.gz"
+    DICOM series -> load_volume -> Predictor -> SEG -> read back with highdicom -> compared
+    with the reference labels in physical space. Prints JSON {variant: scores}.
+    """
+    import torch
+
+    from scp_node.inference.registry import REFERENCE_VARIANT, ModelSpec
+    from scp_node.training.evaluate import evaluate_series
+
+    torch.set_num_threads(threads)
+    try:
+        spec = ModelSpec.from_model_dir(model_dir)
+        names = variant or [REFERENCE_VARIANT, *spec.variants]
+        results = {
+            name: evaluate_series(
+                model_dir,
+                data_dir / subject / "dicom",
+                data_dir / subject / "labels.nii.gz",
+                variant=name,
+            )
+            for name in names
+        }
+    except NodeError as exc:
+        raise _model_errors(exc) from exc
+    sys.stdout.write(json.dumps(results, indent=2) + "\n")
+
+
+@model_app.command("prune")
+def model_prune(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name> (attention_unet)")],
+    data_dir: DataDirOption = Path("../shared/data"),
+    ratio: Annotated[float, typer.Option(help="Fraction of channels removed per level.")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (0: none).")] = 15,
+    lr_scale: Annotated[float, typer.Option(help="Fine-tuning LR = this x train.toml lr.")] = 0.3,
+    name: Annotated[str, typer.Option(help="Variant name written to the card.")] = "pruned",
+    seed: int = 0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """Structured channel pruning + fine-tuning; records variant NAME in model.toml."""
+    import torch
+
+    from scp_node.training.variants import prune_model
+
+    torch.set_num_threads(threads)
+    try:
+        result = prune_model(
+            model_dir, data_dir, ratio=ratio, epochs=epochs, lr_scale=lr_scale, seed=seed, name=name
+        )
+    except (NodeError, ValueError) as exc:
+        raise _model_errors(exc) from exc
+    console.print(
+        f"widths {list(result.widths_before)} -> {list(result.widths_after)}, "
+        f"FLOPs/slice {result.flops_before / 1e6:.0f} M -> {result.flops_after / 1e6:.0f} M"
     )
-    sys.stdout.write(json.dumps(scores, indent=2) + "\n")
+    if result.fine_tune is not None:
+        console.print(result.fine_tune)
+
+
+@model_app.command("quantize")
+def model_quantize(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name>")],
+    data_dir: DataDirOption = Path("../shared/data"),
+    source: Annotated[str, typer.Option(help="state_dict variant to quantise.")] = "pruned",
+    method: Annotated[
+        list[str] | None, typer.Option(help="fx (torch FX int8) and/or ort (ONNX Runtime QDQ).")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="torch quantized engine for fx.")] = "x86",
+    slices: Annotated[int, typer.Option(help="Calibration slices of the training subject.")] = 32,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """Static int8 post-training quantisation; records the int8 variants in model.toml.
+
+    Evaluate them (`model evaluate`) and benchmark them (`python -m bench.model`) before
+    pointing the card's [runtime] cpu at one.
+    """
+    import torch
+
+    from scp_node.training.variants import quantize_model
+
+    torch.set_num_threads(threads)
+    try:
+        written = quantize_model(
+            model_dir,
+            data_dir,
+            source=source,
+            methods=tuple(method or ["fx", "ort"]),
+            engine=engine,
+            calibration_slices=slices,
+        )
+    except NodeError as exc:
+        raise _model_errors(exc) from exc
+    for variant, file in written.items():
+        console.print(f"variant {variant}: {model_dir / file}")
+
+
+@model_app.command("export")
+def model_export(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name>")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the file into.")],
+    variant: Annotated[str, typer.Option(help="state_dict variant to export.")] = "fp32",
+    fmt: Annotated[str, typer.Option("--format", help="torchscript or onnx.")] = "onnx",
+) -> None:
+    """Export a variant as a self-contained TorchScript or ONNX file (for other runtimes)."""
+    from scp_node.training.variants import export_model
+
+    try:
+        path = export_model(model_dir, variant, fmt, out_dir)
+    except NodeError as exc:
+        raise _model_errors(exc) from exc
+    console.print(f"wrote {path} (input padded to the network's size multiple)")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
-"""Dispatch: send each finished SEG to every destination by C-STORE, retrying with backoff
-until it lands or the give-up age is reached. The SEG's UIDs are deterministic, so a resend
-replaces the same instance at the PACS instead of adding a second SEG."""
+"""Dispatch: send each finished SEG to every destination by C-STORE (or DICOMweb STOW-RS for
+``kind = "dicomweb"`` destinations), retrying with backoff until it lands or the give-up age
+is reached. The SEG's UIDs are deterministic, so a resend replaces the same instance at the
+PACS instead of adding a second SEG."""
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
+from collections.abc import Collection
 from pathlib import Path
 
-from scp_node.dicom.scu import Peer, send_files
+from scp_node.dicom.scu import Peer, SendResult, send_files
+from scp_node.dicom.stow import stow_files
 from scp_node.errors import DeliveryError
+from scp_node.metrics import NodeMetrics
 from scp_node.queue.store import ClaimedDelivery, JobStore
 
 logger = logging.getLogger(__name__)
@@ -26,12 +31,21 @@ class Dispatcher:
         calling_ae: str,
         lease_s: float = 120.0,
         timeout_s: float = 30.0,
+        metrics: NodeMetrics | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        tls_destinations: Collection[str] = (),
     ) -> None:
         self.jobs = jobs
         self.owner = owner
         self.calling_ae = calling_ae
         self.lease_s = lease_s
         self.timeout_s = timeout_s
+        self.metrics = metrics
+        #: Client TLS context for the destinations named in ``tls_destinations``.
+        self.ssl_context = ssl_context
+        self.tls_destinations = frozenset(tls_destinations)
+        if self.tls_destinations and ssl_context is None:
+            raise ValueError("tls_destinations need an ssl_context")
 
     def run(
         self, stop: threading.Event, poll_s: float = 1.0, wake: threading.Event | None = None
@@ -63,18 +77,16 @@ class Dispatcher:
             "sop_instance_uid": delivery.seg_sop_instance_uid,
             "attempt": delivery.attempts,
         }
-        peer = Peer(delivery.ae_title, delivery.host, delivery.port)
         try:
-            (result,) = send_files(
-                [Path(delivery.seg_path)],
-                peer,
-                calling_ae=self.calling_ae,
-                timeout_s=self.timeout_s,
-            )
+            result = self._send(delivery)
         except (DeliveryError, OSError) as exc:
+            if self.metrics is not None:
+                self.metrics.record_delivery(delivery.destination, ok=False)
             state = self.jobs.delivery_failed(delivery.id, delivery.token, str(exc))
             logger.warning("delivery failed", extra={**ids, "error": str(exc), "state": str(state)})
             return
+        if self.metrics is not None:
+            self.metrics.record_delivery(delivery.destination, ok=result.ok)
         if result.ok:
             self.jobs.delivery_succeeded(delivery.id, delivery.token)
             logger.info("delivered", extra={**ids, "status": result.status})
@@ -82,3 +94,21 @@ class Dispatcher:
         error = result.error or f"refused with status 0x{result.status or 0:04X}"
         state = self.jobs.delivery_failed(delivery.id, delivery.token, error, result.status)
         logger.warning("delivery refused", extra={**ids, "error": error, "state": str(state)})
+
+    def _send(self, delivery: ClaimedDelivery) -> SendResult:
+        """C-STORE to a DIMSE destination, or STOW-RS when the delivery has a DICOMweb URL."""
+        if delivery.url is not None:
+            (result,) = stow_files(
+                [Path(delivery.seg_path)], delivery.url, timeout_s=self.timeout_s
+            )
+            return result
+        peer = Peer(delivery.ae_title, delivery.host, delivery.port)
+        tls = self.ssl_context if delivery.destination in self.tls_destinations else None
+        (result,) = send_files(
+            [Path(delivery.seg_path)],
+            peer,
+            calling_ae=self.calling_ae,
+            timeout_s=self.timeout_s,
+            ssl_context=tls,
+        )
+        return result

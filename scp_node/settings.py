@@ -7,11 +7,19 @@ validation failure into a :class:`~scp_node.errors.ConfigError` that names the o
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +37,14 @@ def _check_ae_title(value: str) -> str:
     if not _AE_TITLE.match(value) or not value.strip():
         raise ValueError("must be 1-16 printable ASCII characters without backslash")
     return value.strip()
+
+
+class _KeyValueError(ValueError):
+    """A model-level check that blames one key, so the message names ``section.N.key``."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class _Section(BaseModel):
@@ -55,6 +71,15 @@ class NodeSection(_Section):
     def _check_allowed(cls, value: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in value]
 
+    #: Source networks (CIDRs, e.g. ``10.1.2.0/24`` or ``127.0.0.1``) allowed to associate;
+    #: empty means any. Checked at association request, beside ``allowed_calling_ae``.
+    allowed_source_ips: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_source_ips")
+    @classmethod
+    def _check_source_ips(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(v.strip(), strict=False)) for v in value]
+
 
 class StorageSection(_Section):
     """``[storage]``: where accepted instances are kept."""
@@ -77,6 +102,27 @@ class SettleSection(_Section):
     quiet_s: float = Field(default=10.0, ge=0)
     #: How often the settle sweep looks for quiet studies.
     poll_s: float = Field(default=1.0, gt=0)
+    #: Ask the sending PACS (a ``[[sources]]`` entry matching the calling AE) by C-FIND how
+    #: many instances each received series has: settle at once when all have arrived, wait
+    #: past ``quiet_s`` (up to ``max_wait_s`` after the last instance) while some are missing.
+    completeness_check: bool = False
+    max_wait_s: float = Field(default=300.0, ge=0)
+    #: Least time between two C-FINDs about the same study (unless new instances arrived).
+    query_interval_s: float = Field(default=5.0, ge=0)
+
+
+class Source(_Section):
+    """``[[sources]]``: a PACS that sends to the node and answers C-FIND about what it sent.
+
+    Its ``ae_title`` is matched against the calling AE title of received instances.
+    """
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
 
 
 class WorkerSection(_Section):
@@ -107,15 +153,77 @@ class RetrySection(_Section):
     give_up_after_s: float = Field(default=86_400.0, gt=0)
 
 
+class TlsSection(_Section):
+    """``[tls]``: DICOM over TLS for the Storage SCP and for our SCU.
+
+    ``enabled`` makes the SCP accept only TLS (``cert_file`` + ``key_file`` required).
+    Destinations with ``tls = true`` are reached over TLS: the peer's certificate is checked
+    against ``ca_file`` (the system's CAs when unset), and ``cert_file``/``key_file`` are
+    presented as our client certificate when set.
+    """
+
+    enabled: bool = False
+    #: PEM certificate (chain) of this node.
+    cert_file: Path | None = None
+    #: PEM private key of ``cert_file`` (unencrypted).
+    key_file: Path | None = None
+    #: PEM CA bundle that signs the certificates of the peers we trust.
+    ca_file: Path | None = None
+    #: SCP: refuse TLS clients without a certificate signed by ``ca_file``.
+    require_client_cert: bool = False
+    #: SCU: the destination's certificate must name its ``host``.
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _check_files(self) -> TlsSection:
+        if self.enabled:
+            for key in ("cert_file", "key_file"):
+                if getattr(self, key) is None:
+                    raise _KeyValueError(key, f"{key} is required when tls.enabled = true")
+        if self.require_client_cert and self.ca_file is None:
+            raise _KeyValueError("ca_file", "ca_file is required with require_client_cert")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise _KeyValueError("key_file", "cert_file and key_file go together")
+        return self
+
+
 class Destination(_Section):
-    """``[[destinations]]``: a DICOM node that receives every SEG by C-STORE."""
+    """``[[destinations]]``: where every SEG goes.
+
+    ``kind = "dimse"`` (the default): a DICOM node reached by C-STORE at ``ae_title``,
+    ``host`` and ``port`` (all three required). ``kind = "dicomweb"``: a DICOMweb STOW-RS
+    service at ``url`` (the DICOMweb root, e.g. ``http://pacs:8042/dicom-web``).
+    """
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    #: DICOMweb root URL (``kind = "dicomweb"`` only).
+    url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    #: C-STORE over TLS with the ``[tls]`` material (``kind = "dimse"`` only; DICOMweb
+    #: destinations use an ``https://`` url).
+    tls: bool = False
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Destination:
+        if self.kind == "dimse":
+            for key in ("ae_title", "host", "port"):
+                if getattr(self, key) is None:
+                    raise _KeyValueError(key, f'{key} is required for kind = "dimse"')
+            if self.url is not None:
+                raise _KeyValueError("url", 'url is only used with kind = "dicomweb"')
+        elif self.url is None:
+            raise _KeyValueError("url", 'url is required for kind = "dicomweb"')
+        if self.tls and self.kind != "dimse":
+            raise _KeyValueError("tls", 'tls is only used with kind = "dimse" (use https://)')
+        return self
 
 
 class LogSection(_Section):
@@ -125,6 +233,21 @@ class LogSection(_Section):
     dir: Path = Path("var/log")
     max_bytes: int = Field(default=10_000_000, ge=1024)
     backups: int = Field(default=5, ge=0)
+
+
+class WebSection(_Section):
+    """``[web]``: the dashboard, ``/metrics`` and ``/healthz``."""
+
+    #: Start the web server with ``scp-node serve``.
+    enabled: bool = True
+    #: Loopback by default; any other address requires ``token`` for mutating requests.
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (tests).
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: Admin token for retry/cancel (``Authorization: Bearer``, or the form field ``token``).
+    token: str | None = Field(default=None, min_length=16)
+    #: Seconds between automatic refreshes of the job list and health pages.
+    refresh_s: float = Field(default=5.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -144,7 +267,10 @@ class Settings(BaseSettings):
     worker: WorkerSection = WorkerSection()
     retry: RetrySection = RetrySection()
     log: LogSection = LogSection()
+    web: WebSection = WebSection()
+    tls: TlsSection = TlsSection()
     destinations: list[Destination] = Field(default_factory=list)
+    sources: list[Source] = Field(default_factory=list)
 
     @field_validator("destinations")
     @classmethod
@@ -169,7 +295,11 @@ class Settings(BaseSettings):
 def _format_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        loc = list(item["loc"])
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, _KeyValueError):
+            loc.append(cause.key)
+        key = ".".join(str(part) for part in loc) or "<root>"
         lines.append(f"{key}: {item['msg']}")
     return "invalid configuration: " + "; ".join(lines)
 

@@ -11,11 +11,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scp_node.dicom.series import choose_series, load_volume
 from scp_node.errors import JobLeaseLostError, ModelError, SeriesError
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import ModelSpec
+from scp_node.output.preview import preview_path_for, render_preview, write_preview
 from scp_node.output.seg import build_segmentation, write_segmentation
 from scp_node.queue.models import JobState
 from scp_node.queue.store import ClaimedJob, JobStore
@@ -184,8 +186,23 @@ class Worker:
                 seg_path.parent.mkdir(parents=True, exist_ok=True)
                 write_segmentation(seg, seg_path)
                 note["message"] = f"SEG {seg_uid}, {len(seg.SegmentSequence)} segment(s)"
+        if seg_path is not None:
+            self._write_preview(job, volume.array, labelmap, seg_path)
         logger.info("inference done", extra={**ids, "series_instance_uid": series_uid})
         self._complete(job, series_uid, seg_path, seg_uid, "seg" if seg_path else "no_findings")
+
+    def _write_preview(self, job: ClaimedJob, image: Any, labelmap: Any, seg_path: Path) -> None:
+        """PNG preview beside the SEG for the dashboard; a failure is logged, never fatal."""
+        window: tuple[float, float] | None = None
+        if self.spec.input.window_center is not None and self.spec.input.window_width:
+            window = (self.spec.input.window_center, self.spec.input.window_width)
+        try:
+            write_preview(
+                render_preview(image, labelmap, self.spec.labels, window=window),
+                preview_path_for(seg_path),
+            )
+        except Exception:
+            logger.warning("SEG preview not written", exc_info=True, extra={"job_id": job.id})
 
     def _complete(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -98,6 +98,18 @@ class SeriesInfo:
 
 
 @dataclass(frozen=True)
+class UnsettledStudy:
+    """A study with instances no job covers yet (what a completeness check needs)."""
+
+    study_instance_uid: str
+    last_received_at: datetime
+    instance_count: int
+    calling_aes: frozenset[str]
+    #: Series Instance UID -> instances received.
+    series_counts: dict[str, int]
+
+
+@dataclass(frozen=True)
 class ClaimedJob:
     """A job a worker now holds; ``token`` proves the lease in every later call."""
 
@@ -123,6 +135,8 @@ class ClaimedDelivery:
     seg_sop_instance_uid: str | None
     study_instance_uid: str
     attempts: int
+    #: DICOMweb root for a ``dicomweb`` destination; None means C-STORE.
+    url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,8 @@ class DeliveryView:
     last_error: str | None
     last_status: int | None
     delivered_at: datetime | None
+    #: DICOMweb root for a ``dicomweb`` destination; None means C-STORE.
+    url: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict (ISO 8601 timestamps, enum values as strings)."""
@@ -146,6 +162,7 @@ class DeliveryView:
             "ae_title": self.ae_title,
             "host": self.host,
             "port": self.port,
+            "url": self.url,
             "state": self.state.value,
             "attempts": self.attempts,
             "last_error": self.last_error,
@@ -522,7 +539,14 @@ class JobStore:
 
     # -- settle -----------------------------------------------------------------------------
 
-    def settle(self, quiet_s: float, models: Sequence[str]) -> list[int]:
+    def settle(
+        self,
+        quiet_s: float,
+        models: Sequence[str],
+        *,
+        only: Collection[str] | None = None,
+        exclude: Collection[str] = (),
+    ) -> list[int]:
         """Turn studies quiet for ``quiet_s`` into one QUEUED job per model.
 
         A study is settled when its ``last_received_at`` is at least ``quiet_s`` old and not
@@ -536,6 +560,10 @@ class JobStore:
             Seconds without a new instance before a study becomes jobs (>= 0).
         models : Sequence[str]
             Model names; one job per model.
+        only : Collection[str] or None
+            Settle only these studies (Study Instance UIDs); None means any.
+        exclude : Collection[str]
+            Never settle these studies now (e.g. known to be incomplete).
 
         Returns
         -------
@@ -568,6 +596,9 @@ class JobStore:
                 .with_for_update(skip_locked=True)
             ).all()
             for study in studies:
+                uid = study.study_instance_uid
+                if (only is not None and uid not in only) or uid in exclude:
+                    continue
                 settle_wait = _seconds(now - study.last_received_at)
                 receive = _seconds(study.last_received_at - study.first_received_at)
                 for model in models:
@@ -607,6 +638,49 @@ class JobStore:
                     created.append(job.id)
                 study.settled_through = study.last_received_at
         return created
+
+    def unsettled_studies(self) -> list[UnsettledStudy]:
+        """Studies whose latest instances no job covers yet, oldest first.
+
+        Raises
+        ------
+        NodeError
+            If the database read fails.
+        """
+        with self._read("unsettled_studies") as s:
+            studies = s.scalars(
+                select(Study)
+                .where(
+                    or_(
+                        Study.settled_through.is_(None),
+                        Study.last_received_at > Study.settled_through,
+                    )
+                )
+                .order_by(Study.id)
+            ).all()
+            found: list[UnsettledStudy] = []
+            for study in studies:
+                series = s.execute(
+                    select(Series.series_instance_uid, Series.instance_count).where(
+                        Series.study_id == study.id
+                    )
+                ).all()
+                aes = s.scalars(
+                    select(Instance.calling_ae)
+                    .join(Series, Instance.series_id == Series.id)
+                    .where(Series.study_id == study.id)
+                    .distinct()
+                ).all()
+                found.append(
+                    UnsettledStudy(
+                        study_instance_uid=study.study_instance_uid,
+                        last_received_at=study.last_received_at,
+                        instance_count=study.instance_count,
+                        calling_aes=frozenset(aes),
+                        series_counts={uid: count for uid, count in series},
+                    )
+                )
+            return found
 
     # -- reads for the worker ---------------------------------------------------------------
 
@@ -927,9 +1001,11 @@ class JobStore:
                         Delivery(
                             job_id=job.id,
                             destination=dest.name,
-                            ae_title=dest.ae_title,
-                            host=dest.host,
-                            port=dest.port,
+                            # A DICOMweb destination has no AE/host/port, only its URL.
+                            ae_title=dest.ae_title or "",
+                            host=dest.host or "",
+                            port=dest.port or 0,
+                            url=dest.url,
                             state=DeliveryState.PENDING,
                             attempts=0,
                             next_attempt_at=now,
@@ -1166,6 +1242,7 @@ class JobStore:
                 seg_sop_instance_uid=job.seg_sop_instance_uid,
                 study_instance_uid=study_uid,
                 attempts=delivery.attempts,
+                url=delivery.url,
             )
 
     def delivery_succeeded(self, delivery_id: int, token: str) -> None:
@@ -1502,6 +1579,7 @@ class JobStore:
                         last_error=d.last_error,
                         last_status=d.last_status,
                         delivered_at=d.delivered_at,
+                        url=d.url,
                     )
                 )
         return [
