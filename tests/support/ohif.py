@@ -177,7 +177,8 @@ class Chromium:
         self._from_child, from_child_w = os.pipe()
         self.log_path = user_data_dir.parent / "chromium.log"
         # Chromium reads commands on fd 3 and writes answers on fd 4; the shell puts the
-        # pipe ends there, so no preexec_fn is needed.
+        # pipe ends there, so no preexec_fn is needed. bash, not sh: dash refuses to
+        # redirect from a descriptor above 9 ("Bad fd number"), which pytest often hands us.
         command = " ".join(
             [
                 CHROMIUM,
@@ -191,7 +192,7 @@ class Chromium:
         )
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                ["sh", "-c", f"exec {command}", str(to_child_r), str(from_child_w)],
+                ["bash", "-c", f"exec {command}", str(to_child_r), str(from_child_w)],
                 pass_fds=(to_child_r, from_child_w),
                 stdout=log,
                 stderr=subprocess.STDOUT,
