@@ -107,6 +107,17 @@ def _sweep(
         stop.wait(settings.settle.poll_s)
 
 
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop`` (the main thread then shuts the stages down)."""
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("stop requested", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+
 def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
@@ -128,13 +139,7 @@ def run_node(
     """
     stop = stop or threading.Event()
     if install_signals:
-
-        def _on_signal(signum: int, _frame: FrameType | None) -> None:
-            logger.info("stop requested", extra={"signal": signal.Signals(signum).name})
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
+        _stop_on_signals(stop)
 
     db = open_database(settings)
     runtime = NodeRuntime(
@@ -270,13 +275,7 @@ def run_web(
     """
     stop = stop or threading.Event()
     if install_signals:
-
-        def _on_signal(signum: int, _frame: FrameType | None) -> None:
-            logger.info("stop requested", extra={"signal": signal.Signals(signum).name})
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
+        _stop_on_signals(stop)
     db = open_database(settings)
     runtime = NodeRuntime(
         spool_dir=settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_bytes

@@ -42,17 +42,6 @@ STATE_STYLES = {
     "failed": "bold red",
     "cancelled": "dim",
 }
-STAGES = (
-    "receive",
-    "settle_wait",
-    "queue_wait",
-    "select",
-    "load",
-    "inference",
-    "seg",
-    "delivery",
-    "total",
-)
 
 
 def _settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
@@ -191,7 +180,7 @@ def jobs(
     ctx.obj = config
     if ctx.invoked_subcommand is not None:
         return
-    from scp_node.queue.models import JobState
+    from scp_node.queue.models import STAGE_ORDER, JobState
 
     try:
         wanted = JobState(state) if state else None
@@ -229,7 +218,9 @@ def jobs(
             age(v.created_at),
             v.outcome or "",
             " ".join(
-                f"{stage} {_fmt_s(v.durations[stage])}" for stage in STAGES if stage in v.durations
+                f"{stage} {_fmt_s(v.durations[stage])}"
+                for stage in STAGE_ORDER
+                if stage in v.durations
             ),
             (v.error or "")[:160],
         )

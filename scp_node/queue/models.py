@@ -54,6 +54,22 @@ NAMING_CONVENTION = {
 _UID = 64  # DICOM UI value representation: at most 64 characters
 
 
+#: Keys of a job's ``durations``, in the order a job goes through them: receive (first to
+#: last instance), settle_wait, queue_wait, the worker's stages (select, load, inference,
+#: seg), delivery, and total (last instance to done).
+STAGE_ORDER = (
+    "receive",
+    "settle_wait",
+    "queue_wait",
+    "select",
+    "load",
+    "inference",
+    "seg",
+    "delivery",
+    "total",
+)
+
+
 class JobState(StrEnum):
     """Life cycle of a job; stored as its string value."""
 

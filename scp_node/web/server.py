@@ -35,7 +35,7 @@ from scp_node import __version__
 from scp_node.errors import NodeError
 from scp_node.metrics import NodeMetrics
 from scp_node.output.preview import preview_path_for
-from scp_node.queue.models import TERMINAL_STATES, JobState
+from scp_node.queue.models import STAGE_ORDER, TERMINAL_STATES, JobState
 from scp_node.queue.store import JobEventView, JobStore, JobView
 from scp_node.settings import WebSection
 from scp_node.web.health import NodeRuntime, age, check_health
@@ -54,17 +54,7 @@ logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 25
 #: Stage durations in the order a job goes through them (keys of ``JobView.durations``).
-STAGES = (
-    "receive",
-    "settle_wait",
-    "queue_wait",
-    "select",
-    "load",
-    "inference",
-    "seg",
-    "delivery",
-    "total",
-)
+STAGES = STAGE_ORDER
 _STATIC = Path(__file__).parent / "static"
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 _MAX_FORM_BYTES = 4096
