@@ -504,23 +504,27 @@ def model_evaluate(
     with the reference labels in physical space. Prints JSON {variant: scores}.
     """
     import torch
+    from rich.progress import Progress
 
     from scp_node.inference.registry import REFERENCE_VARIANT, ModelSpec
     from scp_node.training.evaluate import evaluate_series
 
     torch.set_num_threads(threads)
+    results: dict[str, dict[str, float]] = {}
     try:
         spec = ModelSpec.from_model_dir(model_dir)
         names = variant or [REFERENCE_VARIANT, *spec.variants]
-        results = {
-            name: evaluate_series(
-                model_dir,
-                data_dir / subject / "dicom",
-                data_dir / subject / "labels.nii.gz",
-                variant=name,
-            )
-            for name in names
-        }
+        with Progress(console=err_console) as progress:
+            task = progress.add_task(f"evaluating on {subject}", total=len(names))
+            for name in names:
+                progress.update(task, description=f"evaluating {name} on {subject}")
+                results[name] = evaluate_series(
+                    model_dir,
+                    data_dir / subject / "dicom",
+                    data_dir / subject / "labels.nii.gz",
+                    variant=name,
+                )
+                progress.advance(task)
     except NodeError as exc:
         raise _model_errors(exc) from exc
     sys.stdout.write(json.dumps(results, indent=2) + "\n")

@@ -28,7 +28,6 @@ from scp_node.training.data import TRAIN_FILE, TrainConfig
 
 __all__ = [
     "dicom_volume",
-    "evaluate_on_dicom",
     "evaluate_series",
     "hausdorff95",
     "labelmap_from_seg",
@@ -135,64 +134,6 @@ def reference_labels_on_dicom_grid(
         plane[inside] = labels[i, j, kk]
         out[k] = plane
     return out
-
-
-def evaluate_on_dicom(
-    model_dir: Path,
-    dicom_dir: Path,
-    labels_path: Path,
-    *,
-    reference_values: Mapping[str, int] | None = None,
-    predictor: Predictor | None = None,
-) -> dict[str, float]:
-    """Dice per label of the model in ``model_dir`` on a DICOM series.
-
-    Parameters
-    ----------
-    model_dir
-        Model folder (``model.toml`` + weights).
-    dicom_dir
-        Folder of the series' ``.dcm`` files.
-    labels_path
-        Reference labels (NIfTI) of the same patient, any grid with a valid affine.
-    reference_values
-        Label name -> value in the reference file. Default: the ``[labels]`` table of
-        ``model_dir/train.toml``.
-    predictor
-        Predictor to use (default: a new CPU one).
-
-    Returns
-    -------
-    dict
-        ``{label name: Dice}`` over the whole series, plus ``"ms_per_slice"``.
-
-    Raises
-    ------
-    ModelError
-        The card, weights or reference mapping is missing or invalid.
-    """
-    spec = ModelSpec.from_model_dir(model_dir)
-    if reference_values is None:
-        reference_values = TrainConfig.from_file(model_dir / TRAIN_FILE).labels
-    predictor = predictor or Predictor(device="cpu")
-    predictor.load(spec)
-    datasets = read_dicom_series(dicom_dir)
-    volume, spacing = dicom_volume(datasets)
-    started = time.perf_counter()
-    prediction = predictor.predict(volume, spacing)
-    elapsed = time.perf_counter() - started
-    reference = reference_labels_on_dicom_grid(labels_path, datasets)
-    scores: dict[str, float] = {}
-    for label in spec.labels:
-        if label.name not in reference_values:
-            raise ModelError(f"no reference value for label {label.name!r}")
-        pred = prediction == label.value
-        ref = reference == reference_values[label.name]
-        total = int(pred.sum()) + int(ref.sum())
-        scores[label.name] = 1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total
-    scores["ms_per_slice"] = 1000 * elapsed / len(datasets)
-    logger.info("evaluation on %s: %s", dicom_dir, scores)
-    return scores
 
 
 def hausdorff95(
