@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -373,18 +374,39 @@ def logs(
             time.sleep(poll_s)
 
 
+TlsOption = Annotated[
+    bool,
+    typer.Option("--tls", help="Use TLS with the [tls] files of --config (CA, our cert and key)."),
+]
+
+
+def _client_tls(config: Path | None, tls: bool) -> ssl.SSLContext | None:
+    if not tls:
+        return None
+    from scp_node.dicom.tls import client_context_from_settings
+
+    try:
+        return client_context_from_settings(_settings(config).tls)
+    except NodeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def echo(
     peer: Annotated[str, typer.Argument(help="AE@HOST:PORT")],
     calling_ae: Annotated[str, typer.Option(help="Our AE title.")] = "SCPNODE",
+    tls: TlsOption = False,
+    config: ConfigOption = None,
 ) -> None:
     """C-ECHO a DICOM node."""
     from scp_node.dicom.scu import Peer
     from scp_node.dicom.scu import echo as c_echo
 
+    context = _client_tls(config, tls)
     try:
         target = Peer.parse(peer)
-        status = c_echo(target, calling_ae=calling_ae)
+        status = c_echo(target, calling_ae=calling_ae, ssl_context=context)
     except (ValueError, NodeError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from exc
@@ -409,6 +431,8 @@ def send(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively).")],
     to: Annotated[str, typer.Option("--to", help="AE@HOST:PORT")],
     calling_ae: Annotated[str, typer.Option(help="Our AE title.")] = "SCPNODE",
+    tls: TlsOption = False,
+    config: ConfigOption = None,
 ) -> None:
     """C-STORE DICOM files to a node, with a progress bar and a status per failure."""
     from rich.progress import Progress
@@ -419,6 +443,7 @@ def send(
         target = Peer.parse(to)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    context = _client_tls(config, tls)
     files = _dicom_files(paths)
     if not files:
         err_console.print("[bold red]error:[/] no DICOM files found")
@@ -430,7 +455,9 @@ def send(
             progress.advance(task)
 
         try:
-            results = send_files(files, target, calling_ae=calling_ae, on_sent=_advance)
+            results = send_files(
+                files, target, calling_ae=calling_ae, on_sent=_advance, ssl_context=context
+            )
         except NodeError as exc:
             err_console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(1) from exc

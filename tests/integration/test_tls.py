@@ -14,7 +14,9 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
+from typer.testing import CliRunner
 
+from scp_node.cli import app
 from scp_node.dicom.access import SourceAllowList
 from scp_node.dicom.handlers import StoreContext
 from scp_node.dicom.scp import StorageServer, build_storage_ae
@@ -228,3 +230,27 @@ def test_tls_files_that_do_not_load_are_config_errors(tmp_path: Path, pki: Pki) 
         client_context(ca_file=tmp_path / "missing.pem")
     with pytest.raises(ConfigError, match=r"tls\.cert_file"):
         server_context(pki.server_cert, pki.client_key)  # key of another certificate
+
+
+def test_cli_echo_and_send_over_tls(tmp_path: Path, pki: Pki, ct_b_files: list[Path]) -> None:
+    context = server_context(
+        pki.server_cert, pki.server_key, ca_file=pki.ca_cert, require_client_cert=True
+    )
+    pacs = TlsPacsStub(tmp_path / "pacs", free_port(), context).start()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[tls]\nca_file = "{pki.ca_cert}"\ncert_file = "{pki.client_cert}"\n'
+        f'key_file = "{pki.client_key}"\n'
+    )
+    peer = f"PACS@127.0.0.1:{pacs.port}"
+    runner = CliRunner()
+    try:
+        tls = ["--tls", "--config", str(config)]
+        assert runner.invoke(app, ["echo", peer, *tls]).exit_code == 0
+        sent = runner.invoke(app, ["send", *map(str, ct_b_files[:2]), "--to", peer, *tls])
+        assert sent.exit_code == 0, sent.output
+        assert len(pacs.received) == 2
+        plain = runner.invoke(app, ["echo", peer])  # no --tls: the TLS port refuses it
+        assert plain.exit_code == 1 and "not established" in plain.output
+    finally:
+        pacs.stop()
