@@ -4,70 +4,33 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.support.net import PacsStub, free_port, wait_for_port
+from tests.support.cluster import NodeProc
+from tests.support.net import PacsStub, free_port
 
 SCP_NODE = Path(sys.executable).parent / "scp-node"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-@dataclass
-class NodeProcess:
-    """A running `scp-node serve` and the paths it uses."""
+class NodeProcess(NodeProc):
+    """A running `scp-node serve`, the PACS port it sends to, and CLI helpers on its config."""
 
-    root: Path
-    config: Path
-    port: int
-    pacs_port: int
-    process: subprocess.Popen[bytes] | None = None
-    log: Path = field(init=False)
+    def __init__(self, root: Path, config: Path, port: int, pacs_port: int) -> None:
+        super().__init__("serve", config, root, "stdout", port)
+        self.pacs_port = pacs_port
+        self.log = root / "stdout.log"
 
-    def __post_init__(self) -> None:
-        self.log = self.root / "stdout.log"
-
-    def start(self) -> NodeProcess:
-        with self.log.open("ab") as handle:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(
-                [str(SCP_NODE), "serve", "--config", str(self.config)],
-                cwd=self.root,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        try:
-            wait_for_port(self.port, timeout_s=120)
-        except TimeoutError:
-            self.process.kill()
-            raise AssertionError(f"node did not start:\n{self.log.read_text()[-4000:]}") from None
+    def start(self, wait: bool = True) -> NodeProcess:
+        super().start(wait)
         return self
-
-    def stop(self) -> int:
-        if self.process is None:
-            return 0
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        self.process = None
-        return code
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-        self.process = None
 
     def cli(self, *args: str) -> str:
         """Run the CLI against this node's config (after the group name for `jobs ...`)."""

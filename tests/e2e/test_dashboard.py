@@ -21,21 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from scp_node.output.preview import TILE_PX, preview_path_for, preview_size
 from tests.conftest import REPO_ROOT
 from tests.support.net import wait_for_port, wait_until
+from tests.support.ohif import HEADLESS_FLAGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-]
+CHROMIUM_FLAGS = [*HEADLESS_FLAGS, "--hide-scrollbars"]
 
 
 def _chromium(profile: Path, *args: str) -> str:

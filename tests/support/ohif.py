@@ -30,7 +30,8 @@ from tests.conftest import REPO_ROOT
 
 OHIF_DIST = REPO_ROOT / ".cache" / "ohif" / "package" / "dist"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
+#: Headless Chromium as root on a machine without outside network (see PEERS.md).
+HEADLESS_FLAGS = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -39,8 +40,8 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--window-size=1400,900",
 ]
+CHROMIUM_FLAGS = [*HEADLESS_FLAGS, "--window-size=1400,900"]
 
 APP_CONFIG = """window.config = {
   routerBasename: '/',
