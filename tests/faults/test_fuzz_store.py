@@ -38,6 +38,7 @@ from scp_node.queue.models import Instance
 from scp_node.queue.retry import RetryPolicy
 from scp_node.queue.store import JobStore
 from scp_node.spool import Spool
+from tests.support.datasets import ct_dataset
 from tests.support.net import free_port
 
 EXAMPLES = int(os.environ.get("SCP_NODE_FUZZ_EXAMPLES", "150"))
@@ -84,28 +85,8 @@ def scp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Scp]:
 
 def _ct(n: int = 1, **overrides: Any) -> Dataset:
     # UIDs from a drawn number (not random): hypothesis must be able to replay a case.
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = f"{ROOT}.{n}.3"
-    ds.StudyInstanceUID = f"{ROOT}.{n}.1"
-    ds.SeriesInstanceUID = f"{ROOT}.{n}.2"
-    ds.Modality = "CT"
-    ds.PatientName = "Fuzz^Patient"
-    ds.Rows = 4
-    ds.Columns = 4
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = b"\x01\x00" * 16
-    for key, value in overrides.items():
-        if value is None:
-            delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    return ds
+    uids = (f"{ROOT}.{n}.1", f"{ROOT}.{n}.2", f"{ROOT}.{n}.3")
+    return ct_dataset(uids, size=4, PatientName="Fuzz^Patient", **overrides)
 
 
 def _file_bytes(ds: Dataset) -> bytes:

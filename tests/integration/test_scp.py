@@ -13,8 +13,8 @@ from pathlib import Path
 import pynetdicom._config
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
@@ -27,6 +27,7 @@ from scp_node.queue.models import Instance
 from scp_node.queue.retry import RetryPolicy
 from scp_node.queue.store import JobStore
 from scp_node.spool import Spool
+from tests.support.datasets import ct_dataset
 from tests.support.net import free_port, wait_until
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -140,36 +141,13 @@ def _send(port: int, dataset_or_path: Dataset | Path) -> int:
         assoc.release()
 
 
-def _ct_dataset(**overrides: object) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.Rows = 2
-    ds.Columns = 2
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = b"\x00" * 8
-    for key, value in overrides.items():
-        setattr(ds, key, value)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
-
-
 def _quarantined(spool: Spool) -> list[dict[str, object]]:
     return [json.loads(p.read_text()) for p in sorted(spool.quarantine_dir.glob("*.json"))]
 
 
 def test_truncated_instance_quarantined_and_node_keeps_serving(scp: RunningScp) -> None:
     # A transfer cut short: pydicom would read it tolerantly; the node must not accept it.
-    truncated = _ct_dataset()
+    truncated = ct_dataset()
     truncated.PixelData = b"\x00" * 6
     assert _send(scp.port, truncated) == Status.CANNOT_UNDERSTAND
     (entry,) = _quarantined(scp.spool)
@@ -177,7 +155,7 @@ def test_truncated_instance_quarantined_and_node_keeps_serving(scp: RunningScp) 
     (kept,) = scp.spool.quarantine_dir.glob("*.dcm")
     assert dcmread(kept).SOPInstanceUID == truncated.SOPInstanceUID
     assert scp.instance_rows() == 0
-    assert _send(scp.port, _ct_dataset()) == Status.SUCCESS
+    assert _send(scp.port, ct_dataset()) == Status.SUCCESS
     assert scp.instance_rows() == 1
 
 
@@ -186,7 +164,7 @@ def test_garbage_after_file_meta_refused(
 ) -> None:
     # Send the file's bytes as they are, without pydicom decoding (and rejecting) them first.
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
-    good = _ct_dataset()
+    good = ct_dataset()
     good.save_as(tmp_path / "good.dcm", enforce_file_format=True)
     raw = (tmp_path / "good.dcm").read_bytes()
     meta_end = raw.index(b"\x08\x00\x16\x00")  # (0008,0016) SOPClassUID: first data element
@@ -201,7 +179,7 @@ def test_garbage_after_file_meta_refused(
 
 
 def test_missing_uid_refused_with_reason(scp: RunningScp) -> None:
-    ds = _ct_dataset()
+    ds = ct_dataset()
     del ds.StudyInstanceUID
     assert _send(scp.port, ds) == Status.DATASET_DOES_NOT_MATCH
     (entry,) = _quarantined(scp.spool)
@@ -210,7 +188,7 @@ def test_missing_uid_refused_with_reason(scp: RunningScp) -> None:
 
 
 def test_path_traversal_uid_refused(scp: RunningScp) -> None:
-    ds = _ct_dataset(SeriesInstanceUID="../../etc")
+    ds = ct_dataset(SeriesInstanceUID="../../etc")
     assert _send(scp.port, ds) == Status.DATASET_DOES_NOT_MATCH
     assert not (scp.spool.root.parent / "etc").exists()
 
@@ -218,7 +196,7 @@ def test_path_traversal_uid_refused(scp: RunningScp) -> None:
 def test_low_disk_refused_with_out_of_resources(tmp_path: Path) -> None:
     running = _start(tmp_path, min_free=2**62)
     try:
-        assert _send(running.port, _ct_dataset()) == Status.OUT_OF_RESOURCES
+        assert _send(running.port, ct_dataset()) == Status.OUT_OF_RESOURCES
         assert running.instance_rows() == 0
     finally:
         running.server.stop(grace_s=1)
@@ -230,7 +208,7 @@ def test_stop_finishes_acknowledged_work_and_aborts_idle_associations(tmp_path: 
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", running.port, ae_title="SCPNODE")
     assert assoc.is_established
-    assert assoc.send_c_store(_ct_dataset()).Status == Status.SUCCESS
+    assert assoc.send_c_store(ct_dataset()).Status == Status.SUCCESS
     running.server.stop(grace_s=5)  # the association stays open and idle: it must not block
     wait_until(lambda: not assoc.is_established, 10, "the idle association to be aborted")
     ae.shutdown()
