@@ -27,44 +27,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.e2e.conftest import write_config  # noqa: E402
+from tests.support.cluster import StudyMaker  # noqa: E402
 from tests.support.net import PacsStub, free_port, wait_for_port, wait_until  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "ct-abdomen-b" / "dicom"
 SCP_NODE = Path(sys.executable).parent / "scp-node"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def make_series(out: Path, slices: int) -> list[Path]:
-    """``slices`` uncompressed CT instances of one new series, 2 mm apart."""
-    sources = sorted(
-        (dcmread(p) for p in SHARED.glob("*.dcm")), key=lambda ds: float(ds.ImagePositionPatient[2])
-    )
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    z0 = float(sources[0].ImagePositionPatient[2])
-    out.mkdir(parents=True)
-    paths = []
-    for i in range(slices):
-        ds = sources[i % len(sources)].copy()
-        pixels = ds.pixel_array.astype(np.int16 if ds.PixelRepresentation else np.uint16)
-        ds.PixelData = pixels.tobytes()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], z0 + 2.0 * i]
-        ds.SliceLocation = z0 + 2.0 * i
-        path = out / f"ct{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def storescu(port: int, files: list[Path], called: str) -> float:
@@ -94,8 +67,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="scp-node-bench-"))
     try:
-        rounds = [make_series(work / f"series{r}", args.slices) for r in range(args.rounds)]
-        latency_series = make_series(work / "latency", args.slices)
+        maker = StudyMaker(sorted(SHARED.glob("*.dcm")))
+        rounds = [maker.make(work / f"series{r}", args.slices) for r in range(args.rounds)]
+        latency_series = maker.make(work / "latency", args.slices)
 
         port, pacs_port, ref_port = free_port(), free_port(), free_port()
         node_root = work / "node"
