@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scp_node.inference.nets._checks import require_positive
+
 __all__ = ["AttentionGate", "AttentionUNet", "ConvBlock"]
 
 
@@ -136,14 +138,12 @@ class AttentionUNet(nn.Module):
         widths: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("base_channels", base_channels),
-            ("depth", depth),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        require_positive(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            base_channels=base_channels,
+            depth=depth,
+        )
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.depth = depth

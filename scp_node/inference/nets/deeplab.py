@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scp_node.inference.nets._checks import require_positive
+
 __all__ = ["ASPP", "DeepLabV3Plus"]
 
 
@@ -136,14 +138,12 @@ class DeepLabV3Plus(nn.Module):
         aspp_channels: int = 64,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("base_channels", base_channels),
-            ("aspp_channels", aspp_channels),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        require_positive(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            base_channels=base_channels,
+            aspp_channels=aspp_channels,
+        )
         self.in_channels = in_channels
         self.num_classes = num_classes
         c = base_channels
