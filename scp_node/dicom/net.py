@@ -2,9 +2,8 @@
 
 Every association we request (C-STORE, C-FIND, C-ECHO) goes through :func:`association`:
 Nagle off, one timeout for connect/ACSE/DIMSE/network, TLS when given a context from
-:mod:`scp_node.dicom.tls`, and the socket closed however the association ends. pynetdicom
-leaves the socket of a rejected association, and of one its peer aborted, open; a dispatcher
-retrying an unreachable or refusing destination would leak a descriptor per attempt.
+:mod:`scp_node.dicom.tls`, and the socket closed however the association ends (pynetdicom
+leaves the socket of a refused connection to the garbage collector).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -71,13 +71,27 @@ def set_tcp_nodelay(event: Event) -> None:
         logger.warning("could not set TCP_NODELAY", exc_info=True)
 
 
+class _RecordingContext:
+    """Wraps sockets with a real SSLContext and keeps a handle on each wrapped socket."""
+
+    def __init__(self, context: ssl.SSLContext, sockets: list[socket.socket]) -> None:
+        self._context = context
+        self._sockets = sockets
+
+    def wrap_socket(self, sock: socket.socket, **kwargs: Any) -> ssl.SSLSocket:
+        wrapped = self._context.wrap_socket(sock, **kwargs)
+        self._sockets.append(wrapped)
+        return wrapped
+
+
 class _ClosingAE(AE):
-    """An AE that keeps a handle on each socket it creates for a requested association.
+    """An AE that keeps a handle on every socket of the associations it requests.
 
     pynetdicom drops its reference to the socket of a connection the peer refused without
-    closing it (the garbage collector closes it, with a ResourceWarning), and keeps the
-    socket of a rejected or aborted association open. Holding our own reference lets
-    :func:`association` close every one of them when the association ends.
+    closing it: the garbage collector closes it later (with a ResourceWarning), and a
+    dispatcher retrying a dead destination would hold a descriptor per attempt until then.
+    Our own handles let :func:`association` close each socket, plain or TLS, however the
+    association ends (refused, rejected, aborted, released).
     """
 
     def __init__(self, ae_title: str) -> None:
@@ -90,6 +104,10 @@ class _ClosingAE(AE):
         address: AddressInformation,
         tls_args: tuple[ssl.SSLContext, str] | None,
     ) -> AssociationSocket:
+        if tls_args is not None:
+            # pynetdicom wraps the socket while connecting, detaching the one created here.
+            recording = cast(ssl.SSLContext, _RecordingContext(tls_args[0], self.sockets))
+            tls_args = (recording, tls_args[1])
         created = super()._create_socket(assoc, address, tls_args)
         if created.socket is not None:
             self.sockets.append(created.socket)
@@ -152,10 +170,6 @@ def association(
         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
         tls_args=(ssl_context, peer.host) if ssl_context is not None else None,
     )
-    # Over TLS the socket is wrapped (and the created one detached) while connecting.
-    holder = assoc.dul.socket
-    if holder is not None and holder.socket is not None:
-        ae.sockets.append(holder.socket)
     try:
         if not assoc.is_established:
             how = " over TLS" if ssl_context is not None else ""

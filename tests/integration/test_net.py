@@ -79,6 +79,7 @@ def test_a_refused_association_leaves_no_socket_open(strict_scp: int, tmp_path: 
     assert echo(right, timeout_s=10) == 0
     wrong = Peer("NOTPACS", "127.0.0.1", strict_scp)
     dead = Peer("PACS", "127.0.0.1", free_port())  # nothing listens: connection refused
+    tls = client_context()
     attempts: list[Callable[[Peer], object]] = [
         lambda peer: echo(peer, timeout_s=10),
         lambda peer: send_files([path], peer, timeout_s=10),
@@ -96,6 +97,13 @@ def test_a_refused_association_leaves_no_socket_open(strict_scp: int, tmp_path: 
                 for peer in (wrong, dead):
                     with pytest.raises(DeliveryError, match="not established"):
                         attempt(peer)
+            with pytest.raises(DeliveryError, match="over TLS not established"):
+                echo(dead, timeout_s=10, ssl_context=tls)
+            with pytest.raises(DeliveryError, match="over TLS not established"):
+                # A plain SCP: the TLS handshake fails on an open connection.
+                series_instance_counts(
+                    right, generate_uid(), calling_ae="SCPNODE", timeout_s=10, ssl_context=tls
+                )
         assert _open_sockets() == before
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
