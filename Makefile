@@ -60,7 +60,8 @@ ohif: $(OHIF_DIR)/package/dist/index.html
 test: $(VENV)/.test-installed peers ohif lint
 	$(VENV)/bin/pytest
 
-# The quick loop for developers: everything but the slow end-to-end tests.
+# The quick loop for developers: everything but the slow tests (end-to-end, training, and
+# every test that uses PostgreSQL: those are marked `postgres` and with it `slow`).
 test-fast: $(VENV)/.test-installed peers
 	$(VENV)/bin/pytest -m "not slow"
 

@@ -34,14 +34,16 @@ from sqlalchemy import create_engine, text
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.conftest import write_config  # noqa: E402
-from tests.support.cluster import (  # noqa: E402
+from bench.harness import (  # noqa: E402
+    PacsStub,
     StudyMaker,
-    check_exactly_once,
+    exactly_once_failures,
+    free_port,
     sop_of,
     study_of,
+    wait_for_port,
+    write_config,
 )
-from tests.support.net import PacsStub, free_port, wait_for_port  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "ct-abdomen-b" / "dicom"
 SCP_NODE = Path(sys.executable).parent / "scp-node"
@@ -173,10 +175,7 @@ def main() -> int:
             sampling.join()
             samples.append(sample(db_url, node.pid, t0))
             hwm = max(s.hwm_mib for s in samples)
-            try:
-                check_exactly_once(db_url, sent_sops, study_uids, pacs, "load")
-            except AssertionError as exc:
-                failures.append(str(exc))
+            failures += exactly_once_failures(db_url, sent_sops, study_uids, pacs)
         finally:
             node.send_signal(signal.SIGTERM)
             try:

@@ -31,9 +31,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.conftest import write_config  # noqa: E402
-from tests.support.cluster import StudyMaker  # noqa: E402
-from tests.support.net import PacsStub, free_port, wait_for_port, wait_until  # noqa: E402
+from bench.harness import (  # noqa: E402
+    PacsStub,
+    StudyMaker,
+    free_port,
+    wait_for_port,
+    wait_until,
+    write_config,
+)
 
 SHARED = REPO.parent / "shared" / "data" / "ct-abdomen-b" / "dicom"
 SCP_NODE = Path(sys.executable).parent / "scp-node"

@@ -8,7 +8,6 @@ with it) as ``<time>-<id>.dcm`` with ``<time>-<id>.json`` giving the reason.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from datetime import UTC, datetime
@@ -16,31 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from scp_node.dicom.uids import is_valid_uid
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new file in ``directory`` survive a power loss."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: ``.part`` file, fsync, rename, fsync the folder.
-
-    A crash at any moment leaves either the old file, the new file or a stray ``.part``, never
-    a torn ``path``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    with part.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(part, path)
-    fsync_dir(path.parent)
+from scp_node.durable import write_bytes_durably
 
 
 class Spool:
@@ -72,15 +47,15 @@ class Spool:
     def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
         """Durably write one instance; a re-sent instance replaces its earlier copy."""
         path = self.instance_path(study_uid, series_uid, sop_uid)
-        write_durable(path, data)
-        return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_bytes_durably(path, data)
 
     def quarantine(self, data: bytes, reason: str, details: dict[str, Any]) -> Path:
         """Keep refused bytes with the reason beside them; returns the ``.dcm`` path."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         stem = f"{stamp}-{uuid.uuid4().hex[:12]}"
         path = self.quarantine_dir / f"{stem}.dcm"
-        write_durable(path, data)
+        write_bytes_durably(path, data)
         meta = {"reason": reason, "quarantined_at": datetime.now(UTC).isoformat(), **details}
-        write_durable(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+        write_bytes_durably(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
         return path

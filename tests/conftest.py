@@ -26,3 +26,18 @@ def ct_b_files(shared_data: Path) -> list[Path]:
     files = sorted((shared_data / "ct-abdomen-b" / "dicom").glob("*.dcm"))
     assert len(files) == 20
     return files
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the PostgreSQL server are ``postgres`` and ``slow``.
+
+    Starting the server (initdb) takes seconds and needs the Debian package, so the quick
+    loop (``-m "not slow"``) leaves them out. A test that names the ``postgres`` or
+    ``postgres_url`` fixture is marked here; one that asks for it at run time (a
+    parametrised backend) carries ``pytest.mark.postgres`` itself.
+    """
+    for item in items:
+        uses_server = {"postgres", "postgres_url"} & set(getattr(item, "fixturenames", ()))
+        if uses_server or item.get_closest_marker("postgres") is not None:
+            item.add_marker(pytest.mark.postgres)
+            item.add_marker(pytest.mark.slow)

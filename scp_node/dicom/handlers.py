@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import socket
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -56,17 +55,6 @@ class StoreContext:
     in_flight: InFlight = field(default_factory=InFlight)
     #: Counts instances, bytes and refusals when given.
     metrics: NodeMetrics | None = None
-
-
-def set_tcp_nodelay(event: Event) -> None:
-    """EVT_CONN_OPEN: turn Nagle off; with it on each small PDU waits ~40 ms for an ACK."""
-    try:
-        assoc_socket = event.assoc.dul.socket
-        sock = assoc_socket.socket if assoc_socket is not None else None
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        logger.warning("could not set TCP_NODELAY", exc_info=True)
 
 
 def handle_echo(event: Event) -> int:

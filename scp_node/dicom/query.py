@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
 
-from scp_node.dicom.handlers import set_tcp_nodelay
-from scp_node.dicom.scu import Peer
+from scp_node.dicom.net import Peer, association
 from scp_node.errors import DeliveryError
 
 logger = logging.getLogger(__name__)
@@ -19,34 +18,33 @@ STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
 
 
 def series_instance_counts(
-    peer: Peer, study_instance_uid: str, *, calling_ae: str, timeout_s: float = 10.0
+    peer: Peer,
+    study_instance_uid: str,
+    *,
+    calling_ae: str,
+    timeout_s: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> dict[str, int]:
     """Series Instance UID -> NumberOfSeriesRelatedInstances, as ``peer`` reports them.
+
+    With ``ssl_context`` (see :func:`scp_node.dicom.tls.client_context`) the query runs
+    over TLS.
 
     Raises
     ------
     DeliveryError
         The association failed, the peer refused the query, or it answered without counts.
     """
-    ae = AE(ae_title=calling_ae)
-    for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
-        setattr(ae, attr, timeout_s)
-    ae.add_requested_context(STUDY_ROOT_FIND, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     query = Dataset()
     query.QueryRetrieveLevel = "SERIES"
     query.StudyInstanceUID = study_instance_uid
     query.SeriesInstanceUID = ""
     query.NumberOfSeriesRelatedInstances = ""
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-    )
-    if not assoc.is_established:
-        raise DeliveryError(f"C-FIND association with {peer} not established")
+    contexts = [(STUDY_ROOT_FIND, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
     counts: dict[str, int] = {}
-    try:
+    with association(
+        peer, contexts, calling_ae=calling_ae, timeout_s=timeout_s, ssl_context=ssl_context
+    ) as assoc:
         for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
             if "Status" not in status:
                 raise DeliveryError(f"no C-FIND response from {peer}")
@@ -59,7 +57,4 @@ def series_instance_counts(
                 counts[series_uid] = int(number)
             elif code != 0x0000:
                 raise DeliveryError(f"{peer} refused C-FIND with status 0x{code:04X}")
-    finally:
-        if assoc.is_established:
-            assoc.release()
     return counts

@@ -33,8 +33,8 @@ from scp_node.dicom.handlers import (
     handle_echo,
     handle_rejected,
     handle_store,
-    set_tcp_nodelay,
 )
+from scp_node.dicom.net import set_tcp_nodelay
 from scp_node.dicom.uids import VERIFICATION_SOP_CLASS
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ Arrays in, image out: this module reads no DICOM and no database.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from scp_node.durable import write_durably
 from scp_node.inference.registry import LabelSpec
 
 __all__ = [
@@ -171,7 +171,7 @@ def render_preview(
 
 
 def write_preview(image: Image.Image, path: Path) -> Path:
-    """Write ``image`` as PNG to ``path`` atomically (``.part``, fsync, rename).
+    """Write ``image`` as PNG to ``path`` durably (``.part``, fsync, rename, fsync the folder).
 
     Raises
     ------
@@ -179,10 +179,4 @@ def write_preview(image: Image.Image, path: Path) -> Path:
         The file cannot be written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    with part.open("wb") as handle:
-        image.save(handle, format="PNG", optimize=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    part.replace(path)
-    return path
+    return write_durably(path, lambda handle: image.save(handle, format="PNG", optimize=True))

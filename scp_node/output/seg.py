@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -22,6 +21,7 @@ import numpy as np
 from pydicom.sr.codedict import codes
 
 from scp_node.dicom.series import Volume
+from scp_node.durable import write_durably
 from scp_node.errors import SegmentationError
 from scp_node.inference.registry import CodeSpec, LabelSpec, ModelSpec
 
@@ -234,9 +234,9 @@ def _segment_description(
 def write_segmentation(seg: hd.seg.Segmentation, path: Path) -> None:
     """Write ``seg`` durably to ``path``.
 
-    The bytes go to ``path.with_suffix(".part")``, are fsynced, renamed over ``path`` and
-    the directory is fsynced, so after a crash ``path`` is either absent or complete.
-    The parent directory must exist.
+    Through :func:`scp_node.durable.write_durably` (``<name>.part``, fsync, rename, fsync
+    the directory), so after a crash ``path`` is either absent or complete. The parent
+    directory must exist.
 
     Parameters
     ----------
@@ -250,20 +250,9 @@ def write_segmentation(seg: hd.seg.Segmentation, path: Path) -> None:
     SegmentationError
         The file cannot be written (the message names the path); no ``.part`` is left.
     """
-    part = path.with_suffix(".part")
     try:
-        with part.open("wb") as handle:
-            seg.save_as(handle, enforce_file_format=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(part, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_durably(path, lambda handle: seg.save_as(handle, enforce_file_format=True))
     except (OSError, ValueError) as exc:
-        part.unlink(missing_ok=True)
         raise SegmentationError(f"cannot write SEG to {path}: {exc}") from exc
     logger.info(
         "SEG written",

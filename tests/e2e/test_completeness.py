@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import NodeProcess, write_config
+from tests.e2e.conftest import NodeProcess
+from tests.support.config import write_config
 from tests.support.net import free_port, wait_until
 from tests.support.orthanc import OrthancServer
 

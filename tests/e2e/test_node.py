@@ -18,6 +18,7 @@ from pydicom import dcmread
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import SCP_NODE
 from tests.support.net import wait_until
+from tests.support.validators import check_with_dciodvfy
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -83,11 +84,7 @@ def _check_seg_against_sources(seg_path: Path, sources: list[Path]) -> None:
                 [float(v) for v in source.ImagePositionPatient],
             )
 
-    report = subprocess.run(["dciodvfy", str(seg_path)], capture_output=True, text=True)
-    errors = [
-        line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")
-    ]
-    assert errors == []
+    check_with_dciodvfy(seg_path, "Segmentation")
 
 
 def _assert_no_phi_in_logs(node: Any, source: Path) -> None:

@@ -28,10 +28,12 @@ from scp_node.dicom.series import load_volume
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import load_model_spec
 from tests.conftest import REPO_ROOT
-from tests.e2e.conftest import NodeProcess, write_config
+from tests.e2e.conftest import NodeProcess
+from tests.support.config import write_config
 from tests.support.net import free_port, wait_until
 from tests.support.ohif import Chromium, OhifSite
 from tests.support.orthanc import OrthancServer
+from tests.support.validators import check_with_dciodvfy
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -185,12 +187,7 @@ def test_pydicom_strict_and_dciodvfy_accept_the_seg(roundtrip: RoundTrip) -> Non
     finally:
         settings.reading_validation_mode = before
 
-    report = subprocess.run(
-        ["dciodvfy", str(roundtrip.seg_path)], capture_output=True, text=True, timeout=120
-    )
-    output = report.stdout + report.stderr
-    errors = [line for line in output.splitlines() if line.startswith("Error")]
-    assert errors == [], output
+    check_with_dciodvfy(roundtrip.seg_path, "Segmentation")
 
 
 def _lps_to_index(volume: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

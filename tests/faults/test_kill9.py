@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.conftest import write_config
 from tests.support.cluster import (
     NodeProc,
     StudyMaker,
@@ -32,6 +31,7 @@ from tests.support.cluster import (
     sop_of,
     study_of,
 )
+from tests.support.config import write_config
 from tests.support.net import PacsStub, free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

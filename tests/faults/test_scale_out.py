@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import write_config
 from tests.support.cluster import (
     NodeProc,
     StudyMaker,
@@ -25,6 +24,7 @@ from tests.support.cluster import (
     settled,
     study_of,
 )
+from tests.support.config import write_config
 from tests.support.net import PacsStub, free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

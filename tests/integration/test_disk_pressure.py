@@ -20,8 +20,8 @@ from pydicom import dcmread
 
 from scp_node.dicom.scu import Peer, send_files
 from scp_node.dicom.status import Status
-from tests.e2e.conftest import write_config
 from tests.support.cluster import NodeProc
+from tests.support.config import write_config
 from tests.support.net import free_port
 from tests.support.seeded import instance_rows
 

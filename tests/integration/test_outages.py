@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import write_config
 from tests.support.cluster import SCP_NODE, NodeProc
+from tests.support.config import write_config
 from tests.support.net import free_port, wait_until
 from tests.support.pacs import AbortingPacsStub
 from tests.support.seeded import job_state, make_seg, seed_delivering_job

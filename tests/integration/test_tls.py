@@ -27,9 +27,9 @@ from scp_node.queue.db import make_engine, upgrade
 from scp_node.queue.retry import RetryPolicy
 from scp_node.queue.store import JobStore
 from scp_node.spool import Spool
-from tests.e2e.conftest import write_config
 from tests.support.certs import Pki, make_pki
 from tests.support.cluster import NodeProc
+from tests.support.config import write_config
 from tests.support.net import free_port, wait_until
 from tests.support.pacs import TlsPacsStub
 from tests.support.seeded import instance_rows, job_state, make_seg, seed_delivering_job

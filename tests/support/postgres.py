@@ -8,7 +8,8 @@ the tests kill node processes, never the database, so its durability is not unde
 
 Usage as a pytest plugin (``pytest_plugins`` in ``tests/conftest.py``): the session fixture
 ``postgres`` starts one server for the whole run, and ``postgres_url`` gives each test a fresh
-empty database.
+empty database. Tests that use them are marked ``postgres`` (and with it ``slow``), so
+``make test-fast`` needs no PostgreSQL server.
 """
 
 from __future__ import annotations
@@ -167,6 +168,14 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def postgres_url(postgres: PostgresServer) -> str:
-    """A fresh, empty database on the session's server, as a SQLAlchemy URL."""
-    return postgres.create_database()
+def postgres_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database on the session's server, as a SQLAlchemy URL.
+
+    Only for tests marked ``postgres`` (``tests/conftest.py`` marks those that name this
+    fixture; a test that asks for it at run time marks itself), so that ``-m "not slow"``
+    never starts a server: checked before the server is started.
+    """
+    if request.node.get_closest_marker("postgres") is None:
+        pytest.fail(f"{request.node.nodeid} uses PostgreSQL: mark it pytest.mark.postgres")
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database()

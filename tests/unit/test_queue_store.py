@@ -57,7 +57,7 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The same contract on both backends: a SQLite file, and a fresh real PostgreSQL database
     (server from ``tests/support/postgres.py``)."""

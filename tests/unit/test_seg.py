@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from scp_node.output.seg import (
     seg_uids,
     write_segmentation,
 )
+from tests.support.validators import check_with_dciodvfy
 
 ANATOMY = {"code": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"}
 #: The box of label 1: source slices with z in this range (mm), rows and columns below.
@@ -187,18 +186,23 @@ def test_highdicom_reads_pixels_by_source_instance(
 
 
 def test_dciodvfy_reports_no_error(written: Path) -> None:
-    dciodvfy = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
-    result = subprocess.run(
-        [dciodvfy, str(written)], capture_output=True, text=True, timeout=120, check=False
-    )
-    lines = (result.stdout + result.stderr).splitlines()
-    errors = [line for line in lines if line.startswith("Error")]
-    assert errors == [], "\n".join(errors)
+    check_with_dciodvfy(written, "Segmentation")
+
+
+def test_the_dciodvfy_check_fails_on_a_broken_seg(written: Path, tmp_path: Path) -> None:
+    """The check above can fail: a SEG without a Type 1 attribute, and no file at all."""
+    broken = pydicom.dcmread(written)
+    del broken.SegmentSequence[0].SegmentLabel
+    broken.save_as(tmp_path / "broken.dcm")
+    with pytest.raises(AssertionError, match="SegmentLabel"):
+        check_with_dciodvfy(tmp_path / "broken.dcm", "Segmentation")
+    with pytest.raises(AssertionError, match="did not verify"):
+        check_with_dciodvfy(tmp_path / "absent.dcm", "Segmentation")
 
 
 def test_write_leaves_no_part_file(written: Path) -> None:
     assert written.is_file()
-    assert not written.with_suffix(".part").exists()
+    assert not list(written.parent.glob("*.part"))
 
 
 def test_uids_are_stable_across_builds(volume: Volume, spec: ModelSpec) -> None:
