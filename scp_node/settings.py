@@ -205,6 +205,13 @@ class Destination(_Section):
     #: C-STORE over TLS with the ``[tls]`` material (``kind = "dimse"`` only; DICOMweb
     #: destinations use an ``https://`` url).
     tls: bool = False
+    #: What to do with a SEG this destination got when a newer SEG of the same series
+    #: replaces it: ``"iocm"`` sends an IHE IOCM rejection note (KOS "Rejected for Quality
+    #: Reasons") after the new SEG was stored; ``"none"`` leaves the old SEG in place.
+    supersede: Literal["iocm", "none"] = "none"
+    #: After each store, ask the destination (C-FIND at IMAGE level, or QIDO-RS) whether it
+    #: holds the instance; the delivery fails with the reason when it does not.
+    verify: bool = False
 
     @field_validator("ae_title")
     @classmethod

@@ -2,18 +2,19 @@
 
 The SEG lies exactly on the source images: one frame per source slice per segment, each
 frame with its source slice's ImagePositionPatient, the source orientation, rows,
-columns, pixel spacing and frame of reference. Its Series and SOP Instance UIDs derive
-from (source series, model name, model version), so a retry or a re-run of the same
-series with the same model replaces the earlier SEG in the PACS instead of adding one.
+columns, pixel spacing and frame of reference. Its UIDs follow
+:func:`scp_node.output.uids.output_uids`: one Series Instance UID per (source series, model
+name, model version), and a SOP Instance UID that also depends on the set of source
+instances, so a retry on unchanged input rewrites the same SEG while a series that grew
+gets a new instance (with a higher InstanceNumber from the caller) in the same series.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
-import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import highdicom as hd
@@ -24,12 +25,12 @@ from scp_node.dicom.series import Volume
 from scp_node.durable import write_durably
 from scp_node.errors import SegmentationError
 from scp_node.inference.registry import CodeSpec, LabelSpec, ModelSpec
+from scp_node.output.uids import output_uids
 
 __all__ = [
     "MANUFACTURER",
     "build_segmentation",
     "content_label_for",
-    "seg_uids",
     "write_segmentation",
 ]
 
@@ -40,39 +41,6 @@ MANUFACTURER = "scp-node"
 
 _CS_INVALID = re.compile(r"[^A-Z0-9 _]")
 _CS_MAX_LENGTH = 16
-
-
-def seg_uids(
-    source_series_instance_uid: str, model_name: str, model_version: str
-) -> tuple[str, str]:
-    """Deterministic UIDs of the SEG made from one series by one model version.
-
-    UUID-derived UIDs (PS3.5 B.2, ``2.25.<decimal UUID>``) from name-based (version 5)
-    UUIDs of the three inputs. pydicom's ``generate_uid(prefix=None, ...)`` cannot be
-    used: it ignores ``entropy_srcs`` and returns a random UUID when ``prefix`` is None.
-
-    Parameters
-    ----------
-    source_series_instance_uid : str
-        Series Instance UID of the source images.
-    model_name, model_version : str
-        From the model card.
-
-    Returns
-    -------
-    tuple of str
-        ``(series_instance_uid, sop_instance_uid)``: two distinct valid UIDs (at most
-        44 characters) that are the same every time for the same three inputs.
-    """
-    sources = [source_series_instance_uid, model_name, model_version]
-    series_uid = _uuid_uid(["scp-node SEG series", *sources])
-    sop_uid = _uuid_uid(["scp-node SEG instance", *sources])
-    return series_uid, sop_uid
-
-
-def _uuid_uid(parts: list[str]) -> str:
-    # JSON keeps the parts unambiguous ("a.b" + "c" differs from "a" + "b.c").
-    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, json.dumps(parts)).int}"
 
 
 def content_label_for(model_name: str) -> str:
@@ -91,6 +59,7 @@ def build_segmentation(
     *,
     software_version: str,
     series_number: int = 9901,
+    instance_number: int = 1,
 ) -> hd.seg.Segmentation | None:
     """Build a BINARY SEG of ``labelmap`` on the geometry of ``volume``.
 
@@ -115,6 +84,10 @@ def build_segmentation(
         The node's version, written as SoftwareVersions.
     series_number : int, optional
         SeriesNumber of the SEG.
+    instance_number : int, optional
+        InstanceNumber of the SEG (>= 1): the caller numbers the successive SEGs of one
+        series 1, 2, ... so viewers show the newest first. ContentDate and ContentTime
+        are the time of the build (UTC).
 
     Returns
     -------
@@ -126,7 +99,8 @@ def build_segmentation(
     ------
     SegmentationError
         ``labelmap`` has the wrong shape or dtype or values that are not labels of
-        ``spec``, or highdicom refused to build the SEG (the message says why).
+        ``spec``, ``instance_number`` is below 1, or highdicom refused to build the SEG
+        (the message says why).
     """
     expected_shape = tuple(volume.array.shape)
     if labelmap.shape != expected_shape:
@@ -136,6 +110,8 @@ def build_segmentation(
         )
     if not (np.issubdtype(labelmap.dtype, np.integer) or labelmap.dtype == np.bool_):
         raise SegmentationError(f"labelmap must hold integers, not {labelmap.dtype}")
+    if instance_number < 1:
+        raise SegmentationError(f"instance_number must be >= 1, got {instance_number}")
 
     # Segment numbers 1..n in card order, absent labels skipped. One comparison per label
     # keeps memory at a few bytes per voxel, whatever the labelmap's dtype.
@@ -162,14 +138,20 @@ def build_segmentation(
         )
         return None
 
-    series_instance_uid, sop_instance_uid = seg_uids(
-        volume.series_instance_uid, spec.name, spec.version
+    uids = output_uids(
+        "seg",
+        source_series_instance_uid=volume.series_instance_uid,
+        model_name=spec.name,
+        model_version=spec.version,
+        source_sop_instance_uids=(str(ds.SOPInstanceUID) for ds in volume.datasets),
     )
+    series_instance_uid, sop_instance_uid = uids.series_instance_uid, uids.sop_instance_uid
     algorithm = hd.AlgorithmIdentificationSequence(
         name=spec.name,
         version=spec.version,
         family=codes.cid7162.ArtificialIntelligence,
     )
+    content = datetime.now(UTC)
     started = time.perf_counter()
     try:
         descriptions = [
@@ -184,7 +166,9 @@ def build_segmentation(
             series_instance_uid=series_instance_uid,
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
-            instance_number=1,
+            instance_number=instance_number,
+            content_date=content.date(),
+            content_time=content.time(),
             manufacturer=MANUFACTURER,
             manufacturer_model_name=spec.name,
             software_versions=software_version,

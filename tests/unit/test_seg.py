@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,9 @@ from scp_node.inference.registry import ModelSpec
 from scp_node.output.seg import (
     build_segmentation,
     content_label_for,
-    seg_uids,
     write_segmentation,
 )
+from scp_node.output.uids import OutputUids, output_uids
 from tests.support.validators import check_with_dciodvfy
 
 ANATOMY = {"code": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"}
@@ -127,8 +130,12 @@ def test_header(written: Path, spec: ModelSpec, sources: dict[str, pydicom.Datas
     assert ds.ContentLabel == "LIVER_UNET_V1"
     assert ds.SeriesNumber == 9901
     assert ds.InstanceNumber == 1
-    assert (ds.SeriesInstanceUID, ds.SOPInstanceUID) == seg_uids(
-        source.SeriesInstanceUID, spec.name, spec.version
+    assert OutputUids(ds.SeriesInstanceUID, ds.SOPInstanceUID) == output_uids(
+        "seg",
+        source_series_instance_uid=source.SeriesInstanceUID,
+        model_name=spec.name,
+        model_version=spec.version,
+        source_sop_instance_uids=sources,
     )
     assert ds.StudyInstanceUID == source.StudyInstanceUID
     assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
@@ -214,16 +221,105 @@ def test_uids_are_stable_across_builds(volume: Volume, spec: ModelSpec) -> None:
     assert first.SOPInstanceUID == second.SOPInstanceUID
 
 
-def test_seg_uids() -> None:
-    series_uid, sop_uid = seg_uids("1.2.3", "liver", "1.0")
-    assert series_uid != sop_uid
-    assert (series_uid, sop_uid) == seg_uids("1.2.3", "liver", "1.0")
-    assert seg_uids("1.2.3", "liver", "1.1")[0] != series_uid
-    assert seg_uids("1.2.4", "liver", "1.0")[0] != series_uid
-    for uid in (series_uid, sop_uid):
+def _uids(kind: str = "seg", sources: tuple[str, ...] = ("1.2.3.1", "1.2.3.2")) -> OutputUids:
+    return output_uids(
+        kind,  # type: ignore[arg-type]  # a str, as a caller's typo would be
+        source_series_instance_uid="1.2.3",
+        model_name="liver",
+        model_version="1.0",
+        source_sop_instance_uids=sources,
+    )
+
+
+def test_output_uids_are_valid_and_stable() -> None:
+    uids = _uids()
+    assert uids.series_instance_uid != uids.sop_instance_uid
+    assert uids == _uids()
+    # Order and repetitions of the source instances do not matter, only their set.
+    assert uids == _uids(sources=("1.2.3.2", "1.2.3.1", "1.2.3.2"))
+    for uid in (uids.series_instance_uid, uids.sop_instance_uid):
         assert uid.startswith("2.25.")
         assert len(uid) <= 64
         assert pydicom.uid.UID(uid).is_valid
+
+
+def test_output_uids_series_and_model_change_both_uids() -> None:
+    uids = _uids()
+    for changed in (
+        output_uids(
+            "seg",
+            source_series_instance_uid="1.2.4",
+            model_name="liver",
+            model_version="1.0",
+            source_sop_instance_uids=("1.2.3.1", "1.2.3.2"),
+        ),
+        output_uids(
+            "seg",
+            source_series_instance_uid="1.2.3",
+            model_name="liver",
+            model_version="1.1",
+            source_sop_instance_uids=("1.2.3.1", "1.2.3.2"),
+        ),
+    ):
+        assert changed.series_instance_uid != uids.series_instance_uid
+        assert changed.sop_instance_uid != uids.sop_instance_uid
+
+
+def test_output_uids_one_instance_more_or_less_is_a_new_instance_in_the_same_series() -> None:
+    uids = _uids()
+    for sources in (("1.2.3.1",), ("1.2.3.1", "1.2.3.2", "1.2.3.3")):
+        other = _uids(sources=sources)
+        assert other.series_instance_uid == uids.series_instance_uid
+        assert other.sop_instance_uid != uids.sop_instance_uid
+
+
+def test_output_uids_kind_changes_both_uids() -> None:
+    seg, kos = _uids("seg"), _uids("kos")
+    assert kos.series_instance_uid != seg.series_instance_uid
+    assert kos.sop_instance_uid != seg.sop_instance_uid
+    with pytest.raises(ValueError, match="kind"):
+        _uids("SEG")
+    with pytest.raises(ValueError, match="empty"):
+        _uids(sources=())
+
+
+def test_seg_series_uid_is_the_one_earlier_versions_wrote() -> None:
+    # The SEG Series Instance UID the node derived before source instances were part of the
+    # key (name-based UUID of ["scp-node SEG series", series, model, version]), so SEG series
+    # already in a PACS continue with the next version.
+    key = '["scp-node SEG series", "1.2.3", "liver", "1.0"]'
+    assert _uids().series_instance_uid == f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, key).int}"
+
+
+def test_seg_of_fewer_slices_is_a_new_instance_in_the_same_series(
+    volume: Volume, spec: ModelSpec
+) -> None:
+    labelmap = _box_labelmap(volume)
+    full = build_segmentation(volume, labelmap, spec, software_version="0.1.0")
+    part = replace(volume, array=volume.array[:14], datasets=volume.datasets[:14])
+    partial = build_segmentation(part, labelmap[:14], spec, software_version="0.1.0")
+    assert full is not None and partial is not None
+    assert partial.NumberOfFrames == 14
+    assert partial.SeriesInstanceUID == full.SeriesInstanceUID
+    assert partial.SOPInstanceUID != full.SOPInstanceUID
+
+
+def test_instance_number_and_content_time(volume: Volume, spec: ModelSpec) -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    seg = build_segmentation(
+        volume, _box_labelmap(volume), spec, software_version="0.1.0", instance_number=3
+    )
+    after = datetime.now(UTC)
+    assert seg is not None
+    assert seg.InstanceNumber == 3
+    content = datetime.strptime(
+        f"{seg.ContentDate}{str(seg.ContentTime).split('.')[0]}", "%Y%m%d%H%M%S"
+    ).replace(tzinfo=UTC)
+    assert before <= content <= after
+    with pytest.raises(SegmentationError, match="instance_number"):
+        build_segmentation(
+            volume, _box_labelmap(volume), spec, software_version="0.1.0", instance_number=0
+        )
 
 
 def test_empty_labelmap_gives_none(volume: Volume, spec: ModelSpec) -> None:

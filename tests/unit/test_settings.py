@@ -22,6 +22,7 @@ def test_shipped_config_loads_with_the_documented_defaults(monkeypatch: pytest.M
     assert settings.database.url.startswith("sqlite:///var/")
     assert settings.worker.model == "ct-abdomen"
     assert [d.name for d in settings.destinations] == ["pacs"]
+    assert (settings.destinations[0].supersede, settings.destinations[0].verify) == ("none", False)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -76,3 +77,17 @@ def test_missing_or_broken_file(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(_write(tmp_path, "[node\nport = 1"))
+
+
+def test_destination_supersede_and_verify(tmp_path: Path) -> None:
+    base = "[[destinations]]\nname = 'x'\nae_title = 'A'\nhost = 'h'\nport = 104\n"
+    (dest,) = load_settings(_write(tmp_path, base)).destinations
+    assert (dest.supersede, dest.verify) == ("none", False)
+    text = base + "supersede = 'iocm'\nverify = true\n"
+    (dest,) = load_settings(_write(tmp_path, text)).destinations
+    assert (dest.supersede, dest.verify) == ("iocm", True)
+    web = "[[destinations]]\nname = 'w'\nkind = 'dicomweb'\nurl = 'http://h/dicom-web'\n"
+    (dest,) = load_settings(_write(tmp_path, web + "verify = true\n")).destinations
+    assert dest.verify
+    with pytest.raises(ConfigError, match=r"destinations\.0\.supersede"):
+        load_settings(_write(tmp_path, base + "supersede = 'delete'\n"))
