@@ -23,9 +23,9 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from scp_node.dicom.net import Peer, association
 from scp_node.dicom.query import STUDY_ROOT_FIND
 from scp_node.dicom.reference import InstanceReference
-from scp_node.dicom.scu import Peer, _associate
 from scp_node.errors import DeliveryError
 
 __all__ = ["VerifyOutcome", "VerifyResult", "verify_dicomweb", "verify_dimse"]
@@ -98,36 +98,29 @@ def verify_dimse(
     query.StudyInstanceUID = instance.study_instance_uid
     query.SeriesInstanceUID = instance.series_instance_uid
     query.SOPInstanceUID = instance.sop_instance_uid
-    try:
-        assoc = _associate(
-            calling_ae,
-            peer,
-            {STUDY_ROOT_FIND: {ExplicitVRLittleEndian, ImplicitVRLittleEndian}},
-            timeout_s,
-            ssl_context,
-        )
-    except (DeliveryError, OSError) as exc:
-        return _could_not_ask(f"C-FIND to {peer}: {exc}", instance)
+    contexts = [(STUDY_ROOT_FIND, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
     matched: set[str] = set()
     try:
-        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
-            if "Status" not in status:
-                return _could_not_ask(
-                    f"no C-FIND response from {peer} (timeout or abort)", instance
-                )
-            code = int(status.Status)
-            if code in _PENDING:
-                if identifier is not None:
-                    matched.add(str(identifier.get("SOPInstanceUID", "")))
-            elif code != 0x0000:
-                return _could_not_ask(
-                    f"{peer} refused the C-FIND with status 0x{code:04X}", instance
-                )
+        with association(
+            peer, contexts, calling_ae=calling_ae, timeout_s=timeout_s, ssl_context=ssl_context
+        ) as assoc:
+            for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+                if "Status" not in status:
+                    return _could_not_ask(
+                        f"no C-FIND response from {peer} (timeout or abort)", instance
+                    )
+                code = int(status.Status)
+                if code in _PENDING:
+                    if identifier is not None:
+                        matched.add(str(identifier.get("SOPInstanceUID", "")))
+                elif code != 0x0000:
+                    return _could_not_ask(
+                        f"{peer} refused the C-FIND with status 0x{code:04X}", instance
+                    )
+    except DeliveryError as exc:
+        return _could_not_ask(f"C-FIND to {peer}: {exc}", instance)
     except (OSError, RuntimeError, ValueError) as exc:  # pynetdicom on a lost association
         return _could_not_ask(f"C-FIND to {peer} failed: {exc}", instance)
-    finally:
-        if assoc.is_established:
-            assoc.release()
     return _result(instance.sop_instance_uid in matched, f"C-FIND at {peer}", instance)
 
 
