@@ -35,6 +35,7 @@ from scp_node.queue.intake import Intake
 from scp_node.queue.records import DeliveryTarget
 from scp_node.queue.retry import RetryPolicy
 from scp_node.queue.settling import Settling
+from scp_node.queue.tx import Clock, utcnow
 from scp_node.queue.views import JobViews
 from scp_node.queue.work import WorkQueue
 from scp_node.settings import Destination, RetrySection, Settings
@@ -96,21 +97,25 @@ def delivery_target(destination: Destination) -> DeliveryTarget:
     )
 
 
+def build_queue(engine: Engine, policy: RetryPolicy, clock: Clock = utcnow) -> Database:
+    """Every piece of the job table on ``engine`` (already migrated), sharing ``clock``."""
+    return Database(
+        engine=engine,
+        intake=Intake(engine, clock),
+        settling=Settling(engine, policy, clock),
+        work=WorkQueue(engine, policy, clock),
+        deliveries=Deliveries(engine, policy, clock),
+        admin=JobAdmin(engine, policy, clock),
+        views=JobViews(engine),
+    )
+
+
 def open_database(settings: Settings, *, migrate: bool = True) -> Database:
     """Engine for ``database.url`` (migrated to the latest schema) and the queue pieces."""
     engine = make_engine(settings.database.url)
     if migrate:
         upgrade(engine)
-    policy = retry_policy(settings.retry)
-    return Database(
-        engine=engine,
-        intake=Intake(engine),
-        settling=Settling(engine, policy),
-        work=WorkQueue(engine, policy),
-        deliveries=Deliveries(engine, policy),
-        admin=JobAdmin(engine, policy),
-        views=JobViews(engine),
-    )
+    return build_queue(engine, retry_policy(settings.retry))
 
 
 def _owner(stage: str) -> str:

@@ -5,28 +5,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
+from scp_node.app import Database, build_queue
 from scp_node.queue import (
     ClaimedJob,
-    Deliveries,
     DeliveryTarget,
     InstanceRecord,
-    Intake,
-    JobAdmin,
-    JobViews,
     RetryPolicy,
-    Settling,
-    WorkQueue,
     make_engine,
     upgrade,
 )
-from scp_node.queue.tx import Clock
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = STUDY + ".1"
@@ -55,28 +48,8 @@ class FakeClock:
             self.now += timedelta(seconds=seconds)
 
 
-@dataclass(frozen=True)
-class Table:
-    """Every piece of the job table on one engine and clock, as ``app.open_database``
-    builds them."""
-
-    intake: Intake
-    settling: Settling
-    work: WorkQueue
-    deliveries: Deliveries
-    admin: JobAdmin
-    views: JobViews
-
-    @classmethod
-    def on(cls, engine: Engine, clock: Clock, policy: RetryPolicy = POLICY) -> Table:
-        return cls(
-            intake=Intake(engine, clock),
-            settling=Settling(engine, policy, clock),
-            work=WorkQueue(engine, policy, clock),
-            deliveries=Deliveries(engine, policy, clock),
-            admin=JobAdmin(engine, policy, clock),
-            views=JobViews(engine),
-        )
+#: Every piece of the job table on one engine and clock, as ``app.open_database`` builds them.
+Table = Database
 
 
 @pytest.fixture
@@ -103,7 +76,7 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def table(engine: Engine, clock: FakeClock) -> Table:
-    return Table.on(engine, clock)
+    return build_queue(engine, POLICY, clock)
 
 
 InstanceFactory = Callable[..., InstanceRecord]

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from scp_node.app import build_queue
 from scp_node.queue import InstanceRecord, Intake, make_engine
-from tests.unit.conftest import SERIES, STUDY, FakeClock, InstanceFactory, Table
+from tests.unit.conftest import POLICY, SERIES, STUDY, FakeClock, InstanceFactory, Table
 
 
 def _paths(table: Table, study: str = STUDY) -> list[Path]:
@@ -75,7 +76,7 @@ def test_concurrent_record_instance_threads(
     for t in threads:
         t.join()
     assert errors == []
-    table = Table.on(engine, clock)
+    table = build_queue(engine, POLICY, clock)
     (info,) = table.views.series_info([STUDY])[STUDY]
     assert info.instance_count == 40
     assert len(_paths(table)) == 40

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, event, text
 
+from scp_node.app import build_queue
 from scp_node.errors import JobNotFoundError
 from scp_node.queue import JobState, Level, Stage, make_engine, upgrade
-from tests.unit.conftest import FakeClock, InstanceFactory, Table, claim
+from tests.unit.conftest import POLICY, FakeClock, InstanceFactory, Table, claim
 
 
 def test_views_list_count_and_follow_events(table: Table, job_factory: Callable[..., int]) -> None:
@@ -161,7 +162,7 @@ def test_migration_backfills_the_level_of_old_events(tmp_path: Path) -> None:
                     },
                 )
         upgrade(engine)
-        levels = [e.level for e in Table.on(engine, FakeClock()).views.events_after(0)]
+        levels = [e.level for e in build_queue(engine, POLICY, FakeClock()).views.events_after(0)]
         assert levels == [
             Level.INFO,
             Level.WARNING,
