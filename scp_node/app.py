@@ -1,4 +1,4 @@
-"""Composition root: Settings -> engine, stores, predictor, servers and loops.
+"""Composition root: Settings -> engine, queue pieces, predictor, servers and loops.
 
 Nothing imports this module except the CLI; every other module gets its dependencies passed
 in. ``run_node`` runs any subset of the stages in one process: all of them for
@@ -14,7 +14,6 @@ import socket
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from types import FrameType
 from typing import Any
@@ -22,7 +21,6 @@ from typing import Any
 from sqlalchemy import Engine
 
 from scp_node import __version__
-from scp_node.completeness import CompletenessGate
 from scp_node.dicom.handlers import StoreContext
 from scp_node.dicom.scp import StorageServer, build_storage_ae
 from scp_node.dicom.tls import client_context_from_settings, server_context_from_settings
@@ -30,10 +28,18 @@ from scp_node.dispatch import Dispatcher
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import load_model_spec
 from scp_node.metrics import NodeMetrics
+from scp_node.queue.admin import JobAdmin
 from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.deliveries import Deliveries
+from scp_node.queue.intake import Intake
+from scp_node.queue.records import DeliveryTarget
 from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.store import JobStore
-from scp_node.settings import Settings
+from scp_node.queue.settling import Settling
+from scp_node.queue.tx import Clock, utcnow
+from scp_node.queue.views import JobViews
+from scp_node.queue.work import WorkQueue
+from scp_node.settings import Destination, RetrySection, Settings
+from scp_node.settle import CompletenessGate, Settler
 from scp_node.spool import Spool
 from scp_node.web.health import NodeRuntime
 from scp_node.web.server import WebContext, WebServer
@@ -55,30 +61,69 @@ ALL_STAGES = frozenset(Stage)
 
 @dataclass(frozen=True)
 class Database:
-    """The migrated engine and the job store on it."""
+    """The migrated engine and the job table's pieces, one per user; each stage gets only
+    its own."""
 
     engine: Engine
-    jobs: JobStore
+    intake: Intake
+    settling: Settling
+    work: WorkQueue
+    deliveries: Deliveries
+    admin: JobAdmin
+    views: JobViews
+
+
+def retry_policy(section: RetrySection) -> RetryPolicy:
+    """The queue's retry policy from the ``[retry]`` section."""
+    return RetryPolicy(
+        max_attempts=section.max_attempts,
+        initial_backoff_s=section.initial_backoff_s,
+        max_backoff_s=section.max_backoff_s,
+        multiplier=section.multiplier,
+        give_up_after_s=section.give_up_after_s,
+    )
+
+
+def delivery_target(destination: Destination) -> DeliveryTarget:
+    """What a delivery row keeps of a ``[[destinations]]`` entry (a DICOMweb destination
+    has no AE title, host or port, only its URL)."""
+    return DeliveryTarget(
+        name=destination.name,
+        ae_title=destination.ae_title or "",
+        host=destination.host or "",
+        port=destination.port or 0,
+        url=destination.url,
+        tls=destination.tls,
+    )
+
+
+def build_queue(engine: Engine, policy: RetryPolicy, clock: Clock = utcnow) -> Database:
+    """Every piece of the job table on ``engine`` (already migrated), sharing ``clock``."""
+    return Database(
+        engine=engine,
+        intake=Intake(engine, clock),
+        settling=Settling(engine, policy, clock),
+        work=WorkQueue(engine, policy, clock),
+        deliveries=Deliveries(engine, policy, clock),
+        admin=JobAdmin(engine, policy, clock),
+        views=JobViews(engine),
+    )
 
 
 def open_database(settings: Settings, *, migrate: bool = True) -> Database:
-    """Engine for ``database.url`` (migrated to the latest schema) and a JobStore on it."""
+    """Engine for ``database.url`` (migrated to the latest schema) and the queue pieces."""
     engine = make_engine(settings.database.url)
     if migrate:
         upgrade(engine)
-    return Database(engine, JobStore(engine, RetryPolicy.from_settings(settings.retry)))
+    return build_queue(engine, retry_policy(settings.retry))
 
 
 def _owner(stage: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{stage}"
 
 
-def _sweep(
-    jobs: JobStore, settings: Settings, stop: threading.Event, wake_work: threading.Event
-) -> None:
-    """Turn quiet (or known complete) studies into jobs and requeue jobs whose worker
-    stopped heartbeating."""
-    models = [settings.worker.model]
+def _settler(settling: Settling, settings: Settings, wake_work: threading.Event) -> Settler:
+    """The settle stage, with the completeness gate when configured and a source is known."""
     gate = (
         CompletenessGate(
             settings.sources,
@@ -90,21 +135,9 @@ def _sweep(
         if settings.settle.completeness_check and settings.sources
         else None
     )
-    while not stop.is_set():
-        try:
-            created: list[int] = []
-            hold: frozenset[str] = frozenset()
-            if gate is not None:
-                decision = gate.decide(jobs.unsettled_studies(), datetime.now(UTC))
-                hold = decision.hold
-                if decision.ready:
-                    created += jobs.settle(0.0, models, only=decision.ready)
-            created += jobs.settle(settings.settle.quiet_s, models, exclude=hold)
-            if created or jobs.requeue_expired():
-                wake_work.set()
-        except Exception:
-            logger.exception("settle sweep failed")
-        stop.wait(settings.settle.poll_s)
+    return Settler(
+        settling, [settings.worker.model], settings.settle.quiet_s, gate=gate, wake_work=wake_work
+    )
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -160,13 +193,13 @@ def run_node(
         predictor.load(spec)
         runtime.device = str(predictor.device)
         worker = Worker(
-            db.jobs,
+            db.work,
             spec,
             predictor,
             WorkerConfig(
                 owner=_owner("work"),
                 outbox_dir=settings.worker.outbox_dir,
-                destinations=tuple(settings.destinations),
+                destinations=tuple(delivery_target(d) for d in settings.destinations),
                 lease_s=settings.worker.lease_s,
                 heartbeat_s=settings.worker.heartbeat_s,
                 software_version=__version__,
@@ -182,7 +215,7 @@ def run_node(
         )
     if Stage.DISPATCH in stages:
         dispatcher = Dispatcher(
-            db.jobs,
+            db.deliveries,
             owner=_owner("dispatch"),
             calling_ae=settings.node.ae_title,
             lease_s=settings.worker.lease_s,
@@ -206,15 +239,16 @@ def run_node(
             ae,
             settings.node.host,
             settings.node.port,
-            StoreContext(spool, db.jobs, settings.storage.min_free_bytes, metrics=metrics),
+            StoreContext(spool, db.intake, settings.storage.min_free_bytes, metrics=metrics),
             ssl_context=server_context_from_settings(settings.tls),
             allowed_source_ips=settings.node.allowed_source_ips,
         )
-    threads.append(_start_thread(lambda: _sweep(db.jobs, settings, stop, wake_work), "settle"))
+    settler = _settler(db.settling, settings, wake_work)
+    threads.append(_start_thread(lambda: settler.run(stop, settings.settle.poll_s), "settle"))
     runtime.threads = {thread.name: thread for thread in threads}
     if server is not None:
         runtime.receiving = lambda: not stop.is_set()
-    web = _start_web(settings, db.jobs, runtime, metrics) if settings.web.enabled else None
+    web = _start_web(settings, db, runtime, metrics) if settings.web.enabled else None
     logger.info("node ready")
 
     while not stop.wait(0.5):
@@ -249,10 +283,10 @@ def _gpu_memory(device: str | None) -> int | None:
 
 
 def _start_web(
-    settings: Settings, jobs: JobStore, runtime: NodeRuntime, metrics: NodeMetrics
+    settings: Settings, db: Database, runtime: NodeRuntime, metrics: NodeMetrics
 ) -> WebServer | None:
     """Start the dashboard; a bind failure is logged and the DICOM stages keep running."""
-    ctx = WebContext(jobs, settings.web, runtime, metrics, threading.Event())
+    ctx = WebContext(db.views, db.admin, settings.web, runtime, metrics, threading.Event())
     try:
         return WebServer(ctx).start()
     except OSError as exc:
@@ -280,7 +314,9 @@ def run_web(
     runtime = NodeRuntime(
         spool_dir=settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_bytes
     )
-    web = WebServer(WebContext(db.jobs, settings.web, runtime, NodeMetrics(), threading.Event()))
+    web = WebServer(
+        WebContext(db.views, db.admin, settings.web, runtime, NodeMetrics(), threading.Event())
+    )
     web.start()
     while not stop.wait(0.5):
         pass

@@ -163,10 +163,10 @@ def _fmt_s(value: float | None) -> str:
     return f"{value:.1f}s" if value < 100 else f"{value / 60:.1f}m"
 
 
-def _jobs_store(config: Path | None) -> Any:
+def _database(config: Path | None) -> Any:
     from scp_node.app import open_database
 
-    return open_database(_settings(config)).jobs
+    return open_database(_settings(config))
 
 
 @jobs_app.callback()
@@ -188,8 +188,8 @@ def jobs(
     except ValueError as exc:
         err_console.print(f"[bold red]error:[/] unknown state {state!r}")
         raise typer.Exit(2) from exc
-    store = _jobs_store(config)
-    views = store.list_jobs(state=wanted, limit=limit)
+    store = _database(config).views
+    views = store.list(state=wanted, limit=limit)
     if as_json:
         sys.stdout.write(json.dumps([v.to_json() for v in views], indent=2) + "\n")
         return
@@ -235,15 +235,18 @@ def jobs_show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """One job: its state, stage durations, deliveries and event history."""
-    jobs_store = _jobs_store(ctx.obj)
-    view = jobs_store.get_job(job_id)
-    if view is None:
+    from scp_node.errors import JobNotFoundError
+
+    jobs_store = _database(ctx.obj).views
+    try:
+        view = jobs_store.get(job_id)
+    except JobNotFoundError as exc:
         err_console.print(f"[bold red]error:[/] no job {job_id}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from exc
     events = jobs_store.events_after(0, job_id=job_id, limit=10_000)
     if as_json:
         payload = view.to_json()
-        payload["events"] = [_event_json(e) for e in events]
+        payload["events"] = [e.to_json() for e in events]
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     console.print(
@@ -266,7 +269,7 @@ def jobs_show(
 
 def _job_action(config: Path | None, job_id: int, action: str, done: str) -> None:
     try:
-        getattr(_jobs_store(config), action)(job_id)
+        getattr(_database(config).admin, action)(job_id)
     except NodeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from exc
@@ -276,26 +279,13 @@ def _job_action(config: Path | None, job_id: int, action: str, done: str) -> Non
 @jobs_app.command("retry")
 def jobs_retry(ctx: typer.Context, job_id: int) -> None:
     """Run a failed or cancelled job again (or resend its SEG if only delivery failed)."""
-    _job_action(ctx.obj, job_id, "retry_job", "requeued")
+    _job_action(ctx.obj, job_id, "retry", "requeued")
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(ctx: typer.Context, job_id: int) -> None:
     """Cancel a job that has not finished."""
-    _job_action(ctx.obj, job_id, "cancel_job", "cancelled")
-
-
-def _event_json(event: Any) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "job_id": event.job_id,
-        "at": event.at.isoformat(),
-        "stage": event.stage,
-        "state": str(event.state) if event.state else None,
-        "message": event.message,
-        "duration_s": event.duration_s,
-        "study_instance_uid": event.study_instance_uid,
-    }
+    _job_action(ctx.obj, job_id, "cancel", "cancelled")
 
 
 LEVEL_STYLES = {"error": "bold red", "warning": "yellow", "info": "green"}
@@ -304,9 +294,7 @@ LEVEL_STYLES = {"error": "bold red", "warning": "yellow", "info": "green"}
 def _event_line(event: Any) -> str:
     from rich.markup import escape
 
-    from scp_node.web.server import event_level
-
-    level = event_level(event)
+    level = str(event.level)
     style = STATE_STYLES.get(str(event.state), "")
     if "fail" in (event.message or "").lower() or str(event.state) == "failed":
         style = "bold red"
@@ -350,7 +338,7 @@ def logs(
     poll_s: Annotated[float, typer.Option(hidden=True)] = 0.5,
 ) -> None:
     """Job events (state changes and stage timings), oldest first; -f follows live."""
-    jobs_store = _jobs_store(config)
+    jobs_store = _database(config).views
     cutoff = _parse_since(since) if since else None
     last_id = 0
     while True:
@@ -364,7 +352,7 @@ def logs(
             if study is not None and not event.study_instance_uid.startswith(study):
                 continue
             if as_json:
-                sys.stdout.write(json.dumps(_event_json(event)) + "\n")
+                sys.stdout.write(json.dumps(event.to_json()) + "\n")
             else:
                 console.print(_event_line(event), highlight=False)
         sys.stdout.flush()

@@ -15,7 +15,9 @@ from scp_node.dicom.scu import Peer, SendResult, send_files
 from scp_node.dicom.stow import stow_files
 from scp_node.errors import DeliveryError
 from scp_node.metrics import NodeMetrics
-from scp_node.queue.store import ClaimedDelivery, JobStore
+from scp_node.queue.deliveries import Deliveries
+from scp_node.queue.records import ClaimedDelivery
+from scp_node.stage_loop import run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        jobs: JobStore,
+        deliveries: Deliveries,
         *,
         owner: str,
         calling_ae: str,
@@ -35,7 +37,7 @@ class Dispatcher:
         ssl_context: ssl.SSLContext | None = None,
         tls_destinations: Collection[str] = (),
     ) -> None:
-        self.jobs = jobs
+        self.deliveries = deliveries
         self.owner = owner
         self.calling_ae = calling_ae
         self.lease_s = lease_s
@@ -51,20 +53,11 @@ class Dispatcher:
         self, stop: threading.Event, poll_s: float = 1.0, wake: threading.Event | None = None
     ) -> None:
         """Deliver until ``stop`` is set; when idle, wait ``poll_s`` or until ``wake``."""
-        while not stop.is_set():
-            try:
-                worked = self.run_once()
-            except Exception:
-                logger.exception("dispatch loop error")
-                worked = False
-            if not worked:
-                (wake or stop).wait(poll_s)
-                if wake is not None:
-                    wake.clear()
+        run_stage("dispatch", self.run_once, stop, poll_s, wake)
 
     def run_once(self) -> bool:
         """Claim and attempt one delivery; False when none is due."""
-        delivery = self.jobs.claim_delivery(self.owner, self.lease_s)
+        delivery = self.deliveries.claim(self.owner, self.lease_s)
         if delivery is None:
             return False
         self._deliver(delivery)
@@ -82,17 +75,17 @@ class Dispatcher:
         except (DeliveryError, OSError) as exc:
             if self.metrics is not None:
                 self.metrics.record_delivery(delivery.destination, ok=False)
-            state = self.jobs.delivery_failed(delivery.id, delivery.token, str(exc))
+            state = self.deliveries.failed(delivery.id, delivery.token, str(exc))
             logger.warning("delivery failed", extra={**ids, "error": str(exc), "state": str(state)})
             return
         if self.metrics is not None:
             self.metrics.record_delivery(delivery.destination, ok=result.ok)
         if result.ok:
-            self.jobs.delivery_succeeded(delivery.id, delivery.token)
+            self.deliveries.succeeded(delivery.id, delivery.token)
             logger.info("delivered", extra={**ids, "status": result.status})
             return
         error = result.error or f"refused with status 0x{result.status or 0:04X}"
-        state = self.jobs.delivery_failed(delivery.id, delivery.token, error, result.status)
+        state = self.deliveries.failed(delivery.id, delivery.token, error, result.status)
         logger.warning("delivery refused", extra={**ids, "error": error, "state": str(state)})
 
     def _send(self, delivery: ClaimedDelivery) -> SendResult:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from scp_node.queue.models import JobState
-from scp_node.queue.store import JobStore
+from scp_node.queue.views import JobViews
 
 __all__ = ["EVENT_STAGES", "NodeMetrics"]
 
@@ -120,7 +120,7 @@ class NodeMetrics:
         if not ok:
             self.delivery_failures.labels(destination=destination).inc()
 
-    def refresh(self, jobs: JobStore) -> None:
+    def refresh(self, jobs: JobViews) -> None:
         """Bring the job-table figures up to date: states, queue, busy, stage latencies.
 
         Stage latencies are observed once per job event that carries a duration, in event
@@ -132,7 +132,7 @@ class NodeMetrics:
             The database cannot be read.
         """
         with self._lock:
-            counts = jobs.counts_by_state()
+            counts = jobs.counts()
             for state, count in counts.items():
                 self.jobs.labels(state=state).set(count)
             self.queue_depth.set(counts.get(JobState.QUEUED.value, 0))

@@ -19,9 +19,10 @@ from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.preview import preview_path_for, render_preview, write_preview
 from scp_node.output.seg import build_segmentation, write_segmentation
-from scp_node.queue.models import JobState
-from scp_node.queue.store import ClaimedJob, JobStore
-from scp_node.settings import Destination
+from scp_node.queue.models import JobState, Outcome, Stage
+from scp_node.queue.records import ClaimedJob, DeliveryTarget
+from scp_node.queue.work import WorkQueue
+from scp_node.stage_loop import run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class WorkerConfig:
 
     owner: str
     outbox_dir: Path
-    destinations: tuple[Destination, ...]
+    destinations: tuple[DeliveryTarget, ...]
     lease_s: float
     heartbeat_s: float
     software_version: str
@@ -41,7 +42,7 @@ class WorkerConfig:
 class _Heartbeat:
     """Renews a job's lease every ``interval_s`` until stopped; remembers a lost lease."""
 
-    def __init__(self, jobs: JobStore, job: ClaimedJob, lease_s: float, interval_s: float) -> None:
+    def __init__(self, jobs: WorkQueue, job: ClaimedJob, lease_s: float, interval_s: float) -> None:
         self._jobs, self._job, self._lease_s, self._interval_s = jobs, job, lease_s, interval_s
         self._stop = threading.Event()
         self.lost = False
@@ -71,7 +72,7 @@ class Worker:
 
     def __init__(
         self,
-        jobs: JobStore,
+        jobs: WorkQueue,
         spec: ModelSpec,
         predictor: Predictor,
         config: WorkerConfig,
@@ -90,16 +91,7 @@ class Worker:
         """Process jobs until ``stop`` is set. With the queue empty it waits ``poll_s``, or
         less when ``wake`` is set (the settle sweep in the same process made a job)."""
         logger.info("worker started", extra={"owner": self.config.owner, "model": self.spec.name})
-        while not stop.is_set():
-            try:
-                worked = self.run_once()
-            except Exception:
-                logger.exception("worker loop error")
-                worked = False
-            if not worked:
-                (wake or stop).wait(poll_s)
-                if wake is not None:
-                    wake.clear()
+        run_stage("work", self.run_once, stop, poll_s, wake)
         logger.info("worker stopped", extra={"owner": self.config.owner})
 
     def run_once(self) -> bool:
@@ -140,7 +132,7 @@ class Worker:
         )
 
     @contextmanager
-    def _stage(self, job: ClaimedJob, stage: str) -> Iterator[dict[str, str]]:
+    def _stage(self, job: ClaimedJob, stage: Stage) -> Iterator[dict[str, str]]:
         """Time a stage and record it (event + duration) when it ends without error."""
         note: dict[str, str] = {}
         started = time.perf_counter()
@@ -151,7 +143,7 @@ class Worker:
 
     def _process(self, job: ClaimedJob) -> None:
         ids = {"job_id": job.id, "study_instance_uid": job.study_instance_uid}
-        with self._stage(job, "select") as note:
+        with self._stage(job, Stage.SELECT) as note:
             candidates = self.jobs.study_series(job.study_instance_uid)
             choice = choose_series(candidates, self.spec.series)
             if choice.series_instance_uid is None:
@@ -161,18 +153,18 @@ class Worker:
             else:
                 note["message"] = f"series {choice.series_instance_uid}"
         if choice.series_instance_uid is None:
-            self._complete(job, None, None, None, "no_matching_series")
+            self._complete(job, None, None, None, Outcome.NO_MATCHING_SERIES)
             return
         series_uid = choice.series_instance_uid
         paths: Sequence[Path] = candidates[series_uid]
 
-        with self._stage(job, "load") as note:
+        with self._stage(job, Stage.LOAD) as note:
             volume = load_volume(paths)
             note["message"] = f"{volume.array.shape[0]} slices"
-        with self._stage(job, "inference") as note:
+        with self._stage(job, Stage.INFERENCE) as note:
             labelmap = self.predictor.predict(volume.array, volume.spacing_zyx)
             note["message"] = f"device {self.predictor.device}"
-        with self._stage(job, "seg") as note:
+        with self._stage(job, Stage.SEG) as note:
             seg = build_segmentation(
                 volume, labelmap, self.spec, software_version=self.config.software_version
             )
@@ -189,7 +181,8 @@ class Worker:
         if seg_path is not None:
             self._write_preview(job, volume.array, labelmap, seg_path)
         logger.info("inference done", extra={**ids, "series_instance_uid": series_uid})
-        self._complete(job, series_uid, seg_path, seg_uid, "seg" if seg_path else "no_findings")
+        outcome = Outcome.SEG if seg_path else Outcome.NO_FINDINGS
+        self._complete(job, series_uid, seg_path, seg_uid, outcome)
 
     def _write_preview(self, job: ClaimedJob, image: Any, labelmap: Any, seg_path: Path) -> None:
         """PNG preview beside the SEG for the dashboard; a failure is logged, never fatal."""
@@ -210,9 +203,9 @@ class Worker:
         series_uid: str | None,
         seg_path: Path | None,
         seg_uid: str | None,
-        outcome: str,
+        outcome: Outcome,
     ) -> None:
-        state = self.jobs.complete_inference(
+        state = self.jobs.complete(
             job.id,
             job.token,
             series_instance_uid=series_uid,
@@ -222,6 +215,6 @@ class Worker:
             destinations=self.config.destinations,
         )
         if state is JobState.DONE:
-            logger.info("job done", extra={"job_id": job.id, "outcome": outcome})
+            logger.info("job done", extra={"job_id": job.id, "outcome": outcome.value})
         elif self._wake_dispatch is not None:
             self._wake_dispatch.set()

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, cast
 from scp_node.dicom.status import Status
 from scp_node.dicom.validate import InstanceRejectedError, check_instance
 from scp_node.metrics import NodeMetrics
-from scp_node.queue.store import InstanceRecord, JobStore
+from scp_node.queue.intake import Intake
+from scp_node.queue.records import InstanceRecord
 from scp_node.spool import Spool
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class StoreContext:
     """What ``handle_store`` needs: where to write, where to record, the disk floor."""
 
     spool: Spool
-    jobs: JobStore
+    intake: Intake
     min_free_bytes: int
     in_flight: InFlight = field(default_factory=InFlight)
     #: Counts instances, bytes and refusals when given.
@@ -122,7 +123,7 @@ def _store(event: Event, ctx: StoreContext) -> int:
             # The disk filled up between the free-space check and the write.
             logger.error("refused: no space left on the spool's disk", extra=log_ids)
             return int(Status.OUT_OF_RESOURCES)
-        ctx.jobs.record_instance(
+        ctx.intake.record_instance(
             InstanceRecord(
                 study_instance_uid=header.study_instance_uid,
                 series_instance_uid=header.series_instance_uid,

@@ -37,7 +37,10 @@ __all__ = [
     "Job",
     "JobEvent",
     "JobState",
+    "Level",
+    "Outcome",
     "Series",
+    "Stage",
     "Study",
     "UTCDateTime",
 ]
@@ -102,6 +105,62 @@ class DeliveryState(StrEnum):
     FAILED = "failed"
 
 
+class Stage(StrEnum):
+    """What a job event records; stored as its string value in ``job_events.stage``.
+
+    The worker's stages (select, load, inference, seg) are also keys of ``Job.durations``.
+    """
+
+    #: An instance was stored (log lines only; a job exists only once its study settled).
+    RECEIVE = "receive"
+    #: The study became quiet (or known complete) and a job was queued.
+    SETTLED = "settled"
+    #: A worker claimed the job (leased it).
+    CLAIM = "claim"
+    #: The worker chose the series to run on.
+    SELECT = "select"
+    #: The worker read the series into a volume.
+    LOAD = "load"
+    #: The model ran (with a duration), or inference finished and delivery began (without).
+    INFERENCE = "inference"
+    #: The worker built and wrote the SEG.
+    SEG = "seg"
+    #: An attempt failed (retried with backoff or final).
+    FAIL = "fail"
+    #: A lease expired: the job was requeued (or failed, with no attempts left).
+    REQUEUE = "requeue"
+    #: A delivery to one destination was claimed, succeeded, failed or had its lease expire.
+    DELIVER = "deliver"
+    #: The job finished.
+    DONE = "done"
+    #: An administrator retried the job.
+    RETRY = "retry"
+    #: An administrator cancelled the job.
+    CANCEL = "cancel"
+
+
+class Outcome(StrEnum):
+    """What inference found; stored as its string value in ``jobs.outcome``."""
+
+    #: A SEG was built (and goes to the destinations).
+    SEG = "seg"
+    #: The model found none of its labels: no SEG.
+    NO_FINDINGS = "no_findings"
+    #: No series of the study satisfies the model's selection rules.
+    NO_MATCHING_SERIES = "no_matching_series"
+
+
+class Level(StrEnum):
+    """How much an event matters to an operator; stored in ``job_events.level``."""
+
+    #: The job moved on as it should.
+    INFO = "info"
+    #: Something went wrong that the node retries or an administrator caused (cancel).
+    WARNING = "warning"
+    #: The job or one of its deliveries failed for good.
+    ERROR = "error"
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored in UTC and returned timezone-aware UTC on every backend.
 
@@ -131,14 +190,14 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-def _state_enum(enum_cls: type[StrEnum]) -> Enum:
+def _state_enum(enum_cls: type[StrEnum], length: int = 16) -> Enum:
     # Stored as the plain value in a VARCHAR (no native enum) so PostgreSQL and SQLite agree
     # and new states need no ALTER TYPE.
     return Enum(
         enum_cls,
         native_enum=False,
         create_constraint=False,
-        length=16,
+        length=length,
         values_callable=lambda members: [m.value for m in members],
     )
 
@@ -233,8 +292,7 @@ class Job(Base):
     series_instance_uid: Mapped[str | None] = mapped_column(String(_UID))
     seg_path: Mapped[str | None] = mapped_column(Text)
     seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(_UID))
-    #: e.g. ``"seg"`` or ``"no_findings"``.
-    outcome: Mapped[str | None] = mapped_column(String(32))
+    outcome: Mapped[Outcome | None] = mapped_column(_state_enum(Outcome, length=32))
     #: Stage name -> seconds.
     durations: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
@@ -248,8 +306,10 @@ class JobEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
     at: Mapped[datetime]
-    stage: Mapped[str] = mapped_column(String(32))
+    stage: Mapped[Stage] = mapped_column(_state_enum(Stage, length=32))
+    #: The job's state once the event happened (a :class:`JobState` value).
     state: Mapped[str] = mapped_column(String(16))
+    level: Mapped[Level] = mapped_column(_state_enum(Level), default=Level.INFO)
     message: Mapped[str] = mapped_column(Text, default="")
     duration_s: Mapped[float | None] = mapped_column(Float)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

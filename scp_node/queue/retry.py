@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scp_node.settings import RetrySection
-
 __all__ = ["RetryPolicy"]
 
 
@@ -49,27 +47,6 @@ class RetryPolicy:
             raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
         if self.give_up_after_s <= 0:
             raise ValueError(f"give_up_after_s must be > 0, got {self.give_up_after_s}")
-
-    @classmethod
-    def from_settings(cls, section: RetrySection) -> RetryPolicy:
-        """Build the policy from the ``[retry]`` configuration section.
-
-        Parameters
-        ----------
-        section : RetrySection
-            The validated ``[retry]`` section.
-
-        Returns
-        -------
-        RetryPolicy
-        """
-        return cls(
-            max_attempts=section.max_attempts,
-            initial_backoff_s=section.initial_backoff_s,
-            max_backoff_s=section.max_backoff_s,
-            multiplier=section.multiplier,
-            give_up_after_s=section.give_up_after_s,
-        )
 
     def backoff_s(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt``.

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from scp_node.errors import NodeError
-from scp_node.queue.models import JobState
-from scp_node.queue.store import JobStore, utcnow
+from scp_node.queue.records import WorkerLease
+from scp_node.queue.tx import utcnow
+from scp_node.queue.views import JobViews
 
 __all__ = ["Check", "HealthReport", "NodeRuntime", "WorkerLease", "check_health"]
 
@@ -56,16 +57,6 @@ class Check:
 
 
 @dataclass(frozen=True)
-class WorkerLease:
-    """A running job as seen from the job table: who holds it and since when."""
-
-    job_id: int
-    owner: str
-    claimed_at: datetime
-    last_event_at: datetime
-
-
-@dataclass(frozen=True)
 class HealthReport:
     """Everything the health page shows; ``ok`` is what ``/healthz`` answers."""
 
@@ -93,30 +84,13 @@ class HealthReport:
         }
 
 
-def _running_leases(jobs: JobStore) -> tuple[WorkerLease, ...]:
-    leases = []
-    for view in jobs.list_jobs(state=JobState.RUNNING, limit=100):
-        events = jobs.events_after(0, job_id=view.id, limit=10_000)
-        claims = [e for e in events if e.stage == "claim"]
-        owner = str(claims[-1].data.get("owner", "?")) if claims else "?"
-        leases.append(
-            WorkerLease(
-                job_id=view.id,
-                owner=owner,
-                claimed_at=view.claimed_at or view.created_at,
-                last_event_at=events[-1].at if events else view.created_at,
-            )
-        )
-    return tuple(leases)
-
-
-def check_health(jobs: JobStore, runtime: NodeRuntime) -> HealthReport:
+def check_health(jobs: JobViews, runtime: NodeRuntime) -> HealthReport:
     """Check the database, the spool's free disk and this process's stage threads.
 
     Parameters
     ----------
-    jobs : JobStore
-        The job table.
+    jobs : JobViews
+        The job table's read side.
     runtime : NodeRuntime
         What this process runs.
 
@@ -129,8 +103,8 @@ def check_health(jobs: JobStore, runtime: NodeRuntime) -> HealthReport:
     counts: dict[str, int] = {}
     workers: tuple[WorkerLease, ...] = ()
     try:
-        counts = jobs.counts_by_state()
-        workers = _running_leases(jobs)
+        counts = jobs.counts()
+        workers = tuple(jobs.running_leases())
         checks.append(Check("database", True, "reachable"))
     except NodeError as exc:
         checks.append(Check("database", False, str(exc)))

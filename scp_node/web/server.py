@@ -5,7 +5,7 @@ one small script served from the package). Routes:
 
 - ``GET /jobs?state=&page=``: job list, filter by state, paged, auto-refresh;
 - ``GET /jobs/<id>``: timeline, deliveries, live log (``GET /jobs/<id>/events``, server-sent
-  events from :meth:`JobStore.events_after`), SEG preview (``GET /jobs/<id>/preview.png``);
+  events from :meth:`JobViews.events_after`), SEG preview (``GET /jobs/<id>/preview.png``);
 - ``POST /jobs/<id>/retry`` and ``POST /jobs/<id>/cancel``: token-checked;
 - ``GET /health``: node health page; ``GET /healthz``: JSON, 200 or 503;
 - ``GET /metrics``: Prometheus text format;
@@ -32,11 +32,13 @@ from urllib.parse import parse_qs, urlsplit
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from scp_node import __version__
-from scp_node.errors import NodeError
+from scp_node.errors import JobNotFoundError, JobStateError, NodeError
 from scp_node.metrics import NodeMetrics
 from scp_node.output.preview import preview_path_for
+from scp_node.queue.admin import JobAdmin
 from scp_node.queue.models import STAGE_ORDER, TERMINAL_STATES, JobState
-from scp_node.queue.store import JobEventView, JobStore, JobView
+from scp_node.queue.records import JobEventView, JobView
+from scp_node.queue.views import JobViews
 from scp_node.settings import WebSection
 from scp_node.web.health import NodeRuntime, age, check_health
 
@@ -45,7 +47,6 @@ __all__ = [
     "STAGES",
     "WebContext",
     "WebServer",
-    "event_level",
     "is_loopback",
     "series_summary",
 ]
@@ -87,8 +88,10 @@ class WebContext:
 
     Attributes
     ----------
-    jobs : JobStore
-        The job table.
+    views : JobViews
+        The job table's reads.
+    admin : JobAdmin
+        Retry and cancel.
     web : WebSection
         ``[web]`` settings (host, token, refresh).
     runtime : NodeRuntime
@@ -99,7 +102,8 @@ class WebContext:
         Set when the server stops; live log streams end.
     """
 
-    jobs: JobStore
+    views: JobViews
+    admin: JobAdmin
     web: WebSection
     runtime: NodeRuntime
     metrics: NodeMetrics
@@ -114,10 +118,10 @@ class _Step:
     duration: str
 
 
-def series_summary(jobs: JobStore, view: JobView) -> dict[str, Any]:
+def series_summary(jobs: JobViews, view: JobView) -> dict[str, Any]:
     """Modality, description and slice count of the job's series (the chosen one, else the
     largest of the study)."""
-    infos = jobs.series_info(view.study_instance_uid)
+    infos = jobs.series_info([view.study_instance_uid])[view.study_instance_uid]
     chosen = [i for i in infos if i.series_instance_uid == view.series_instance_uid]
     pick = chosen[0] if chosen else max(infos, key=lambda i: i.instance_count, default=None)
     if pick is None:
@@ -172,19 +176,8 @@ def _timeline(view: JobView, events: list[JobEventView]) -> list[_Step]:
     return steps
 
 
-def event_level(event: JobEventView) -> str:
-    """A log level for an event (events store none): error, warning or info."""
-    text = event.message.lower()
-    if event.state == JobState.FAILED.value or "gave up" in text or "giving up" in text:
-        return "error"
-    if "fail" in text or "refused" in text or "lost" in text or event.stage == "cancel":
-        return "warning"
-    return "info"
-
-
 def _event_payload(event: JobEventView) -> dict[str, Any]:
     payload = event.to_json()
-    payload["level"] = event_level(event)
     payload["time"] = event.at.strftime("%H:%M:%S")
     return payload
 
@@ -311,10 +304,16 @@ class _Handler(BaseHTTPRequestHandler):
                     "stages": [
                         (s, _fmt_s(view.durations[s])) for s in STAGES if s in view.durations
                     ],
-                    **series_summary(self.ctx.jobs, view),
+                    **series_summary(self.ctx.views, view),
                 }
             )
         return rows
+
+    def _find(self, job_id: int) -> JobView | None:
+        try:
+            return self.ctx.views.get(job_id)
+        except JobNotFoundError:
+            return None
 
     def _jobs_page(self) -> None:
         try:
@@ -322,9 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
         except _BadRequest as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
             return
-        views = self.ctx.jobs.list_jobs(
-            state=state, limit=PAGE_SIZE + 1, offset=(page - 1) * PAGE_SIZE
-        )
+        views = self.ctx.views.list(state=state, limit=PAGE_SIZE + 1, offset=(page - 1) * PAGE_SIZE)
         self._html(
             "jobs.html",
             rows=self._rows(views[:PAGE_SIZE]),
@@ -332,20 +329,20 @@ class _Handler(BaseHTTPRequestHandler):
             state=state.value if state else "",
             page=page,
             has_next=len(views) > PAGE_SIZE,
-            counts=self.ctx.jobs.counts_by_state(),
+            counts=self.ctx.views.counts(),
         )
 
     def _job_page(self, job_id: str) -> None:
-        view = self.ctx.jobs.get_job(int(job_id))
+        view = self._find(int(job_id))
         if view is None:
             self._error(HTTPStatus.NOT_FOUND, f"no job {job_id}")
             return
-        events = self.ctx.jobs.events_after(0, job_id=view.id, limit=10_000)
+        events = self.ctx.views.events_after(0, job_id=view.id, limit=10_000)
         has_preview = view.seg_path is not None and preview_path_for(Path(view.seg_path)).is_file()
         self._html(
             "job.html",
             job=view,
-            summary=series_summary(self.ctx.jobs, view),
+            summary=series_summary(self.ctx.views, view),
             age=age(view.created_at),
             steps=_timeline(view, events),
             events=[_event_payload(e) for e in events],
@@ -368,7 +365,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         waited = quiet = 0.0
         while not self.ctx.stop.is_set() and waited < _STREAM_MAX_S:
-            events = self.ctx.jobs.events_after(last, job_id=int(job_id))
+            events = self.ctx.views.events_after(last, job_id=int(job_id))
             for event in events:
                 last = event.id
                 data = json.dumps(_event_payload(event))
@@ -385,7 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
                 quiet += 0.5
 
     def _preview(self, job_id: str) -> None:
-        view = self.ctx.jobs.get_job(int(job_id))
+        view = self._find(int(job_id))
         path = preview_path_for(Path(view.seg_path)) if view and view.seg_path else None
         if path is None or not path.is_file():
             self._error(HTTPStatus.NOT_FOUND, f"job {job_id} has no preview")
@@ -393,15 +390,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, path.read_bytes(), "image/png")
 
     def _health_page(self) -> None:
-        report = check_health(self.ctx.jobs, self.ctx.runtime)
+        report = check_health(self.ctx.views, self.ctx.runtime)
         self._html("health.html", report=report, workers=report.workers, age=age)
 
     def _healthz(self) -> None:
-        report = check_health(self.ctx.jobs, self.ctx.runtime)
+        report = check_health(self.ctx.views, self.ctx.runtime)
         self._json(report.to_json(), HTTPStatus.OK if report.ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
     def _metrics(self) -> None:
-        self.ctx.metrics.refresh(self.ctx.jobs)
+        self.ctx.metrics.refresh(self.ctx.views)
         self._send(
             HTTPStatus.OK,
             self.ctx.metrics.exposition(),
@@ -414,19 +411,19 @@ class _Handler(BaseHTTPRequestHandler):
         except _BadRequest as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
             return
-        views = self.ctx.jobs.list_jobs(state=state, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-        self._json([{**v.to_json(), **series_summary(self.ctx.jobs, v)} for v in views])
+        views = self.ctx.views.list(state=state, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+        self._json([{**v.to_json(), **series_summary(self.ctx.views, v)} for v in views])
 
     def _api_job(self, job_id: str) -> None:
-        view = self.ctx.jobs.get_job(int(job_id))
+        view = self._find(int(job_id))
         if view is None:
             self._json({"error": f"no job {job_id}"}, HTTPStatus.NOT_FOUND)
             return
-        events = self.ctx.jobs.events_after(0, job_id=view.id, limit=10_000)
+        events = self.ctx.views.events_after(0, job_id=view.id, limit=10_000)
         self._json(
             {
                 **view.to_json(),
-                **series_summary(self.ctx.jobs, view),
+                **series_summary(self.ctx.views, view),
                 "events": [e.to_json() for e in events],
             }
         )
@@ -482,20 +479,20 @@ class _Handler(BaseHTTPRequestHandler):
             )
             self._error(*refusal)
             return
-        if self.ctx.jobs.get_job(int(job_id)) is None:
-            self._error(HTTPStatus.NOT_FOUND, f"no job {job_id}")
-            return
         try:
             if action == "retry":
-                self.ctx.jobs.retry_job(int(job_id))
+                self.ctx.admin.retry(int(job_id))
             else:
-                self.ctx.jobs.cancel_job(int(job_id))
-        except NodeError as exc:
+                self.ctx.admin.cancel(int(job_id))
+        except JobNotFoundError:
+            self._error(HTTPStatus.NOT_FOUND, f"no job {job_id}")
+            return
+        except JobStateError as exc:
             self._error(HTTPStatus.CONFLICT, str(exc))
             return
         logger.info("job %s from the dashboard", action, extra={"job_id": int(job_id)})
         if "application/json" in self.headers.get("Accept", ""):
-            view = self.ctx.jobs.get_job(int(job_id))
+            view = self._find(int(job_id))
             self._json({"id": int(job_id), "state": view.state.value if view else None})
         else:
             self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", {"Location": f"/jobs/{job_id}"})

@@ -34,9 +34,8 @@ from scp_node.dicom.handlers import StoreContext
 from scp_node.dicom.scp import StorageServer, build_storage_ae
 from scp_node.dicom.status import Status
 from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.intake import Intake
 from scp_node.queue.models import Instance
-from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.store import JobStore
 from scp_node.spool import Spool
 from tests.support.datasets import ct_dataset
 from tests.support.net import free_port
@@ -70,11 +69,11 @@ def scp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Scp]:
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
     engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
     upgrade(engine)
-    jobs = JobStore(engine, RetryPolicy(3, 1.0, 10.0, 2.0, 60.0))
+    intake = Intake(engine)
     spool = Spool(tmp_path / "spool")
     port = free_port()
     server = StorageServer(
-        build_storage_ae("SCPNODE"), "127.0.0.1", port, StoreContext(spool, jobs, 0)
+        build_storage_ae("SCPNODE"), "127.0.0.1", port, StoreContext(spool, intake, 0)
     )
     work = tmp_path / "cases"
     work.mkdir()

@@ -4,7 +4,10 @@ Each trial sends a new study, kills the node in the trial's phase at a random mo
 restarts it, resends whatever was not acknowledged (as a modality would), waits until every
 study is settled and processed, and checks the invariants over everything sent so far:
 every acknowledged instance is in the spool and the table, every study has exactly one SEG
-(one distinct SOP Instance UID) at the PACS, no job or delivery is left leased.
+(one distinct SOP Instance UID) at the PACS, no job or delivery is left leased. A kill that
+left a job running under the dead process's lease must show in that job's story as a
+``requeue`` event, and at least one inference kill must have hit such a job: without the
+fault the test fails.
 
 Seeded: ``SCP_NODE_FAULT_SEED`` (default: a fresh random seed, printed, and named in every
 failure message); ``SCP_NODE_FAULT_TRIALS`` (default 20).
@@ -59,6 +62,30 @@ def _job_state(engine: Any, study: str) -> set[str]:
         return {str(r[0]) for r in rows}
 
 
+def _running_job(engine: Any, study: str) -> int | None:
+    """The study's job left RUNNING under a lease (read after the kill: nothing changes it
+    until the restarted node requeues it), or None."""
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT jobs.id FROM jobs JOIN studies ON studies.id = jobs.study_id "
+                "WHERE studies.study_instance_uid = :uid AND jobs.state = 'running' "
+                "AND jobs.lease_token IS NOT NULL"
+            ),
+            {"uid": study},
+        ).scalar_one_or_none()
+
+
+def _requeue_events(engine: Any, job_id: int) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM job_events WHERE job_id = :id AND stage = 'requeue'"),
+                {"id": job_id},
+            ).scalar_one()
+        )
+
+
 def _resend_all(port: int, files: list[Path], acked: set[str], context: str) -> None:
     deadline = time.monotonic() + 60
     while not send_until_broken(port, files, acked):
@@ -93,6 +120,8 @@ def test_kill9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     acked: set[str] = set()
     studies: set[str] = set()
     tally = dict.fromkeys(PHASES, 0)
+    #: Jobs a kill left running under the dead node's lease.
+    hit: list[int] = []
     try:
         for trial in range(TRIALS):
             phase = rng.choice(PHASES)
@@ -132,6 +161,9 @@ def test_kill9_at_random_moments_loses_nothing_and_sends_nothing_twice(
                 )
                 time.sleep(rng.uniform(0, 0.5 if phase == "inference" else 0.35))
                 node.kill9()
+            leased = _running_job(engine, study)
+            if leased is not None:
+                hit.append(leased)
 
             node.start()
             _resend_all(port, files, acked, context)
@@ -141,12 +173,19 @@ def test_kill9_at_random_moments_loses_nothing_and_sends_nothing_twice(
                 f"{context}: all studies processed\n{node.log.read_text()[-3000:]}",
             )
             check_exactly_once(db_url, acked, studies, pacs, context)
+            if leased is not None:
+                assert _requeue_events(engine, leased) >= 1, (
+                    f"{context}: the kill left job {leased} leased, but it was never requeued"
+                )
+        if tally["inference"]:
+            assert hit, f"seed {seed}: no inference kill hit a job holding a lease"
     finally:
         engine.dispose()
         node.stop()
         pacs.stop()
     print(  # noqa: T201 - the figures of the run, for the closing note
         f"fault trials passed: {TRIALS} ({', '.join(f'{k} {v}' for k, v in tally.items())}), "
+        f"{len(hit)} kills hit a leased job (each requeued), "
         f"{len(acked)} instances acknowledged, {sum(pacs.received.values())} SEG receipts "
         f"at the PACS for {len(studies)} SEGs"
     )

@@ -1,6 +1,8 @@
 """Scale-out on PostgreSQL: one `scp-node receive`, three `scp-node work` and one
 `scp-node dispatch`, separate processes sharing one real PostgreSQL database and one spool
-directory; workers are killed (-9) at random and restarted while studies flow through.
+directory; workers are killed (-9) at random and restarted while studies flow through. A
+worker holding a job's lease is preferred as the victim, and the test fails unless some kill
+left a job leased by a dead worker and every such job was requeued (a ``requeue`` event).
 
 Seeded: ``SCP_NODE_FAULT_SEED`` (default: a fresh random seed, printed).
 """
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests.support.cluster import (
     NodeProc,
@@ -33,6 +36,38 @@ STUDIES = 6
 WORKERS = 3
 KILLS = 6
 LEASE_S = 4.0
+
+
+def _lease_holders(db_url: str) -> dict[int, int]:
+    """Running job id -> pid of the worker process holding its lease (owner ``host:pid:work``)."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, owner FROM jobs WHERE state = 'running' "
+                    "AND lease_token IS NOT NULL AND owner IS NOT NULL"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    return {int(job_id): int(str(owner).split(":")[-2]) for job_id, owner in rows}
+
+
+def _requeue_events(db_url: str) -> dict[int, int]:
+    """Job id -> number of its ``requeue`` events."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT job_id, count(*) FROM job_events WHERE stage = 'requeue' "
+                    "GROUP BY job_id"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    return {int(job_id): int(n) for job_id, n in rows}
 
 
 def test_receive_three_workers_dispatch_on_postgresql_exactly_once(
@@ -63,15 +98,34 @@ def test_receive_three_workers_dispatch_on_postgresql_exactly_once(
     acked: set[str] = set()
     studies: set[str] = set()
     kills: list[str] = []
+    #: Jobs a kill left leased by the dead worker (their lease must expire and be requeued).
+    hit: list[int] = []
     sending_done = threading.Event()
 
     def killer() -> None:
-        # Kill a random worker every 0.5-2.5 s while the studies flow; restart it at once.
-        while len(kills) < KILLS:
-            time.sleep(rng.uniform(0.5, 2.5))
-            victim = rng.choice(workers)
+        # Kill a worker every 0.5-2.5 s while the studies flow (one holding a lease when there
+        # is one, else any) and restart it at once. Past KILLS, keep watching for a lease to
+        # kill until one kill has hit, or until every study is through.
+        while len(kills) < KILLS or not hit:
+            hunting = len(kills) >= KILLS
+            time.sleep(0.2 if hunting else rng.uniform(0.5, 2.5))
+            if hunting and settled(postgres_url, STUDIES):
+                break
+            by_pid = {w.process.pid: w for w in workers if w.process is not None}
+            held = [
+                (job, by_pid[pid])
+                for job, pid in _lease_holders(postgres_url).items()
+                if pid in by_pid
+            ]
+            if not held and hunting:
+                continue
+            job, victim = rng.choice(held) if held else (None, rng.choice(workers))
+            pid = victim.process.pid if victim.process is not None else None
             victim.kill9()
             kills.append(victim.name)
+            # Still leased by the dead process once it is gone: the kill hit it.
+            if job is not None and _lease_holders(postgres_url).get(job) == pid:
+                hit.append(job)
             victim.start()
         sending_done.wait()
 
@@ -94,6 +148,12 @@ def test_receive_three_workers_dispatch_on_postgresql_exactly_once(
             f"seed {seed}: all studies processed; jobs {jobs_by_state(postgres_url)}",
         )
         check_exactly_once(postgres_url, acked, studies, pacs, f"seed {seed}")
+        assert hit, f"seed {seed}: no kill hit a worker holding a lease (kills {kills})"
+        requeued = _requeue_events(postgres_url)
+        for job in hit:
+            assert requeued.get(job, 0) >= 1, (
+                f"seed {seed}: job {job} was left leased by a killed worker but never requeued"
+            )
         for proc in [receiver, *workers, dispatcher]:
             assert proc.alive, f"{proc.name} died:\n{proc.log.read_text()[-3000:]}"
     finally:
@@ -101,6 +161,7 @@ def test_receive_three_workers_dispatch_on_postgresql_exactly_once(
             proc.stop()
         pacs.stop()
     print(  # noqa: T201 - the figures of the run, for the closing note
-        f"scale-out passed: {STUDIES} studies, {len(acked)} instances, kills {kills}, "
+        f"scale-out passed: {STUDIES} studies, {len(acked)} instances, kills {kills} "
+        f"({len(hit)} hit a leased job, each requeued), "
         f"{sum(pacs.received.values())} SEG receipts at the PACS for {len(studies)} SEGs"
     )

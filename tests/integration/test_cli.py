@@ -12,10 +12,11 @@ import pytest
 from pydicom import dcmread
 from typer.testing import CliRunner
 
+from scp_node.app import build_queue
 from scp_node.cli import app
 from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.records import InstanceRecord
 from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.store import InstanceRecord, JobStore
 from tests.support.net import free_port, wait_for_port
 
 runner = CliRunner()
@@ -65,8 +66,8 @@ def test_jobs_list_show_cancel_retry(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(tmp_path)  # no ./config.toml here: environment and defaults only
     engine = make_engine(url)
     upgrade(engine)
-    store = JobStore(engine, RetryPolicy())
-    store.record_instance(
+    store = build_queue(engine, RetryPolicy())
+    store.intake.record_instance(
         InstanceRecord(
             study_instance_uid="1.2.3",
             series_instance_uid="1.2.3.4",
@@ -79,7 +80,7 @@ def test_jobs_list_show_cancel_retry(tmp_path: Path, monkeypatch: pytest.MonkeyP
             calling_ae="TEST",
         )
     )
-    (job_id,) = store.settle(0.0, ["ct-abdomen"])
+    (job_id,) = store.settling.settle(0.0, ["ct-abdomen"])
 
     listed = json.loads(runner.invoke(app, ["jobs", "--json"]).stdout)
     assert [(j["id"], j["state"], j["study_instance_uid"]) for j in listed] == [
@@ -90,9 +91,9 @@ def test_jobs_list_show_cancel_retry(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert table.exit_code == 0 and "queued" in table.stdout
 
     assert runner.invoke(app, ["jobs", "cancel", str(job_id)]).exit_code == 0
-    assert store.get_job(job_id).state == "cancelled"  # type: ignore[union-attr]
+    assert store.views.get(job_id).state == "cancelled"
     assert runner.invoke(app, ["jobs", "retry", str(job_id)]).exit_code == 0
-    assert store.get_job(job_id).state == "queued"  # type: ignore[union-attr]
+    assert store.views.get(job_id).state == "queued"
 
     shown = json.loads(runner.invoke(app, ["jobs", "show", str(job_id), "--json"]).stdout)
     assert shown["events"][0]["stage"] == "settled"

@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scp_node.app import build_queue, delivery_target
 from scp_node.dicom.series import load_volume
 from scp_node.dispatch import Dispatcher
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.seg import build_segmentation, write_segmentation
 from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.models import Outcome
+from scp_node.queue.records import InstanceRecord
 from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.store import InstanceRecord, JobStore
 from scp_node.settings import Destination
 from tests.conftest import REPO_ROOT
 from tests.support.net import PacsStub, free_port
@@ -47,29 +49,29 @@ def test_refusal_is_recorded_and_retried_until_accepted(tmp_path: Path, seg_file
     clock = Clock()
     engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
     upgrade(engine)
-    jobs = JobStore(engine, RetryPolicy(3, 5.0, 60.0, 2.0, 3600.0), clock=clock)
-    jobs.record_instance(
+    jobs = build_queue(engine, RetryPolicy(3, 5.0, 60.0, 2.0, 3600.0), clock)
+    jobs.intake.record_instance(
         InstanceRecord("1.2.3", "1.2.3.4", "1.2.3.4.5", "1.2", "1.2", "CT", "x", 1, "T")
     )
-    jobs.settle(0.0, ["ct-abdomen"])
-    job = jobs.claim("test", 60.0)
+    jobs.settling.settle(0.0, ["ct-abdomen"])
+    job = jobs.work.claim("test", 60.0)
     assert job is not None
     pacs = PacsStub(tmp_path / "pacs", free_port(), status=0xA700).start()
     try:
         destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs.port)
-        jobs.complete_inference(
+        jobs.work.complete(
             job.id,
             job.token,
             series_instance_uid="1.2.3.4",
             seg_path=str(seg_file),
             seg_sop_instance_uid="9.9",
-            outcome="seg",
-            destinations=[destination],
+            outcome=Outcome.SEG,
+            destinations=[delivery_target(destination)],
         )
-        dispatcher = Dispatcher(jobs, owner="test", calling_ae="SCPNODE")
+        dispatcher = Dispatcher(jobs.deliveries, owner="test", calling_ae="SCPNODE")
 
         assert dispatcher.run_once()
-        view = jobs.get_job(job.id)
+        view = jobs.views.get(job.id)
         assert view is not None and view.state == "delivering"
         (delivery,) = view.deliveries
         assert (delivery.state, delivery.attempts, delivery.last_status) == ("pending", 1, 0xA700)
@@ -79,7 +81,7 @@ def test_refusal_is_recorded_and_retried_until_accepted(tmp_path: Path, seg_file
         pacs.status = 0x0000
         clock.now += timedelta(seconds=6)
         assert dispatcher.run_once()
-        view = jobs.get_job(job.id)
+        view = jobs.views.get(job.id)
         assert view is not None and view.state == "done"
         assert view.deliveries[0].attempts == 2
         assert sum(pacs.received.values()) == 1

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from scp_node.app import build_queue, delivery_target
 from scp_node.dicom.series import load_volume
 from scp_node.dicom.stow import stow_files
 from scp_node.dispatch import Dispatcher
@@ -21,8 +22,9 @@ from scp_node.errors import ConfigError, DeliveryError
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.seg import build_segmentation, write_segmentation
 from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.models import Outcome
+from scp_node.queue.records import InstanceRecord
 from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.store import InstanceRecord, JobStore
 from scp_node.settings import Destination, load_settings
 from tests.conftest import REPO_ROOT
 from tests.support.orthanc import OrthancServer
@@ -69,35 +71,35 @@ def test_stow_delivery_retries_until_orthanc_is_up_and_resends_idempotently(
     clock = Clock()
     engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
     upgrade(engine)
-    jobs = JobStore(engine, RetryPolicy(3, 5.0, 60.0, 2.0, 3600.0), clock=clock)
+    jobs = build_queue(engine, RetryPolicy(3, 5.0, 60.0, 2.0, 3600.0), clock)
     destination = Destination(name="web", kind="dicomweb", url=orthanc.dicomweb_url)
-    dispatcher = Dispatcher(jobs, owner="test", calling_ae="SCPNODE", timeout_s=10.0)
+    dispatcher = Dispatcher(jobs.deliveries, owner="test", calling_ae="SCPNODE", timeout_s=10.0)
     seg_uid = str(dcmread(seg_file, stop_before_pixels=True).SOPInstanceUID)
 
     def run_job(sop: str) -> int:
-        jobs.record_instance(
+        jobs.intake.record_instance(
             InstanceRecord("1.2.3", "1.2.3.4", sop, "1.2", "1.2", "CT", "x", 1, "T")
         )
         clock.now += timedelta(seconds=60)
-        jobs.settle(0.0, ["ct-abdomen"])
-        job = jobs.claim("test", 60.0)
+        jobs.settling.settle(0.0, ["ct-abdomen"])
+        job = jobs.work.claim("test", 60.0)
         assert job is not None
-        jobs.complete_inference(
+        jobs.work.complete(
             job.id,
             job.token,
             series_instance_uid="1.2.3.4",
             seg_path=str(seg_file),
             seg_sop_instance_uid=seg_uid,
-            outcome="seg",
-            destinations=[destination],
+            outcome=Outcome.SEG,
+            destinations=[delivery_target(destination)],
         )
         return job.id
 
     first = run_job("1.2.3.4.5")
     # Orthanc is not running yet: the attempt fails and is kept for a retry.
     assert dispatcher.run_once()
-    view = jobs.get_job(first)
-    assert view is not None and view.state == "delivering"
+    view = jobs.views.get(first)
+    assert view.state == "delivering"
     (delivery,) = view.deliveries
     assert (delivery.state, delivery.attempts, delivery.url) == ("pending", 1, orthanc.dicomweb_url)
     assert "STOW-RS" in (delivery.last_error or "")
@@ -106,8 +108,8 @@ def test_stow_delivery_retries_until_orthanc_is_up_and_resends_idempotently(
     orthanc.start()
     clock.now += timedelta(seconds=6)
     assert dispatcher.run_once()
-    view = jobs.get_job(first)
-    assert view is not None and view.state == "done"
+    view = jobs.views.get(first)
+    assert view.state == "done"
     assert view.deliveries[0].attempts == 2
     assert view.deliveries[0].to_json()["url"] == orthanc.dicomweb_url
     (stored,) = _instances(orthanc)
@@ -116,8 +118,8 @@ def test_stow_delivery_retries_until_orthanc_is_up_and_resends_idempotently(
     # A new job of the same study sends the same SEG again: still one instance at the PACS.
     second = run_job("1.2.3.4.6")
     assert dispatcher.run_once()
-    view = jobs.get_job(second)
-    assert view is not None and view.state == "done"
+    view = jobs.views.get(second)
+    assert view.state == "done"
     assert _instances(orthanc) == [stored]
 
 

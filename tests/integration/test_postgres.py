@@ -1,7 +1,7 @@
 """PostgreSQL-specific behaviour of the job table, on a real server: the claim skips rows
 other transactions hold (``FOR UPDATE SKIP LOCKED``, never waits), and several settle sweepers
-running at once make exactly one job per study. The whole JobStore contract runs on both
-backends in ``tests/unit/test_queue_store.py``."""
+running at once make exactly one job per study. The whole job-table contract runs on both
+backends in ``tests/unit/test_queue_*.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, text
 
-from scp_node.queue import ClaimedJob, InstanceRecord, JobStore, RetryPolicy, make_engine, upgrade
+from scp_node.queue import (
+    ClaimedJob,
+    InstanceRecord,
+    Intake,
+    RetryPolicy,
+    Settling,
+    WorkQueue,
+    make_engine,
+    upgrade,
+)
 
 POLICY = RetryPolicy(
     max_attempts=3, initial_backoff_s=1, max_backoff_s=10, multiplier=2, give_up_after_s=3600
@@ -28,9 +37,9 @@ def engine(postgres_url: str) -> Iterator[Engine]:
     eng.dispose()
 
 
-def _record(store: JobStore, study: str, n: int = 2) -> None:
+def _record(intake: Intake, study: str, n: int = 2) -> None:
     for i in range(n):
-        store.record_instance(
+        intake.record_instance(
             InstanceRecord(
                 study_instance_uid=study,
                 series_instance_uid=f"{study}.1",
@@ -58,10 +67,10 @@ def test_engine_is_postgresql_and_migrated(engine: Engine) -> None:
 
 
 def test_claim_skips_a_job_locked_by_another_transaction(engine: Engine) -> None:
-    store = JobStore(engine, POLICY, clock=lambda: NOW)
+    intake = Intake(engine, clock=lambda: NOW)
     for study in ("1.2.3.1", "1.2.3.2"):
-        _record(store, study)
-    later = JobStore(engine, POLICY, clock=lambda: NOW + timedelta(seconds=60))
+        _record(intake, study)
+    later = Settling(engine, POLICY, clock=lambda: NOW + timedelta(seconds=60))
     first, second = later.settle(10, ["m"])
     result: list[object] = []
     with engine.connect() as holder:
@@ -69,7 +78,7 @@ def test_claim_skips_a_job_locked_by_another_transaction(engine: Engine) -> None
         holder.execute(text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": first})
         claimer = threading.Thread(
             target=lambda: result.append(
-                JobStore(engine, POLICY, clock=lambda: NOW + timedelta(seconds=61)).claim("w2", 60)
+                WorkQueue(engine, POLICY, clock=lambda: NOW + timedelta(seconds=61)).claim("w2", 60)
             ),
             daemon=True,
         )
@@ -86,10 +95,10 @@ def test_claim_skips_a_job_locked_by_another_transaction(engine: Engine) -> None
 
 
 def test_concurrent_settle_sweepers_make_one_job_per_study(engine: Engine) -> None:
-    store = JobStore(engine, POLICY, clock=lambda: NOW)
+    intake = Intake(engine, clock=lambda: NOW)
     studies = [f"1.2.4.{i}" for i in range(20)]
     for study in studies:
-        _record(store, study, n=1)
+        _record(intake, study, n=1)
     created: list[int] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -99,7 +108,7 @@ def test_concurrent_settle_sweepers_make_one_job_per_study(engine: Engine) -> No
     def sweeper() -> None:
         own = make_engine(url)
         try:
-            sweep = JobStore(own, POLICY, clock=lambda: NOW + timedelta(seconds=60))
+            sweep = Settling(own, POLICY, clock=lambda: NOW + timedelta(seconds=60))
             start.wait()
             for _ in range(5):
                 ids = sweep.settle(10, ["m"])

@@ -23,9 +23,8 @@ from scp_node.dicom.handlers import StoreContext
 from scp_node.dicom.scp import StorageServer, build_storage_ae
 from scp_node.dicom.status import Status
 from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.intake import Intake
 from scp_node.queue.models import Instance
-from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.store import JobStore
 from scp_node.spool import Spool
 from tests.support.datasets import ct_dataset
 from tests.support.net import free_port, wait_until
@@ -37,7 +36,7 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 class RunningScp:
     port: int
     spool: Spool
-    jobs: JobStore
+    intake: Intake
     engine: object
     server: StorageServer
 
@@ -49,12 +48,12 @@ class RunningScp:
 def _start(tmp_path: Path, *, allowed: tuple[str, ...] = (), min_free: int = 0) -> RunningScp:
     engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
     upgrade(engine)
-    jobs = JobStore(engine, RetryPolicy(3, 1.0, 10.0, 2.0, 60.0))
+    intake = Intake(engine)
     spool = Spool(tmp_path / "spool")
     ae = build_storage_ae("SCPNODE", allowed_calling_ae=allowed)
     port = free_port()
-    server = StorageServer(ae, "127.0.0.1", port, StoreContext(spool, jobs, min_free))
-    return RunningScp(port, spool, jobs, engine, server)
+    server = StorageServer(ae, "127.0.0.1", port, StoreContext(spool, intake, min_free))
+    return RunningScp(port, spool, intake, engine, server)
 
 
 @pytest.fixture

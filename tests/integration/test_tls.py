@@ -24,8 +24,7 @@ from scp_node.dicom.scu import Peer, echo, send_files
 from scp_node.dicom.tls import client_context, server_context
 from scp_node.errors import ConfigError, DeliveryError
 from scp_node.queue.db import make_engine, upgrade
-from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.store import JobStore
+from scp_node.queue.intake import Intake
 from scp_node.spool import Spool
 from tests.support.certs import Pki, make_pki
 from tests.support.cluster import NodeProc
@@ -174,7 +173,7 @@ def _scp(tmp_path: Path, allowed_source_ips: list[str]) -> tuple[StorageServer, 
     engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
     upgrade(engine)
     spool = Spool(tmp_path / "spool")
-    ctx = StoreContext(spool, JobStore(engine, RetryPolicy()), 0)
+    ctx = StoreContext(spool, Intake(engine), 0)
     server = StorageServer(
         build_storage_ae("SCPNODE"),
         "127.0.0.1",

@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from scp_node.app import Database, build_queue
 from scp_node.inference.registry import CodeSpec, LabelSpec
 from scp_node.metrics import NodeMetrics
 from scp_node.output.preview import preview_path_for, render_preview, write_preview
 from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.models import Outcome, Stage
+from scp_node.queue.records import DeliveryTarget, InstanceRecord
 from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.store import InstanceRecord, JobStore
-from scp_node.settings import Destination, WebSection
+from scp_node.settings import WebSection
 from scp_node.web import NodeRuntime, WebContext, WebServer
 
 TOKEN = "s3cret-admin-token-0123"
@@ -44,7 +46,7 @@ class Response:
 @dataclass
 class Site:
     server: WebServer
-    jobs: JobStore
+    jobs: Database
     ids: dict[str, int]
     runtime: NodeRuntime
 
@@ -66,9 +68,9 @@ class Site:
             conn.close()
 
 
-def _record(jobs: JobStore, root: Path, study: str, n: int, description: str) -> None:
+def _record(jobs: Database, root: Path, study: str, n: int, description: str) -> None:
     for i in range(n):
-        jobs.record_instance(
+        jobs.intake.record_instance(
             InstanceRecord(
                 study_instance_uid=study,
                 series_instance_uid=f"{study}.1",
@@ -85,11 +87,11 @@ def _record(jobs: JobStore, root: Path, study: str, n: int, description: str) ->
         )
 
 
-def _populate(jobs: JobStore, root: Path) -> dict[str, int]:
+def _populate(jobs: Database, root: Path) -> dict[str, int]:
     """A done job with SEG and preview, a delivering job with a failed attempt, a queued job."""
     _record(jobs, root, "1.2.826.0.1.1", 12, "ABD CT")
     _record(jobs, root, "1.2.826.0.1.2", 8, "CHEST")
-    done_id, delivering_id = sorted(jobs.settle(0.0, ["ct-abdomen"]))
+    done_id, delivering_id = sorted(jobs.settling.settle(0.0, ["ct-abdomen"]))
 
     seg_path = root / "outbox" / str(done_id) / "1.2.826.0.1.1.99.dcm"
     seg_path.parent.mkdir(parents=True)
@@ -102,29 +104,34 @@ def _populate(jobs: JobStore, root: Path) -> dict[str, int]:
     write_preview(render_preview(volume, labels, [liver]), preview_path_for(seg_path))
 
     for job_id in (done_id, delivering_id):
-        claimed = jobs.claim("test-worker", 60.0)
+        claimed = jobs.work.claim("test-worker", 60.0)
         assert claimed is not None and claimed.id == job_id
-        for stage, seconds in (("select", 0.01), ("load", 0.2), ("inference", 1.5), ("seg", 0.3)):
-            jobs.record_stage(claimed.id, claimed.token, stage, seconds)
-        jobs.complete_inference(
+        for stage, seconds in (
+            (Stage.SELECT, 0.01),
+            (Stage.LOAD, 0.2),
+            (Stage.INFERENCE, 1.5),
+            (Stage.SEG, 0.3),
+        ):
+            jobs.work.record_stage(claimed.id, claimed.token, stage, seconds)
+        jobs.work.complete(
             claimed.id,
             claimed.token,
             series_instance_uid=f"{claimed.study_instance_uid}.1",
             seg_path=str(seg_path),
             seg_sop_instance_uid="1.2.826.0.1.1.99",
-            outcome="seg",
+            outcome=Outcome.SEG,
             destinations=(
                 ()
                 if job_id == done_id
-                else (Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1),)
+                else (DeliveryTarget(name="pacs", ae_title="PACS", host="127.0.0.1", port=1),)
             ),
         )
-    delivery = jobs.claim_delivery("test-dispatch", 60.0)
+    delivery = jobs.deliveries.claim("test-dispatch", 60.0)
     assert delivery is not None and delivery.job_id == delivering_id
-    jobs.delivery_failed(delivery.id, delivery.token, "association rejected")
+    jobs.deliveries.failed(delivery.id, delivery.token, "association rejected")
 
     _record(jobs, root, "1.2.826.0.1.3", 3, "HEAD")
-    (queued_id,) = jobs.settle(0.0, ["ct-abdomen"])
+    (queued_id,) = jobs.settling.settle(0.0, ["ct-abdomen"])
     return {"done": done_id, "delivering": delivering_id, "queued": queued_id}
 
 
@@ -132,14 +139,16 @@ def _populate(jobs: JobStore, root: Path) -> dict[str, int]:
 def site_factory(tmp_path: Path) -> Iterator[Callable[..., Site]]:
     engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
     upgrade(engine)
-    jobs = JobStore(engine, RetryPolicy(3, 1.0, 10.0, 2.0, 3600.0))
+    jobs = build_queue(engine, RetryPolicy(3, 1.0, 10.0, 2.0, 3600.0))
     ids = _populate(jobs, tmp_path)
     started: list[WebServer] = []
 
     def make(**web: Any) -> Site:
         runtime = NodeRuntime(spool_dir=tmp_path, min_free_bytes=0)
         settings = WebSection(**{"host": "127.0.0.1", "port": 0, **web})
-        server = WebServer(WebContext(jobs, settings, runtime, NodeMetrics(), threading.Event()))
+        server = WebServer(
+            WebContext(jobs.views, jobs.admin, settings, runtime, NodeMetrics(), threading.Event())
+        )
         started.append(server.start())
         return Site(server, jobs, ids, runtime)
 
@@ -227,7 +236,7 @@ def test_live_log_streams_existing_then_new_events(site: Site) -> None:
         assert resp.getheader("Content-Type") == "text/event-stream"
         (first,) = _read_sse(resp, 1)
         assert first["stage"] == "settled" and first["job_id"] == job_id
-        site.jobs.cancel_job(job_id)
+        site.jobs.admin.cancel(job_id)
         (cancelled,) = _read_sse(resp, 1)
         assert cancelled["state"] == "cancelled" and cancelled["level"] == "warning"
         assert cancelled["id"] > first["id"]
@@ -247,7 +256,7 @@ def test_loopback_retry_and_cancel_without_token(site: Site) -> None:
     queued = site.ids["queued"]
     resp = site.request("POST", f"/jobs/{queued}/cancel", {})
     assert resp.status == 303 and resp.headers["Location"] == f"/jobs/{queued}"
-    assert site.jobs.get_job(queued).state == "cancelled"  # type: ignore[union-attr]
+    assert site.jobs.views.get(queued).state == "cancelled"
     again = site.request("POST", f"/jobs/{queued}/cancel", {}, {"Accept": "application/json"})
     assert again.status == 409 and "already cancelled" in again.json()["error"]
     retried = site.request("POST", f"/jobs/{queued}/retry", {}, {"Accept": "application/json"})
@@ -255,7 +264,7 @@ def test_loopback_retry_and_cancel_without_token(site: Site) -> None:
     assert site.request("POST", "/jobs/999/retry", {}).status == 404
     foreign = site.request("POST", f"/jobs/{queued}/cancel", {}, {"Origin": "http://evil.test"})
     assert foreign.status == 403
-    assert site.jobs.get_job(queued).state == "queued"  # type: ignore[union-attr]
+    assert site.jobs.views.get(queued).state == "queued"
 
 
 def test_non_loopback_bind_without_token_refuses_mutations(
@@ -266,7 +275,7 @@ def test_non_loopback_bind_without_token_refuses_mutations(
     resp = site.request("POST", f"/jobs/{queued}/cancel", {}, {"Accept": "application/json"})
     assert resp.status == 403
     assert "web.token is not set" in resp.json()["error"]
-    assert site.jobs.get_job(queued).state == "queued"  # type: ignore[union-attr]
+    assert site.jobs.views.get(queued).state == "queued"
     assert site.request("GET", "/jobs").status == 200  # reading stays open
 
 
@@ -277,11 +286,11 @@ def test_token_is_checked_on_every_mutating_request(site_factory: Callable[..., 
     assert site.request("POST", f"/jobs/{queued}/cancel", {}, json_accept).status == 401
     wrong = {"token": "x" * 20}
     assert site.request("POST", f"/jobs/{queued}/cancel", wrong, json_accept).status == 401
-    assert site.jobs.get_job(queued).state == "queued"  # type: ignore[union-attr]
+    assert site.jobs.views.get(queued).state == "queued"
     bearer = {**json_accept, "Authorization": f"Bearer {TOKEN}"}
     assert site.request("POST", f"/jobs/{queued}/cancel", {}, bearer).status == 200
     assert site.request("POST", f"/jobs/{queued}/retry", {"token": TOKEN}).status == 303
-    assert site.jobs.get_job(queued).state == "queued"  # type: ignore[union-attr]
+    assert site.jobs.views.get(queued).state == "queued"
     assert 'name="token"' in site.request("GET", f"/jobs/{queued}").text
 
 

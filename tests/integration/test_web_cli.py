@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from scp_node.app import build_queue
 from scp_node.cli import app
 from scp_node.queue.db import make_engine, upgrade
+from scp_node.queue.records import InstanceRecord
 from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.store import InstanceRecord, JobStore
 
 runner = CliRunner()
 
@@ -23,9 +24,9 @@ def test_logs_filters_and_jobs_columns(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     engine = make_engine(url)
     upgrade(engine)
-    store = JobStore(engine, RetryPolicy())
+    store = build_queue(engine, RetryPolicy())
     for study in ("1.2.3", "1.2.4"):
-        store.record_instance(
+        store.intake.record_instance(
             InstanceRecord(
                 study_instance_uid=study,
                 series_instance_uid=f"{study}.1",
@@ -39,8 +40,8 @@ def test_logs_filters_and_jobs_columns(tmp_path: Path, monkeypatch: pytest.Monke
                 series_description="ABDOMEN",
             )
         )
-    first, second = sorted(store.settle(0.0, ["ct-abdomen"]))
-    store.cancel_job(first)
+    first, second = sorted(store.settling.settle(0.0, ["ct-abdomen"]))
+    store.admin.cancel(first)
 
     def events(*args: str) -> list[dict[str, object]]:
         result = runner.invoke(app, ["logs", "--json", *args])

@@ -10,14 +10,14 @@ import numpy as np
 from pydicom import dcmread
 from sqlalchemy import create_engine, func, select, text
 
+from scp_node.app import build_queue, delivery_target, retry_policy
 from scp_node.dicom.series import load_volume
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.seg import build_segmentation, write_segmentation
 from scp_node.queue.db import make_engine, upgrade
-from scp_node.queue.models import Instance
-from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.store import InstanceRecord, JobStore
-from scp_node.settings import Destination, load_settings
+from scp_node.queue.models import Instance, Outcome
+from scp_node.queue.records import InstanceRecord
+from scp_node.settings import load_settings
 from tests.conftest import REPO_ROOT
 
 
@@ -43,28 +43,27 @@ def seed_delivering_job(config: Path, seg_path: Path) -> tuple[int, str]:
     engine = make_engine(settings.database.url)
     try:
         upgrade(engine)
-        jobs = JobStore(engine, RetryPolicy.from_settings(settings.retry))
+        jobs = build_queue(engine, retry_policy(settings.retry))
         seg = dcmread(seg_path, stop_before_pixels=True)
         source: Any = seg.ReferencedSeriesSequence[0]
         study, series = str(seg.StudyInstanceUID), str(source.SeriesInstanceUID)
         sop = str(source.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
-        jobs.record_instance(
+        jobs.intake.record_instance(
             InstanceRecord(
                 study, series, sop, "1.2.840.10008.5.1.4.1.1.2", "1.2", "CT", "x", 1, "T"
             )
         )
-        jobs.settle(0.0, [settings.worker.model])
-        job = jobs.claim("seeder", 60.0)
+        jobs.settling.settle(0.0, [settings.worker.model])
+        job = jobs.work.claim("seeder", 60.0)
         assert job is not None
-        destinations: list[Destination] = list(settings.destinations)
-        jobs.complete_inference(
+        jobs.work.complete(
             job.id,
             job.token,
             series_instance_uid=series,
             seg_path=str(seg_path),
             seg_sop_instance_uid=str(seg.SOPInstanceUID),
-            outcome="seg",
-            destinations=destinations,
+            outcome=Outcome.SEG,
+            destinations=[delivery_target(d) for d in settings.destinations],
         )
         return job.id, str(seg.SOPInstanceUID)
     finally:

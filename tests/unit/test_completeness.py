@@ -1,15 +1,18 @@
-"""The completeness gate's decisions from a PACS's instance counts (the C-FIND itself is
-tested against Orthanc in tests/e2e/test_completeness.py)."""
+"""The settle stage: the completeness gate's decisions from a PACS's instance counts (the
+C-FIND itself is tested against Orthanc in tests/e2e/test_completeness.py), and one sweep of
+:class:`Settler` over a real job table."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
-from scp_node.completeness import CompletenessGate
 from scp_node.dicom.scu import Peer
 from scp_node.errors import DeliveryError
-from scp_node.queue.store import UnsettledStudy
+from scp_node.queue import JobState, Stage, UnsettledStudy
 from scp_node.settings import Source
+from scp_node.settle import CompletenessGate, Settler
+from tests.unit.conftest import STUDY, FakeClock, InstanceFactory, Table, claim
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 PACS = Source(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)
@@ -70,3 +73,31 @@ def test_answers_are_cached_until_new_instances_arrive() -> None:
     assert asked == ["1.5"]
     assert gate.decide([_study("1.5", {"1.5.1": 20}, quiet_s=0)], NOW).ready == {"1.5"}
     assert asked == ["1.5", "1.5"]
+
+
+def test_settler_sweep_settles_complete_study_early_and_requeues_expired_leases(
+    table: Table, clock: FakeClock, instance_factory: InstanceFactory
+) -> None:
+    for _ in range(3):
+        table.intake.record_instance(instance_factory(calling_ae="PACS"))
+    table.intake.record_instance(instance_factory(study="1.3", series="1.3.1", calling_ae="PACS"))
+    asked: list[str] = []
+    # The PACS knows STUDY complete (3 of 3) and study 1.3 incomplete (1 of 4).
+    gate = _gate({STUDY: {STUDY + ".1": 3}, "1.3": {"1.3.1": 4}}, asked)
+    wake = threading.Event()
+    settler = Settler(table.settling, ["m"], quiet_s=10, gate=gate, wake_work=wake, clock=clock)
+
+    clock.advance(1)
+    assert settler.run_once() and wake.is_set()
+    (job,) = table.views.list()
+    assert job.study_instance_uid == STUDY  # before its quiet period, 1.3 held
+    wake.clear()
+    clock.advance(20)  # 1.3 is quiet now but still held (max_wait_s 60)
+    assert not settler.run_once() and not wake.is_set()
+    assert len(table.views.list()) == 1
+
+    claim(table, lease_s=5)
+    clock.advance(6)
+    assert settler.run_once() and wake.is_set()
+    assert table.views.get(job.id).state is JobState.QUEUED
+    assert [e.stage for e in table.views.events_after(0, job_id=job.id)][-1] is Stage.REQUEUE

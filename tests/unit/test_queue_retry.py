@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from scp_node.app import retry_policy
 from scp_node.queue.retry import RetryPolicy
 from scp_node.settings import RetrySection
 
@@ -42,7 +43,7 @@ def test_invalid_arguments_name_the_field(field: str, value: float) -> None:
         RetryPolicy(**{field: value})  # type: ignore[arg-type]
 
 
-def test_from_settings_copies_every_field() -> None:
+def test_app_builds_the_policy_from_every_retry_field() -> None:
     section = RetrySection(
         max_attempts=4,
         initial_backoff_s=1.5,
@@ -50,4 +51,4 @@ def test_from_settings_copies_every_field() -> None:
         multiplier=3,
         give_up_after_s=3600,
     )
-    assert RetryPolicy.from_settings(section) == RetryPolicy(4, 1.5, 60, 3, 3600)
+    assert retry_policy(section) == RetryPolicy(4, 1.5, 60, 3, 3600)

@@ -1,7 +1,12 @@
-"""Settle early when a study is known to be complete, later when it is known not to be.
+"""The settle stage: received studies become queued jobs, expired leases are taken back.
 
-The quiet-period rule guesses that a study is complete when nothing has arrived for
-``settle.quiet_s``. When the sending PACS answers C-FIND, the node can know instead: it asks
+A study becomes one job per model once nothing has arrived for ``settle.quiet_s`` (the quiet
+rule), and the same sweep requeues jobs whose worker stopped heartbeating. With
+``settle.completeness_check`` the :class:`CompletenessGate` settles early when a study is
+known to be complete, later when it is known not to be.
+
+The quiet rule guesses that a study is complete. When the sending PACS answers C-FIND, the
+node can know instead: it asks
 for NumberOfSeriesRelatedInstances of every series it received. All there -> settle now (no
 quiet wait at all). Some missing -> keep waiting past ``quiet_s``, until they arrive or
 ``max_wait_s`` after the last instance, when the study is settled as it is.
@@ -10,6 +15,7 @@ quiet wait at all). Some missing -> keep waiting past ``quiet_s``, until they ar
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,8 +24,11 @@ from datetime import datetime
 from scp_node.dicom.query import series_instance_counts
 from scp_node.dicom.scu import Peer
 from scp_node.errors import NodeError
-from scp_node.queue.store import UnsettledStudy
+from scp_node.queue.records import UnsettledStudy
+from scp_node.queue.settling import Settling
+from scp_node.queue.tx import Clock, utcnow
 from scp_node.settings import Source
+from scp_node.stage_loop import run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +125,65 @@ class CompletenessGate:
         for uid in set(self._asked) - {s.study_instance_uid for s in studies}:
             del self._asked[uid]  # settled: forget
         return SettleDecision(frozenset(ready), frozenset(hold))
+
+
+class Settler:
+    """One settle sweep per poll: gate (if any), quiet rule, requeue of expired leases.
+
+    Parameters
+    ----------
+    settling : Settling
+        The settle stage's piece of the job table.
+    models : Sequence[str]
+        One job per model and study.
+    quiet_s : float
+        Seconds without a new instance before a study settles by the quiet rule.
+    gate : CompletenessGate or None
+        Asks the sending PACS whether a study is complete (``settle.completeness_check``).
+    wake_work : threading.Event or None
+        Set when a job was queued or requeued, so a worker in this process claims it at once.
+    clock : Callable[[], datetime]
+        Timezone-aware current time for the gate (injected by tests).
+    """
+
+    def __init__(
+        self,
+        settling: Settling,
+        models: Sequence[str],
+        quiet_s: float,
+        *,
+        gate: CompletenessGate | None = None,
+        wake_work: threading.Event | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.settling = settling
+        self.models = tuple(models)
+        self.quiet_s = quiet_s
+        self.gate = gate
+        self._wake_work = wake_work
+        self._clock = clock
+
+    def run(self, stop: threading.Event, poll_s: float) -> None:
+        """Sweep every ``poll_s`` until ``stop`` is set."""
+        run_stage("settle", self.run_once, stop, poll_s)
+
+    def run_once(self) -> bool:
+        """One sweep; True when it queued or requeued a job.
+
+        Raises
+        ------
+        QueueError
+            If the job table cannot be read or written.
+        """
+        created: list[int] = []
+        hold: frozenset[str] = frozenset()
+        if self.gate is not None:
+            decision = self.gate.decide(self.settling.unsettled_studies(), self._clock())
+            hold = decision.hold
+            if decision.ready:
+                created += self.settling.settle(0.0, self.models, only=decision.ready)
+        created += self.settling.settle(self.quiet_s, self.models, exclude=hold)
+        requeued = self.settling.requeue_expired()
+        if (created or requeued) and self._wake_work is not None:
+            self._wake_work.set()
+        return bool(created or requeued)

@@ -1,0 +1,254 @@
+"""Settling: the settle stage's reads and writes (quiet studies -> queued jobs) and the
+requeue of leases whose holder stopped heartbeating."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from datetime import timedelta
+
+from sqlalchemy import Engine, or_, select
+
+from scp_node.queue import tx as q
+from scp_node.queue.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Level,
+    Series,
+    Stage,
+    Study,
+)
+from scp_node.queue.records import UnsettledStudy
+from scp_node.queue.retry import RetryPolicy
+from scp_node.queue.tx import Clock, Sessions, utcnow
+
+__all__ = ["Settling"]
+
+
+class Settling:
+    """Turns studies into jobs and takes back expired leases.
+
+    Parameters
+    ----------
+    engine : Engine
+        The migrated job table.
+    retry_policy : RetryPolicy
+        Gives each new job its ``max_attempts``.
+    clock : Callable[[], datetime]
+        Timezone-aware current time (injected by tests).
+    """
+
+    def __init__(self, engine: Engine, retry_policy: RetryPolicy, clock: Clock = utcnow) -> None:
+        self._tx = Sessions(engine, clock)
+        self._retry = retry_policy
+
+    def settle(
+        self,
+        quiet_s: float,
+        models: Sequence[str],
+        *,
+        only: Collection[str] | None = None,
+        exclude: Collection[str] = (),
+    ) -> list[int]:
+        """Turn studies quiet for ``quiet_s`` into one QUEUED job per model.
+
+        A study is settled when its ``last_received_at`` is at least ``quiet_s`` old and not
+        yet covered by ``settled_through``. No job is added for a model that already has a
+        QUEUED job for the study (that job will see every instance when it runs). A study
+        that receives instances after its job ran therefore gets a new job.
+
+        Parameters
+        ----------
+        quiet_s : float
+            Seconds without a new instance before a study becomes jobs (>= 0).
+        models : Sequence[str]
+            Model names; one job per model.
+        only : Collection[str] or None
+            Settle only these studies (Study Instance UIDs); None means any.
+        exclude : Collection[str]
+            Never settle these studies now (e.g. known to be incomplete).
+
+        Returns
+        -------
+        list[int]
+            Ids of the jobs created, in creation order.
+
+        Raises
+        ------
+        ValueError
+            If ``quiet_s`` is negative.
+        QueueError
+            If the database write fails.
+        """
+        if quiet_s < 0:
+            raise ValueError(f"quiet_s must be >= 0, got {quiet_s}")
+        created: list[int] = []
+        with self._tx.write("settle") as tx:
+            s, now = tx.session, tx.now
+            cutoff = now - timedelta(seconds=quiet_s)
+            studies = s.scalars(
+                select(Study)
+                .where(
+                    Study.last_received_at <= cutoff,
+                    or_(
+                        Study.settled_through.is_(None),
+                        Study.last_received_at > Study.settled_through,
+                    ),
+                )
+                .order_by(Study.id)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for study in studies:
+                uid = study.study_instance_uid
+                if (only is not None and uid not in only) or uid in exclude:
+                    continue
+                settle_wait = q.seconds(now - study.last_received_at)
+                receive = q.seconds(study.last_received_at - study.first_received_at)
+                for model in models:
+                    waiting = s.execute(
+                        select(Job.id)
+                        .where(
+                            Job.study_id == study.id,
+                            Job.model == model,
+                            Job.state == JobState.QUEUED,
+                        )
+                        .limit(1)
+                    ).scalar_one_or_none()
+                    if waiting is not None:
+                        continue
+                    job = Job(
+                        study_id=study.id,
+                        model=model,
+                        state=JobState.QUEUED,
+                        attempts=0,
+                        max_attempts=self._retry.max_attempts,
+                        not_before=now,
+                        created_at=now,
+                        durations={"receive": receive, "settle_wait": settle_wait},
+                    )
+                    s.add(job)
+                    s.flush()
+                    tx.event(
+                        job,
+                        uid,
+                        Stage.SETTLED,
+                        f"study settled: {study.instance_count} instances, job queued for "
+                        f"model {model}",
+                        duration_s=settle_wait,
+                        data={"instance_count": study.instance_count, "receive_s": receive},
+                    )
+                    created.append(job.id)
+                study.settled_through = study.last_received_at
+        return created
+
+    def unsettled_studies(self) -> list[UnsettledStudy]:
+        """Studies whose latest instances no job covers yet, oldest first.
+
+        Raises
+        ------
+        QueueError
+            If the database read fails.
+        """
+        with self._tx.read("unsettled_studies") as s:
+            studies = s.scalars(
+                select(Study)
+                .where(
+                    or_(
+                        Study.settled_through.is_(None),
+                        Study.last_received_at > Study.settled_through,
+                    )
+                )
+                .order_by(Study.id)
+            ).all()
+            ids = [study.id for study in studies]
+            counts: dict[int, dict[str, int]] = {}
+            for study_id, series_uid, count in s.execute(
+                select(Series.study_id, Series.series_instance_uid, Series.instance_count).where(
+                    Series.study_id.in_(ids)
+                )
+            ).all():
+                counts.setdefault(study_id, {})[series_uid] = count
+            aes: dict[int, set[str]] = {}
+            for study_id, ae in s.execute(
+                select(Series.study_id, Instance.calling_ae)
+                .join(Series, Instance.series_id == Series.id)
+                .where(Series.study_id.in_(ids))
+                .distinct()
+            ).all():
+                aes.setdefault(study_id, set()).add(ae)
+            return [
+                UnsettledStudy(
+                    study_instance_uid=study.study_instance_uid,
+                    last_received_at=study.last_received_at,
+                    instance_count=study.instance_count,
+                    calling_aes=frozenset(aes.get(study.id, ())),
+                    series_counts=counts.get(study.id, {}),
+                )
+                for study in studies
+            ]
+
+    def requeue_expired(self) -> list[int]:
+        """Requeue RUNNING jobs whose lease expired and release expired delivery leases.
+
+        A job with no attempts left becomes FAILED with error ``"lease expired ..."``.
+
+        Returns
+        -------
+        list[int]
+            Ids of the jobs whose inference lease had expired (requeued or failed).
+
+        Raises
+        ------
+        QueueError
+            If the database write fails.
+        """
+        expired_ids: list[int] = []
+        with self._tx.write("requeue_expired") as tx:
+            s, now = tx.session, tx.now
+            jobs = s.scalars(
+                select(Job)
+                .where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+                .order_by(Job.id)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for job in jobs:
+                error = (
+                    f"lease expired (owner {job.owner}, attempt {job.attempts} of "
+                    f"{job.max_attempts}, last heartbeat {q.iso(job.heartbeat_at)})"
+                )
+                q.clear_lease(job)
+                job.error = error
+                if job.attempts >= job.max_attempts:
+                    job.state = JobState.FAILED
+                    job.finished_at = now
+                    message, level = f"job failed: {error}", Level.ERROR
+                else:
+                    job.state = JobState.QUEUED
+                    job.not_before = now
+                    message, level = f"job requeued: {error}", Level.WARNING
+                tx.event(job, q.study_uid(s, job.study_id), Stage.REQUEUE, message, level=level)
+                expired_ids.append(job.id)
+            deliveries = s.scalars(
+                select(Delivery)
+                .where(
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.lease_token.is_not(None),
+                    Delivery.lease_expires_at < now,
+                )
+                .order_by(Delivery.id)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for delivery in deliveries:
+                owner = delivery.owner
+                q.clear_lease(delivery)
+                job = s.get_one(Job, delivery.job_id)
+                tx.event(
+                    job,
+                    q.study_uid(s, job.study_id),
+                    Stage.DELIVER,
+                    f"delivery lease to {delivery.destination} expired (owner {owner}); released",
+                    level=Level.WARNING,
+                )
+        return expired_ids

@@ -1,0 +1,347 @@
+"""WorkQueue: the worker's side of the job table (claim, heartbeat, stages, finish) and the
+one read it needs (a study's instance files by series)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from scp_node.queue import tx as q
+from scp_node.queue.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Level,
+    Outcome,
+    Series,
+    Stage,
+    Study,
+)
+from scp_node.queue.records import ClaimedJob, DeliveryTarget
+from scp_node.queue.retry import RetryPolicy
+from scp_node.queue.tx import Clock, Sessions, utcnow
+
+__all__ = ["WorkQueue"]
+
+
+class WorkQueue:
+    """Jobs for workers: each claimed under a lease that finishing calls must still hold.
+
+    Parameters
+    ----------
+    engine : Engine
+        The migrated job table.
+    retry_policy : RetryPolicy
+        Backoff between failed attempts.
+    clock : Callable[[], datetime]
+        Timezone-aware current time (injected by tests).
+    """
+
+    def __init__(self, engine: Engine, retry_policy: RetryPolicy, clock: Clock = utcnow) -> None:
+        self._tx = Sessions(engine, clock)
+        self._retry = retry_policy
+
+    def claim(self, owner: str, lease_s: float) -> ClaimedJob | None:
+        """Atomically claim the oldest QUEUED job that is due.
+
+        Parameters
+        ----------
+        owner : str
+            Who claims (e.g. ``host:pid:work``); kept on the job and in its events.
+        lease_s : float
+            Seconds the lease lasts unless renewed by :meth:`heartbeat` (> 0).
+
+        Returns
+        -------
+        ClaimedJob or None
+            None if no job is due.
+
+        Raises
+        ------
+        ValueError
+            If ``lease_s`` is not positive.
+        QueueError
+            If the database write fails.
+        """
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be > 0, got {lease_s}")
+        with self._tx.write("claim") as tx:
+            s, now = tx.session, tx.now
+            job = s.scalars(
+                select(Job)
+                .where(Job.state == JobState.QUEUED, Job.not_before <= now)
+                .order_by(Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).one_or_none()
+            if job is None:
+                return None
+            token = secrets.token_hex(16)
+            job.state = JobState.RUNNING
+            job.owner = owner
+            job.lease_token = token
+            job.lease_expires_at = now + timedelta(seconds=lease_s)
+            job.heartbeat_at = now
+            job.claimed_at = now
+            job.attempts += 1
+            queue_wait: float | None = None
+            if job.started_at is None:
+                job.started_at = now
+                queue_wait = q.seconds(now - job.created_at)
+                q.add_durations(job, queue_wait=queue_wait)
+            study_uid = q.study_uid(s, job.study_id)
+            tx.event(
+                job,
+                study_uid,
+                Stage.CLAIM,
+                f"job claimed by {owner} (attempt {job.attempts} of {job.max_attempts})",
+                duration_s=queue_wait,
+                data={"owner": owner, "attempt": job.attempts},
+            )
+            return ClaimedJob(
+                id=job.id,
+                token=token,
+                study_instance_uid=study_uid,
+                model=job.model,
+                attempts=job.attempts,
+            )
+
+    def heartbeat(self, job_id: int, token: str, lease_s: float) -> None:
+        """Extend a job's lease to ``lease_s`` seconds from now.
+
+        Raises
+        ------
+        ValueError
+            If ``lease_s`` is not positive.
+        JobLeaseLostError
+            If the job is no longer RUNNING under this token (requeued, cancelled, reclaimed).
+        QueueError
+            If the database write fails.
+        """
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be > 0, got {lease_s}")
+        with self._tx.write("heartbeat") as tx:
+            job = q.leased_job(tx.session, job_id, token, "heartbeat")
+            job.lease_expires_at = tx.now + timedelta(seconds=lease_s)
+            job.heartbeat_at = tx.now
+
+    def record_stage(
+        self,
+        job_id: int,
+        token: str,
+        stage: Stage,
+        duration_s: float,
+        message: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """Record that a stage of a claimed job finished and how long it took.
+
+        Parameters
+        ----------
+        job_id, token : int, str
+            The claimed job and the token from :meth:`claim`.
+        stage : Stage
+            ``SELECT``, ``LOAD``, ``INFERENCE`` or ``SEG``; its value keys ``durations``.
+        duration_s : float
+            Seconds the stage took.
+        message : str
+            Free text for the event (UIDs and numbers only, never patient data).
+        data : dict or None
+            JSON-serialisable details.
+
+        Raises
+        ------
+        JobLeaseLostError
+            If the job is no longer RUNNING under this token.
+        QueueError
+            If the database write fails.
+        """
+        with self._tx.write("record_stage") as tx:
+            job = q.leased_job(tx.session, job_id, token, f"record_stage {stage.value}")
+            q.add_durations(job, **{stage.value: duration_s})
+            tx.event(
+                job,
+                q.study_uid(tx.session, job.study_id),
+                stage,
+                message or f"{stage.value} done",
+                duration_s=duration_s,
+                data=data,
+            )
+
+    def complete(
+        self,
+        job_id: int,
+        token: str,
+        *,
+        series_instance_uid: str | None,
+        seg_path: str | None,
+        seg_sop_instance_uid: str | None,
+        outcome: Outcome,
+        destinations: Sequence[DeliveryTarget],
+    ) -> JobState:
+        """Finish the inference of a claimed job.
+
+        With a SEG and at least one destination the job becomes DELIVERING with one PENDING
+        delivery per destination (due now); otherwise it is DONE. The lease is released.
+        Deliveries left from an earlier run of the same job are replaced.
+
+        Parameters
+        ----------
+        job_id, token : int, str
+            The claimed job and the token from :meth:`claim`.
+        series_instance_uid : str or None
+            The series inference ran on.
+        seg_path : str or None
+            The SEG file in the outbox, or None if none was written.
+        seg_sop_instance_uid : str or None
+            The SEG's SOP Instance UID.
+        outcome : Outcome
+            What inference found.
+        destinations : Sequence[DeliveryTarget]
+            Where the SEG goes.
+
+        Returns
+        -------
+        JobState
+            DELIVERING or DONE.
+
+        Raises
+        ------
+        JobLeaseLostError
+            If the job is no longer RUNNING under this token; nothing is changed.
+        QueueError
+            If the database write fails.
+        """
+        with self._tx.write("complete") as tx:
+            s, now = tx.session, tx.now
+            job = q.leased_job(s, job_id, token, "complete")
+            job.series_instance_uid = series_instance_uid
+            job.seg_path = seg_path
+            job.seg_sop_instance_uid = seg_sop_instance_uid
+            job.outcome = outcome
+            job.error = None
+            q.clear_lease(job)
+            for old in s.scalars(select(Delivery).where(Delivery.job_id == job.id)).all():
+                s.delete(old)
+            study_uid = q.study_uid(s, job.study_id)
+            data = {"outcome": outcome.value, "series_instance_uid": series_instance_uid}
+            if seg_path is not None and destinations:
+                job.state = JobState.DELIVERING
+                job.delivering_at = now
+                for dest in destinations:
+                    s.add(
+                        Delivery(
+                            job_id=job.id,
+                            destination=dest.name,
+                            ae_title=dest.ae_title,
+                            host=dest.host,
+                            port=dest.port,
+                            url=dest.url,
+                            state=DeliveryState.PENDING,
+                            attempts=0,
+                            next_attempt_at=now,
+                            created_at=now,
+                        )
+                    )
+                message = f"inference done ({outcome.value}); delivering to " + ", ".join(
+                    d.name for d in destinations
+                )
+                tx.event(job, study_uid, Stage.INFERENCE, message, data=data)
+            else:
+                job.state = JobState.DONE
+                job.finished_at = now
+                total = q.total_s(job, now)
+                q.add_durations(job, total=total)
+                reason = "no SEG" if seg_path is None else "no destinations"
+                tx.event(
+                    job,
+                    study_uid,
+                    Stage.DONE,
+                    f"job done ({outcome.value}, {reason})",
+                    duration_s=total,
+                    data=data,
+                )
+            return job.state
+
+    def fail(self, job_id: int, token: str, error: str, retryable: bool = True) -> JobState:
+        """Record a failed attempt; requeue with backoff or fail for good.
+
+        Parameters
+        ----------
+        job_id, token : int, str
+            The claimed job and the token from :meth:`claim`.
+        error : str
+            Why it failed (kept on the job and in the event; no patient data).
+        retryable : bool
+            False fails the job at once whatever attempts remain.
+
+        Returns
+        -------
+        JobState
+            QUEUED (due after ``backoff_s(attempts)``) or FAILED.
+
+        Raises
+        ------
+        JobLeaseLostError
+            If the job is no longer RUNNING under this token.
+        QueueError
+            If the database write fails.
+        """
+        with self._tx.write("fail") as tx:
+            s, now = tx.session, tx.now
+            job = q.leased_job(s, job_id, token, "fail")
+            job.error = error
+            q.clear_lease(job)
+            attempt = f"attempt {job.attempts} of {job.max_attempts}"
+            if retryable and job.attempts < job.max_attempts:
+                wait = self._retry.backoff_s(job.attempts)
+                job.state = JobState.QUEUED
+                job.not_before = now + timedelta(seconds=wait)
+                message, level = f"{attempt} failed, retry in {wait:g}s: {error}", Level.WARNING
+            else:
+                job.state = JobState.FAILED
+                job.finished_at = now
+                why = "not retryable" if not retryable else "no attempts left"
+                message, level = f"job failed ({why}, {attempt}): {error}", Level.ERROR
+            tx.event(
+                job,
+                q.study_uid(s, job.study_id),
+                Stage.FAIL,
+                message,
+                level=level,
+                data={"retryable": retryable, "attempt": job.attempts},
+            )
+            return job.state
+
+    def study_series(self, study_instance_uid: str) -> dict[str, list[Path]]:
+        """Map each series of a study to its instance files.
+
+        Returns
+        -------
+        dict[str, list[Path]]
+            Series Instance UID -> file paths in the order received; empty if unknown.
+
+        Raises
+        ------
+        QueueError
+            If the database read fails.
+        """
+        result: dict[str, list[Path]] = {}
+        with self._tx.read("study_series") as s:
+            rows = s.execute(
+                select(Series.series_instance_uid, Instance.path)
+                .join(Instance, Instance.series_id == Series.id)
+                .join(Study, Study.id == Series.study_id)
+                .where(Study.study_instance_uid == study_instance_uid)
+                .order_by(Series.id, Instance.id)
+            ).all()
+        for series_uid, path in rows:
+            result.setdefault(series_uid, []).append(Path(path))
+        return result
