@@ -33,3 +33,15 @@ class DeliveryError(NodeError):
 
 class JobLeaseLostError(NodeError):
     """The job's lease expired or was taken by another worker; its result must be dropped."""
+
+
+class JobNotFoundError(NodeError):
+    """No job with that id exists."""
+
+
+class JobStateError(NodeError):
+    """The operation is not allowed in the job's current state (the message names the state)."""
+
+
+class QueueError(NodeError):
+    """The job table cannot be read or written (wraps the database driver's error)."""
