@@ -30,13 +30,16 @@ from scp_node.dispatch import Dispatcher
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import load_model_spec
 from scp_node.metrics import NodeMetrics
+from scp_node.queue.admin import JobAdmin
 from scp_node.queue.db import make_engine, upgrade
 from scp_node.queue.retry import RetryPolicy
 from scp_node.queue.store import JobStore
+from scp_node.queue.views import JobViews
 from scp_node.settings import Settings
 from scp_node.spool import Spool
+from scp_node.web.app import create_app
 from scp_node.web.health import NodeRuntime
-from scp_node.web.server import WebContext, WebServer
+from scp_node.web.server import WebServer
 from scp_node.worker import Worker, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -214,7 +217,17 @@ def run_node(
     runtime.threads = {thread.name: thread for thread in threads}
     if server is not None:
         runtime.receiving = lambda: not stop.is_set()
-    web = _start_web(settings, db.jobs, runtime, metrics) if settings.web.enabled else None
+    web = (
+        _start_web(
+            settings,
+            JobViews(db.engine),
+            JobAdmin(db.engine, db.jobs.retry_policy),
+            runtime,
+            metrics,
+        )
+        if settings.web.enabled
+        else None
+    )
     logger.info("node ready")
 
     while not stop.wait(0.5):
@@ -249,18 +262,22 @@ def _gpu_memory(device: str | None) -> int | None:
 
 
 def _start_web(
-    settings: Settings, jobs: JobStore, runtime: NodeRuntime, metrics: NodeMetrics
-) -> WebServer | None:
-    """Start the dashboard; a bind failure is logged and the DICOM stages keep running."""
-    ctx = WebContext(jobs, settings.web, runtime, metrics, threading.Event())
-    try:
-        return WebServer(ctx).start()
-    except OSError as exc:
-        logger.error(
-            "dashboard not started",
-            extra={"host": settings.web.host, "port": settings.web.port, "error": str(exc)},
-        )
-        return None
+    settings: Settings,
+    views: JobViews,
+    admin: JobAdmin,
+    runtime: NodeRuntime,
+    metrics: NodeMetrics,
+) -> WebServer:
+    """Start the dashboard in this process.
+
+    Raises
+    ------
+    BindError
+        ``web.host``/``web.port`` cannot be bound: start-up stops with that one line.
+    """
+    stop = threading.Event()
+    app = create_app(views, admin, settings.web, runtime, metrics, stop=stop)
+    return WebServer(app, settings.web.host, settings.web.port, stop).start()
 
 
 def run_web(
@@ -270,7 +287,7 @@ def run_web(
 
     Raises
     ------
-    OSError
+    BindError
         ``web.host``/``web.port`` cannot be bound.
     """
     stop = stop or threading.Event()
@@ -280,8 +297,8 @@ def run_web(
     runtime = NodeRuntime(
         spool_dir=settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_bytes
     )
-    web = WebServer(WebContext(db.jobs, settings.web, runtime, NodeMetrics(), threading.Event()))
-    web.start()
+    admin = JobAdmin(db.engine, RetryPolicy.from_settings(settings.retry))
+    web = _start_web(settings, JobViews(db.engine), admin, runtime, NodeMetrics())
     while not stop.wait(0.5):
         pass
     web.stop()

@@ -45,3 +45,7 @@ class JobStateError(NodeError):
 
 class QueueError(NodeError):
     """The job table cannot be read or written (wraps the database driver's error)."""
+
+
+class BindError(NodeError):
+    """A server cannot listen on its address (port in use, or not an address of this host)."""
