@@ -64,7 +64,7 @@ def _http_error(request: Request, exc: Exception) -> Response:
     message = exc.detail
     if exc.status_code == 404 and message == HTTPStatus.NOT_FOUND.phrase:
         message = f"no page at {request.url.path}"
-    return error(request, exc.status_code, message)
+    return error(request, exc.status_code, message, exc.headers)
 
 
 def _not_found(request: Request, exc: Exception) -> Response:

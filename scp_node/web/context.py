@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,12 +67,20 @@ def wants_json(request: Request) -> bool:
     )
 
 
-def json_response(value: Any, status: int = 200) -> Response:
+def json_response(
+    value: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
     """``value`` as JSON (``json.dumps`` defaults, as the node has always answered)."""
-    return Response(json.dumps(value), status, media_type="application/json")
+    return Response(json.dumps(value), status, headers, media_type="application/json")
 
 
-def page(request: Request, template: str, status: int = 200, **values: Any) -> Response:
+def page(
+    request: Request,
+    template: str,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+    **values: Any,
+) -> Response:
     """Render one of the package's templates."""
     d = deps(request)
     return d.templates.TemplateResponse(
@@ -79,11 +88,14 @@ def page(request: Request, template: str, status: int = 200, **values: Any) -> R
         template,
         {"version": __version__, "refresh_s": d.web.refresh_s, **values},
         status_code=status,
+        headers=headers,
     )
 
 
-def error(request: Request, status: int, message: str) -> Response:
+def error(
+    request: Request, status: int, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
     """An error as ``{"error": message}`` or as the error page, by what the client wants."""
     if wants_json(request):
-        return json_response({"error": message}, status)
-    return page(request, "error.html", status, code=status, message=message)
+        return json_response({"error": message}, status, headers)
+    return page(request, "error.html", status, headers, code=status, message=message)

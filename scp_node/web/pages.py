@@ -66,15 +66,15 @@ def jobs_page(request: Request) -> Response:
     """``/jobs?state=&page=``: jobs newest first, filtered by state, paged."""
     state, number = _state_filter(request), _page_number(request)
     d = deps(request)
-    views = d.views.list(state=state, limit=PAGE_SIZE + 1, offset=(number - 1) * PAGE_SIZE)
+    found = d.views.list(state=state, limit=PAGE_SIZE + 1, offset=(number - 1) * PAGE_SIZE)
     return page(
         request,
         "jobs.html",
-        rows=job_rows(d.views, views[:PAGE_SIZE]),
+        rows=job_rows(d.views, found[:PAGE_SIZE]),
         states=[s.value for s in JobState],
         state=state.value if state else "",
         page=number,
-        has_next=len(views) > PAGE_SIZE,
+        has_next=len(found) > PAGE_SIZE,
         counts=d.views.counts(),
     )
 
@@ -118,9 +118,9 @@ def api_jobs(request: Request) -> Response:
     """``/api/jobs?state=&page=``: the job list as JSON, with each job's series summary."""
     state, number = _state_filter(request), _page_number(request)
     d = deps(request)
-    views = d.views.list(state=state, limit=PAGE_SIZE, offset=(number - 1) * PAGE_SIZE)
-    summaries = series_summaries(d.views, views)
-    return json_response([{**v.to_json(), **summaries[v.id].to_json()} for v in views])
+    found = d.views.list(state=state, limit=PAGE_SIZE, offset=(number - 1) * PAGE_SIZE)
+    summaries = series_summaries(d.views, found)
+    return json_response([{**v.to_json(), **summaries[v.id].to_json()} for v in found])
 
 
 def api_job(request: Request) -> Response:

@@ -366,6 +366,8 @@ def test_missing_job_is_404_and_wrong_state_is_409_without_a_read_first(site: Si
     assert html.status == 409 and "only done, failed or cancelled" in html.text
     assert site.request("GET", "/jobs/999/preview.png").status == 404
     assert site.request("GET", "/jobs/not-a-number").status == 404
+    wrong_method = site.request("POST", "/jobs", {})
+    assert wrong_method.status == 405 and "GET" in wrong_method.headers["Allow"]
 
 
 def test_every_response_carries_the_security_headers(site: Site) -> None:
