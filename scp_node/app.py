@@ -41,8 +41,9 @@ from scp_node.queue.work import WorkQueue
 from scp_node.settings import Destination, RetrySection, Settings
 from scp_node.settle import CompletenessGate, Settler
 from scp_node.spool import Spool
+from scp_node.web.app import create_app
 from scp_node.web.health import NodeRuntime
-from scp_node.web.server import WebContext, WebServer
+from scp_node.web.server import WebServer
 from scp_node.worker import Worker, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,8 @@ def run_node(
     wake_work, wake_dispatch = threading.Event(), threading.Event()
     server: StorageServer | None = None
     logger.info("node starting", extra={"version": __version__, "stages": ",".join(sorted(stages))})
+    # The dashboard binds first: a port already in use stops start-up before any stage runs.
+    web = _start_web(settings, db, runtime, metrics) if settings.web.enabled else None
 
     if Stage.WORK in stages:
         spec = load_model_spec(settings.worker.models_dir, settings.worker.model)
@@ -248,7 +251,6 @@ def run_node(
     runtime.threads = {thread.name: thread for thread in threads}
     if server is not None:
         runtime.receiving = lambda: not stop.is_set()
-    web = _start_web(settings, db, runtime, metrics) if settings.web.enabled else None
     logger.info("node ready")
 
     while not stop.wait(0.5):
@@ -284,17 +286,17 @@ def _gpu_memory(device: str | None) -> int | None:
 
 def _start_web(
     settings: Settings, db: Database, runtime: NodeRuntime, metrics: NodeMetrics
-) -> WebServer | None:
-    """Start the dashboard; a bind failure is logged and the DICOM stages keep running."""
-    ctx = WebContext(db.views, db.admin, settings.web, runtime, metrics, threading.Event())
-    try:
-        return WebServer(ctx).start()
-    except OSError as exc:
-        logger.error(
-            "dashboard not started",
-            extra={"host": settings.web.host, "port": settings.web.port, "error": str(exc)},
-        )
-        return None
+) -> WebServer:
+    """Start the dashboard in this process.
+
+    Raises
+    ------
+    BindError
+        ``web.host``/``web.port`` cannot be bound: start-up stops with that one line.
+    """
+    stop = threading.Event()
+    app = create_app(db.views, db.admin, settings.web, runtime, metrics, stop=stop)
+    return WebServer(app, settings.web.host, settings.web.port, stop).start()
 
 
 def run_web(
@@ -304,7 +306,7 @@ def run_web(
 
     Raises
     ------
-    OSError
+    BindError
         ``web.host``/``web.port`` cannot be bound.
     """
     stop = stop or threading.Event()
@@ -314,10 +316,7 @@ def run_web(
     runtime = NodeRuntime(
         spool_dir=settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_bytes
     )
-    web = WebServer(
-        WebContext(db.views, db.admin, settings.web, runtime, NodeMetrics(), threading.Event())
-    )
-    web.start()
+    web = _start_web(settings, db, runtime, NodeMetrics())
     while not stop.wait(0.5):
         pass
     web.stop()

@@ -36,12 +36,16 @@ class JobLeaseLostError(NodeError):
 
 
 class JobNotFoundError(NodeError):
-    """No job has the requested id."""
+    """No job with that id exists."""
 
 
 class JobStateError(NodeError):
-    """The operation is not allowed in the job's current state; the message names the state."""
+    """The operation is not allowed in the job's current state (the message names the state)."""
 
 
 class QueueError(NodeError):
-    """The job table could not be read or written; wraps the database driver's error."""
+    """The job table cannot be read or written (wraps the database driver's error)."""
+
+
+class BindError(NodeError):
+    """A server cannot listen on its address (port in use, or not an address of this host)."""

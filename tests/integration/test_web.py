@@ -1,11 +1,16 @@
-"""The dashboard over real HTTP on loopback against a real job table (SQLite)."""
+"""The dashboard app (Starlette's TestClient) against a real job table (SQLite), and the
+uvicorn server it runs in over real HTTP on loopback."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +19,12 @@ from urllib.parse import urlencode
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
 
 from scp_node.app import Database, build_queue
+from scp_node.errors import BindError
 from scp_node.inference.registry import CodeSpec, LabelSpec
 from scp_node.metrics import NodeMetrics
 from scp_node.output.preview import preview_path_for, render_preview, write_preview
@@ -24,7 +33,7 @@ from scp_node.queue.models import Outcome, Stage
 from scp_node.queue.records import DeliveryTarget, InstanceRecord
 from scp_node.queue.retry import RetryPolicy
 from scp_node.settings import WebSection
-from scp_node.web import NodeRuntime, WebContext, WebServer
+from scp_node.web import NodeRuntime, WebServer, create_app
 
 TOKEN = "s3cret-admin-token-0123"
 
@@ -32,7 +41,7 @@ TOKEN = "s3cret-admin-token-0123"
 @dataclass
 class Response:
     status: int
-    headers: dict[str, str]
+    headers: Mapping[str, str]
     body: bytes
 
     @property
@@ -45,10 +54,11 @@ class Response:
 
 @dataclass
 class Site:
-    server: WebServer
+    client: TestClient
     jobs: Database
     ids: dict[str, int]
     runtime: NodeRuntime
+    metrics: NodeMetrics
 
     def request(
         self,
@@ -57,15 +67,10 @@ class Site:
         body: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
     ) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=10)
-        try:
-            data = urlencode(body).encode() if body is not None else None
-            all_headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
-            conn.request(method, path, body=data, headers=all_headers)
-            resp = conn.getresponse()
-            return Response(resp.status, dict(resp.getheaders()), resp.read())
-        finally:
-            conn.close()
+        data = urlencode(body).encode() if body is not None else None
+        all_headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+        resp = self.client.request(method, path, content=data, headers=all_headers)
+        return Response(resp.status_code, resp.headers, resp.content)
 
 
 def _record(jobs: Database, root: Path, study: str, n: int, description: str) -> None:
@@ -135,27 +140,41 @@ def _populate(jobs: Database, root: Path) -> dict[str, int]:
     return {"done": done_id, "delivering": delivering_id, "queued": queued_id}
 
 
+@dataclass
+class Table:
+    engine: Engine
+    jobs: Database
+    ids: dict[str, int]
+
+    def app(self, runtime: NodeRuntime, metrics: NodeMetrics, **web: Any) -> Starlette:
+        settings = WebSection(**{"host": "127.0.0.1", "port": 0, **web})
+        views, admin = self.jobs.views, self.jobs.admin
+        return create_app(views, admin, settings, runtime, metrics, stop=threading.Event())
+
+
 @pytest.fixture
-def site_factory(tmp_path: Path) -> Iterator[Callable[..., Site]]:
+def table(tmp_path: Path) -> Iterator[Table]:
     engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
     upgrade(engine)
     jobs = build_queue(engine, RetryPolicy(3, 1.0, 10.0, 2.0, 3600.0))
-    ids = _populate(jobs, tmp_path)
-    started: list[WebServer] = []
+    yield Table(engine, jobs, _populate(jobs, tmp_path))
+    engine.dispose()
+
+
+@pytest.fixture
+def site_factory(tmp_path: Path, table: Table) -> Iterator[Callable[..., Site]]:
+    clients: list[TestClient] = []
 
     def make(**web: Any) -> Site:
         runtime = NodeRuntime(spool_dir=tmp_path, min_free_bytes=0)
-        settings = WebSection(**{"host": "127.0.0.1", "port": 0, **web})
-        server = WebServer(
-            WebContext(jobs.views, jobs.admin, settings, runtime, NodeMetrics(), threading.Event())
-        )
-        started.append(server.start())
-        return Site(server, jobs, ids, runtime)
+        metrics = NodeMetrics()
+        client = TestClient(table.app(runtime, metrics, **web), follow_redirects=False)
+        clients.append(client)
+        return Site(client, table.jobs, table.ids, runtime, metrics)
 
     yield make
-    for server in started:
-        server.stop()
-    engine.dispose()
+    for client in clients:
+        client.close()
 
 
 @pytest.fixture
@@ -216,11 +235,11 @@ def test_api_returns_the_same_data_as_json(site: Site) -> None:
     assert site.request("GET", "/api/jobs/999").status == 404
 
 
-def _read_sse(resp: http.client.HTTPResponse, count: int) -> list[dict[str, Any]]:
+def _read_sse(lines: Iterator[str], count: int) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     while len(events) < count:
-        line = resp.readline().decode()
-        assert line, "stream ended early"
+        line = next(lines, None)
+        assert line is not None, "stream ended early"
         if line.startswith("data: "):
             events.append(json.loads(line[6:]))
     return events
@@ -228,28 +247,23 @@ def _read_sse(resp: http.client.HTTPResponse, count: int) -> list[dict[str, Any]
 
 def test_live_log_streams_existing_then_new_events(site: Site) -> None:
     job_id = site.ids["queued"]
-    conn = http.client.HTTPConnection("127.0.0.1", site.server.port, timeout=10)
-    try:
-        conn.request("GET", f"/jobs/{job_id}/events")
-        resp = conn.getresponse()
-        assert resp.status == 200
-        assert resp.getheader("Content-Type") == "text/event-stream"
-        (first,) = _read_sse(resp, 1)
+    with site.client.stream("GET", f"/jobs/{job_id}/events") as resp:
+        assert resp.status_code == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        lines = resp.iter_lines()
+        (first,) = _read_sse(lines, 1)
         assert first["stage"] == "settled" and first["job_id"] == job_id
         site.jobs.admin.cancel(job_id)
-        (cancelled,) = _read_sse(resp, 1)
+        (cancelled,) = _read_sse(lines, 1)
         assert cancelled["state"] == "cancelled" and cancelled["level"] == "warning"
         assert cancelled["id"] > first["id"]
-    finally:
-        conn.close()
 
-    conn = http.client.HTTPConnection("127.0.0.1", site.server.port, timeout=10)
-    try:  # a reconnecting EventSource resumes after Last-Event-ID
-        conn.request("GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": str(first["id"])})
-        (resumed,) = _read_sse(conn.getresponse(), 1)
+    # A reconnecting EventSource resumes after Last-Event-ID.
+    with site.client.stream(
+        "GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": str(first["id"])}
+    ) as resp:
+        (resumed,) = _read_sse(resp.iter_lines(), 1)
         assert resumed["id"] == cancelled["id"]
-    finally:
-        conn.close()
 
 
 def test_loopback_retry_and_cancel_without_token(site: Site) -> None:
@@ -295,8 +309,8 @@ def test_token_is_checked_on_every_mutating_request(site_factory: Callable[..., 
 
 
 def test_metrics_match_the_job_table(site: Site) -> None:
-    site.server.ctx.metrics.record_received(1234)
-    site.server.ctx.metrics.record_refused(0xC210)
+    site.metrics.record_received(1234)
+    site.metrics.record_refused(0xC210)
     resp = site.request("GET", "/metrics")
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
     samples = {
@@ -338,3 +352,100 @@ def test_healthz_reports_database_disk_and_threads(site: Site) -> None:
     checks = failing.json()["checks"]
     assert checks["disk"]["ok"] is False and checks["worker"]["ok"] is False
     assert 'id="overall" class="badge failed"' in site.request("GET", "/health").text
+
+
+def test_missing_job_is_404_and_wrong_state_is_409_without_a_read_first(site: Site) -> None:
+    missing = site.request("GET", "/api/jobs/999")
+    assert missing.status == 404 and missing.json() == {"error": "job 999 does not exist"}
+    page = site.request("GET", "/jobs/999")
+    assert page.status == 404 and page.headers["Content-Type"].startswith("text/html")
+    assert "job 999 does not exist" in page.text
+    json_accept = {"Accept": "application/json"}
+    assert site.request("POST", "/jobs/999/cancel", {}, json_accept).json() == {
+        "error": "job 999 does not exist"
+    }
+    done = site.ids["done"]
+    busy = site.request("POST", f"/jobs/{done}/cancel", {}, json_accept)
+    assert busy.status == 409 and "already done" in busy.json()["error"]
+    html = site.request("POST", f"/jobs/{site.ids['queued']}/retry", {})
+    assert html.status == 409 and "only done, failed or cancelled" in html.text
+    assert site.request("GET", "/jobs/999/preview.png").status == 404
+    assert site.request("GET", "/jobs/not-a-number").status == 404
+    wrong_method = site.request("POST", "/jobs", {})
+    assert wrong_method.status == 405 and "GET" in wrong_method.headers["Allow"]
+
+
+def test_every_response_carries_the_security_headers(site: Site) -> None:
+    for path in ("/jobs", "/api/jobs", "/static/style.css", "/nowhere", "/healthz"):
+        headers = site.request("GET", path).headers
+        assert headers["Content-Security-Policy"].startswith("default-src 'self'"), path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["Cache-Control"] == "no-store", path
+
+
+def _get(conn: http.client.HTTPConnection, path: str) -> http.client.HTTPResponse:
+    conn.request("GET", path)
+    return conn.getresponse()
+
+
+def test_uvicorn_serves_the_app_over_http_and_stops_with_a_stream_open(
+    tmp_path: Path, table: Table
+) -> None:
+    stop = threading.Event()
+    app = create_app(
+        table.jobs.views,
+        table.jobs.admin,
+        WebSection(host="127.0.0.1", port=0),
+        NodeRuntime(spool_dir=tmp_path, min_free_bytes=0),
+        NodeMetrics(),
+        stop=stop,
+    )
+    server = WebServer(app, "127.0.0.1", 0, stop).start()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    live = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        health = _get(conn, "/healthz")
+        assert health.status == 200 and json.loads(health.read())["status"] == "ok"
+        assert health.getheader("Server", "").startswith("scp-node/")
+        stream = _get(live, f"/jobs/{table.ids['queued']}/events")
+        assert stream.getheader("Content-Type") == "text/event-stream"
+        line = stream.readline()
+        while not line.startswith(b"data: "):
+            line = stream.readline()
+        assert json.loads(line[6:])["stage"] == "settled"
+    finally:
+        server.stop()
+        conn.close()
+        live.close()
+    assert stop.is_set()
+    assert not any(t.name == "web" and t.is_alive() for t in threading.enumerate())
+
+
+def test_port_in_use_stops_start_up_with_one_line(
+    tmp_path: Path, table: Table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = table.app(NodeRuntime(spool_dir=tmp_path), NodeMetrics())
+        with pytest.raises(BindError, match=f"127.0.0.1:{port}: port already in use"):
+            WebServer(app, "127.0.0.1", port, threading.Event())
+
+        env = {
+            **os.environ,
+            "SCP_NODE_DATABASE__URL": str(table.engine.url),
+            "SCP_NODE_LOG__DIR": str(tmp_path / "log"),
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "scp_node.cli", "web", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: dashboard cannot listen on") and "already in use" in line

@@ -1,0 +1,163 @@
+"""``scp-node model``: train, prune, quantise, evaluate and export models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from scp_node.cli.common import console, err_console, on_error
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Train and evaluate models.", no_args_is_help=True)
+
+DataDirOption = Annotated[
+    Path, typer.Option(help="The shared data folder (ct-abdomen-a/, ct-abdomen-b/, ...).")
+]
+
+
+@app.command("train")
+def model_train(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name> with train.toml")],
+    data_dir: DataDirOption = Path("../shared/data"),
+    seed: int = 0,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop after this long.")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest here).")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA: autocast).")] = "cpu",
+    epochs: Annotated[int | None, typer.Option(help="Override train.toml's epochs.")] = None,
+) -> None:
+    """Train a model on the shared data (see the model's train.toml); writes weights.pt."""
+    import torch
+
+    from scp_node.training.train import train
+
+    torch.set_num_threads(threads)
+    with on_error(default=2):
+        result = train(
+            model_dir, data_dir, seed=seed, max_minutes=max_minutes, device=device, epochs=epochs
+        )
+    console.print(result)
+
+
+@app.command("evaluate")
+def model_evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name>")],
+    data_dir: DataDirOption = Path("../shared/data"),
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="Variant(s) to evaluate (fp32, pruned, ...); default: all in the card."),
+    ] = None,
+    subject: Annotated[str, typer.Option(help="Held-out DICOM subject folder.")] = "ct-abdomen-b",
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """Dice and HD95 per label on held-out subject B through the worker's path.
+
+    DICOM series -> load_volume -> Predictor -> SEG -> read back with highdicom -> compared
+    with the reference labels in physical space. Prints JSON {variant: scores}.
+    """
+    import torch
+    from rich.progress import Progress
+
+    from scp_node.inference.registry import REFERENCE_VARIANT, ModelSpec
+    from scp_node.training.evaluate import evaluate_series
+
+    torch.set_num_threads(threads)
+    results: dict[str, dict[str, float]] = {}
+    with on_error(default=2):
+        spec = ModelSpec.from_model_dir(model_dir)
+        names = variant or [REFERENCE_VARIANT, *spec.variants]
+        with Progress(console=err_console) as progress:
+            task = progress.add_task(f"evaluating on {subject}", total=len(names))
+            for name in names:
+                progress.update(task, description=f"evaluating {name} on {subject}")
+                results[name] = evaluate_series(
+                    model_dir,
+                    data_dir / subject / "dicom",
+                    data_dir / subject / "labels.nii.gz",
+                    variant=name,
+                )
+                progress.advance(task)
+    sys.stdout.write(json.dumps(results, indent=2) + "\n")
+
+
+@app.command("prune")
+def model_prune(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name> (attention_unet)")],
+    data_dir: DataDirOption = Path("../shared/data"),
+    ratio: Annotated[float, typer.Option(help="Fraction of channels removed per level.")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (0: none).")] = 15,
+    lr_scale: Annotated[float, typer.Option(help="Fine-tuning LR = this x train.toml lr.")] = 0.3,
+    name: Annotated[str, typer.Option(help="Variant name written to the card.")] = "pruned",
+    seed: int = 0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """Structured channel pruning + fine-tuning; records variant NAME in model.toml."""
+    import torch
+
+    from scp_node.training.variants import prune_model
+
+    torch.set_num_threads(threads)
+    with on_error(default=2, also=(ValueError,)):
+        result = prune_model(
+            model_dir, data_dir, ratio=ratio, epochs=epochs, lr_scale=lr_scale, seed=seed, name=name
+        )
+    console.print(
+        f"widths {list(result.widths_before)} -> {list(result.widths_after)}, "
+        f"FLOPs/slice {result.flops_before / 1e6:.0f} M -> {result.flops_after / 1e6:.0f} M"
+    )
+    if result.fine_tune is not None:
+        console.print(result.fine_tune)
+
+
+@app.command("quantize")
+def model_quantize(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name>")],
+    data_dir: DataDirOption = Path("../shared/data"),
+    source: Annotated[str, typer.Option(help="state_dict variant to quantise.")] = "pruned",
+    method: Annotated[
+        list[str] | None, typer.Option(help="fx (torch FX int8) and/or ort (ONNX Runtime QDQ).")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="torch quantized engine for fx.")] = "x86",
+    slices: Annotated[int, typer.Option(help="Calibration slices of the training subject.")] = 32,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """Static int8 post-training quantisation; records the int8 variants in model.toml.
+
+    Evaluate them (`model evaluate`) and benchmark them (`python -m bench.model`) before
+    pointing the card's [runtime] cpu at one.
+    """
+    import torch
+
+    from scp_node.training.variants import quantize_model
+
+    torch.set_num_threads(threads)
+    with on_error(default=2):
+        written = quantize_model(
+            model_dir,
+            data_dir,
+            source=source,
+            methods=tuple(method or ["fx", "ort"]),
+            engine=engine,
+            calibration_slices=slices,
+        )
+    for variant, file in written.items():
+        console.print(f"variant {variant}: {model_dir / file}")
+
+
+@app.command("export")
+def model_export(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name>")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the file into.")],
+    variant: Annotated[str, typer.Option(help="state_dict variant to export.")] = "fp32",
+    fmt: Annotated[str, typer.Option("--format", help="torchscript or onnx.")] = "onnx",
+) -> None:
+    """Export a variant as a self-contained TorchScript or ONNX file (for other runtimes)."""
+    from scp_node.training.variants import export_model
+
+    with on_error(default=2):
+        path = export_model(model_dir, variant, fmt, out_dir)
+    console.print(f"wrote {path} (input padded to the network's size multiple)")
