@@ -93,9 +93,9 @@ class Selection:
         chosen = (
             f"{self.stack.name}: {self.stack.slices} slices {self.stack.spacing_mm:.2f} mm apart"
         )
-        others = [f"{name} ({why})" for name, why in sorted(self.passed_over.items())]
-        others += [f"{name} ({why})" for name, why in sorted(self.rejected.items())]
-        return "chose " + chosen + ("; not " + "; ".join(others) if others else "")
+        others = [f"{name}: {why}" for name, why in sorted(self.passed_over.items())]
+        others += [f"{name}: {why}" for name, why in sorted(self.rejected.items())]
+        return "chose " + chosen + ("; not " + "; not ".join(others) if others else "")
 
 
 def choose_stack(stacks: Mapping[str, Sequence[Stack] | str], rules: SeriesRules) -> Selection:
