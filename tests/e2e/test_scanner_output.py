@@ -1,5 +1,5 @@
 """Studies shaped the way scanners and archives send them, pushed with dcmtk's storescu into
-`scp-node serve` (issue 10): Enhanced CT and Legacy Converted Enhanced CT instances, two
+`scp-node serve` (issue 10): Enhanced CT/MR and Legacy Converted Enhanced CT instances, two
 phases in one multi-frame object, a series with a missing slice, a gantry-tilted series, and
 a study no model rule matches. Each ends with a SEG on the source geometry (checked against
 the source files read with pydicom) or a one-line refusal in `scp-node jobs`."""
@@ -19,8 +19,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import DCMTK_ENV
-from tests.support.enhanced import enhanced, legacy_converted, two_phase
+from tests.support.enhanced import ENHANCED_MR, enhanced, legacy_converted, two_phase
 from tests.support.net import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -194,3 +195,34 @@ def test_scanner_and_archive_shapes_end_in_a_seg_or_a_reason(
     )
     assert job["attempts"] == 1  # a refusal is not retried
     assert len(pacs.files()) == 5
+
+
+def test_enhanced_mr_instance_is_segmented_by_an_mr_model(
+    node_factory: Any, pacs_factory: Any, ct_b_files: list[Path], tmp_path: Path
+) -> None:
+    # The shipped card with its rules opened to MR: the path under test is reading an
+    # Enhanced MR Image and writing its SEG, not the model's skill on MR.
+    models = tmp_path / "models"
+    card_dir = models / "ct-abdomen"
+    card_dir.mkdir(parents=True)
+    shipped = REPO_ROOT / "models" / "ct-abdomen"
+    for item in shipped.iterdir():
+        if item.name != "model.toml":
+            (card_dir / item.name).symlink_to(item)
+    card = (shipped / "model.toml").read_text()
+    assert 'modalities = ["CT"]' in card
+    (card_dir / "model.toml").write_text(card.replace('modalities = ["CT"]', 'modalities = ["MR"]'))
+    source = _as_own_study(enhanced(ct_b_files, tmp_path / "enhanced-mr.dcm", modality="MR"))
+    assert pydicom.dcmread(source, stop_before_pixels=True).SOPClassUID == ENHANCED_MR
+
+    node = node_factory(worker={"models_dir": str(models)}).start()
+    pacs = pacs_factory(node.pacs_port)
+    _storescu(node, [source])
+    wait_until(
+        lambda: any(j["state"] in ("done", "failed") for j in node.jobs()),
+        SEG_TIMEOUT_S,
+        "the job to end",
+    )
+    (job,) = node.jobs()
+    assert (job["state"], job["outcome"]) == ("done", "seg"), job
+    _check_on_frames(_seg_for(pacs, _study(source)), source, set(range(1, 21)))
