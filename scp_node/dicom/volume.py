@@ -65,8 +65,15 @@ GEOMETRY_TOLERANCE = 1e-4
 #: Stacking direction this far (degrees) off the slice normal is a sheared (tilted) grid.
 SHEAR_TOLERANCE_DEG = 0.5
 
+# Dimensions that order frames within one stack, or that the named splits below already
+# cover with a clearer label ("temporal position 2" rather than "dimension index 2").
 _SPATIAL_DIMENSION_POINTERS = frozenset(
-    {Tag("ImagePositionPatient"), Tag("InStackPositionNumber"), Tag("SliceLocation")}
+    {
+        Tag("ImagePositionPatient"),
+        Tag("InStackPositionNumber"),
+        Tag("SliceLocation"),
+        Tag("TemporalPositionIndex"),
+    }
 )
 
 

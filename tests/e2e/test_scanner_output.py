@@ -170,7 +170,7 @@ def test_scanner_and_archive_shapes_end_in_a_seg_or_a_reason(
     assert (job["state"], job["outcome"]) == ("done", "seg"), job
     _check_on_frames(_seg_for(pacs, _study(phases)), phases, set(range(1, 21)))
     events = node.cli("logs", "--job", str(job["id"]), "--json")
-    assert "(dimension index 2): 14 slices, fewer than 20" in events
+    assert "(temporal position 2): 14 slices, fewer than 20" in events
 
     # One slice missing: segmented on the 19 slices present, the gap said in words.
     job = jobs[_study(gapped[0])]
