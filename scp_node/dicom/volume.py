@@ -27,20 +27,26 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from highdicom.spatial import get_volume_positions
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels.utils import pixel_array as decode_pixel_array
-from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from scp_node.dicom.frames import (
+    FrameHeader,
+    SourceFrame,
+    check_consistent,
+    frames_of,
+    normal_of,
+    read_header,
+    to_float,
+)
 from scp_node.errors import SeriesError
 
 __all__ = [
@@ -64,29 +70,6 @@ MAX_SPACING_DEVIATION = 0.10
 GEOMETRY_TOLERANCE = 1e-4
 #: Stacking direction this far (degrees) off the slice normal is a sheared (tilted) grid.
 SHEAR_TOLERANCE_DEG = 0.5
-
-# Dimensions that order frames within one stack, or that the named splits below already
-# cover with a clearer label ("temporal position 2" rather than "dimension index 2").
-_SPATIAL_DIMENSION_POINTERS = frozenset(
-    {
-        Tag("ImagePositionPatient"),
-        Tag("InStackPositionNumber"),
-        Tag("SliceLocation"),
-        Tag("TemporalPositionIndex"),
-    }
-)
-
-
-@dataclass(frozen=True)
-class SourceFrame:
-    """One source plane: a single-frame instance or one frame of a multi-frame instance."""
-
-    path: Path
-    sop_instance_uid: str
-    #: 1-based frame number in a multi-frame instance; ``None`` for a single-frame one.
-    frame_number: int | None
-    #: ImagePositionPatient (mm, LPS) of the frame's first pixel.
-    position: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -201,24 +184,6 @@ class SourceVolume:
         return self.stack.irregularities
 
 
-@dataclass
-class _Frame:
-    """Everything :func:`read_series` needs of one frame while it groups them."""
-
-    source: SourceFrame
-    header: Dataset
-    order: int
-    orientation: np.ndarray
-    pixel_spacing: np.ndarray
-    rows: int
-    columns: int
-    frame_of_reference_uid: str
-    image_type: tuple[str, ...]
-    instance_number: int
-    #: Attributes that tell acquisitions at the same position apart, most specific first.
-    splits: dict[str, Hashable]
-
-
 def read_stacks(series_files: Mapping[str, Sequence[Path]]) -> dict[str, list[Stack] | str]:
     """Headers of every series of a study, split into stacks.
 
@@ -269,21 +234,21 @@ def read_series(paths: Sequence[Path]) -> list[Stack]:
     """
     if not paths:
         raise SeriesError("no files to load")
-    frames: list[_Frame] = []
+    frames: list[FrameHeader] = []
     refusals: list[str] = []
     non_images = 0
     reference: tuple[Path, Dataset] | None = None
     for path in paths:
-        ds = _read(path, stop_before_pixels=True)
+        ds = read_header(path, stop_before_pixels=True)
         if "Rows" not in ds or "Columns" not in ds:
             non_images += 1
             continue
         if reference is None:
             reference = (path, ds)
         else:
-            _check_consistent(reference, path, ds)
+            check_consistent(reference, path, ds)
         try:
-            frames.extend(_frames_of(path, ds, len(frames)))
+            frames.extend(frames_of(path, ds, len(frames)))
         except SeriesError as exc:
             refusals.append(str(exc))
     if reference is None:
@@ -293,7 +258,7 @@ def read_series(paths: Sequence[Path]) -> list[Stack]:
     if refusals:
         return [_refused(series_uid, modality, "", refusals[0])]
 
-    by_kind: dict[str, list[_Frame]] = defaultdict(list)
+    by_kind: dict[str, list[FrameHeader]] = defaultdict(list)
     for frame in frames:
         by_kind[_kind(frame.image_type)].append(frame)
     stacks: list[Stack] = []
@@ -338,7 +303,7 @@ def _kind(image_type: tuple[str, ...]) -> str:
     return "original"
 
 
-def _split_acquisitions(frames: list[_Frame]) -> list[tuple[str, list[_Frame]]]:
+def _split_acquisitions(frames: list[FrameHeader]) -> list[tuple[str, list[FrameHeader]]]:
     """Split frames that share positions by the first attribute that tells them apart.
 
     Only duplicated positions split a group: scanners number each slice of a step-and-shoot
@@ -350,7 +315,7 @@ def _split_acquisitions(frames: list[_Frame]) -> list[tuple[str, list[_Frame]]]:
         values = {frame.splits.get(attribute) for frame in frames}
         if len(values) < 2:
             continue
-        groups: dict[Hashable, list[_Frame]] = defaultdict(list)
+        groups: dict[Hashable, list[FrameHeader]] = defaultdict(list)
         for frame in frames:
             groups[frame.splits.get(attribute)].append(frame)
         if all(not _has_duplicates(group) for group in groups.values()):
@@ -371,15 +336,15 @@ def _sort_key(value: Hashable) -> tuple[int, str]:
     return (0 if value is None else 1, _format(value).zfill(12))
 
 
-def _has_duplicates(frames: list[_Frame]) -> bool:
+def _has_duplicates(frames: list[FrameHeader]) -> bool:
     if not frames:
         return False
-    normal = _normal(frames[0].orientation)
+    normal = normal_of(frames[0].orientation)
     distances = np.sort([float(np.dot(normal, f.source.position)) for f in frames])
     return bool(np.any(np.diff(distances) <= POSITION_TOLERANCE_MM))
 
 
-def _make_stack(series_uid: str, modality: str, label: str, frames: list[_Frame]) -> Stack:
+def _make_stack(series_uid: str, modality: str, label: str, frames: list[FrameHeader]) -> Stack:
     first = frames[0]
     for frame in frames[1:]:
         if not np.allclose(frame.orientation, first.orientation, atol=GEOMETRY_TOLERANCE):
@@ -398,7 +363,7 @@ def _make_stack(series_uid: str, modality: str, label: str, frames: list[_Frame]
                 label,
                 f"{_where(frame)}: PixelSpacing differs from {_where(first)}",
             )
-    normal = _normal(first.orientation)
+    normal = normal_of(first.orientation)
     kept, dropped = _drop_duplicates(frames, normal)
     irregularities: list[str] = []
     if dropped:
@@ -442,7 +407,7 @@ def _make_stack(series_uid: str, modality: str, label: str, frames: list[_Frame]
 
 
 def _geometry(
-    frames: list[_Frame], orientation: tuple[float, ...], spacing: float
+    frames: list[FrameHeader], orientation: tuple[float, ...], spacing: float
 ) -> hd.VolumeGeometry | None:
     """highdicom's own check that the frames form a regular volume, and its affine."""
     positions = [f.source.position for f in frames]
@@ -465,17 +430,19 @@ def _geometry(
     )
 
 
-def _where(frame: _Frame) -> str:
+def _where(frame: FrameHeader) -> str:
     name = frame.source.path.name
     return (
         name if frame.source.frame_number is None else f"{name} frame {frame.source.frame_number}"
     )
 
 
-def _drop_duplicates(frames: list[_Frame], normal: np.ndarray) -> tuple[list[_Frame], int]:
+def _drop_duplicates(
+    frames: list[FrameHeader], normal: np.ndarray
+) -> tuple[list[FrameHeader], int]:
     """One frame per position: the highest InstanceNumber, then the last received."""
     ordered = sorted(frames, key=lambda f: (float(np.dot(normal, f.source.position)), f.order))
-    groups: list[list[_Frame]] = []
+    groups: list[list[FrameHeader]] = []
     for frame in ordered:
         distance = float(np.dot(normal, frame.source.position))
         if groups and distance - float(np.dot(normal, groups[-1][0].source.position)) <= (
@@ -499,7 +466,7 @@ def _spacing(distances: np.ndarray, first: Dataset) -> tuple[float, list[str]]:
     """Nominal slice spacing and what is irregular about the gaps (empty when nothing)."""
     if distances.size < 2:
         for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-            value = _float(first.get(keyword))
+            value = to_float(first.get(keyword))
             if value is not None and value > 0:
                 return value, []
         return 1.0, []
@@ -536,225 +503,6 @@ def _shear_deg(positions: Sequence[tuple[float, float, float]], normal: np.ndarr
     if length == 0:
         return 0.0
     return math.degrees(math.acos(min(1.0, abs(float(np.dot(step, normal))) / length)))
-
-
-# --- reading headers ---------------------------------------------------------------------
-
-
-def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
-    try:
-        # force=True: senders and spools are not always careful with the preamble.
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
-    except Exception as exc:  # parsing arbitrary bytes fails in many ways (struct.error, ...)
-        raise SeriesError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from exc
-    # With force=True any bytes parse as some dataset; an image has at least these.
-    if "SOPClassUID" not in ds and "Modality" not in ds:
-        raise SeriesError(f"{path.name}: unreadable (not a DICOM image: no SOPClassUID, Modality)")
-    return ds
-
-
-def _check_consistent(reference: tuple[Path, Dataset], path: Path, ds: Dataset) -> None:
-    reference_path, reference_ds = reference
-    for keyword in ("Rows", "Columns", "SeriesInstanceUID", "FrameOfReferenceUID"):
-        if keyword not in ds or ds[keyword].value in (None, ""):
-            raise SeriesError(f"{path.name}: {keyword} is missing")
-        if str(ds[keyword].value) != str(reference_ds.get(keyword, "")):
-            raise SeriesError(f"{path.name}: {keyword} differs from {reference_path.name}")
-
-
-def _frames_of(path: Path, ds: Dataset, start: int) -> list[_Frame]:
-    """The frames of one instance; raises :class:`SeriesError` when one lacks geometry."""
-    for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID"):
-        if not ds.get(keyword):
-            raise SeriesError(f"{path.name}: {keyword} is missing")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise SeriesError(f"{path.name}: only single-sample (grey scale) images are supported")
-    number_of_frames = _int(ds.get("NumberOfFrames")) or 1
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    shared_groups = ds.get("SharedFunctionalGroupsSequence")
-    is_multi_frame = per_frame is not None or shared_groups is not None or number_of_frames > 1
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    frame_of_reference_uid = str(ds.FrameOfReferenceUID)
-    instance_number = _int(ds.get("InstanceNumber")) or 0
-    if not is_multi_frame:
-        missing = [
-            keyword
-            for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
-            if not ds.get(keyword)
-        ]
-        if missing:
-            raise SeriesError(f"{path.name}: missing geometry ({', '.join(missing)})")
-        source = SourceFrame(
-            path,
-            str(ds.SOPInstanceUID),
-            None,
-            _position(_vector(ds.ImagePositionPatient, 3, path.name, "ImagePositionPatient")),
-        )
-        splits: dict[str, Hashable] = {
-            "temporal position": _int(ds.get("TemporalPositionIdentifier")),
-            "echo": _values(ds.get("EchoNumbers")),
-            "acquisition": _int(ds.get("AcquisitionNumber")),
-        }
-        return [
-            _Frame(
-                source=source,
-                header=ds,
-                order=start,
-                orientation=_orientation(ds.ImageOrientationPatient, path.name),
-                pixel_spacing=_vector(ds.PixelSpacing, 2, path.name, "PixelSpacing"),
-                image_type=_image_type(ds.get("ImageType")),
-                splits=splits,
-                rows=rows,
-                columns=columns,
-                frame_of_reference_uid=frame_of_reference_uid,
-                instance_number=instance_number,
-            )
-        ]
-    if per_frame is None or len(per_frame) != number_of_frames:
-        raise SeriesError(
-            f"{path.name}: NumberOfFrames {number_of_frames} without one per-frame functional "
-            "group per frame (no geometry per frame)"
-        )
-    shared = shared_groups[0] if shared_groups else Dataset()
-    spatial_dimensions = _spatial_dimension_mask(ds)
-    frames = []
-    for index, item in enumerate(per_frame):
-        where = f"{path.name} frame {index + 1}"
-
-        def group(sequence: str, keyword: str, item: Dataset = item) -> Any:
-            for holder in (item, shared):
-                items = holder.get(sequence)
-                if items and keyword in items[0]:
-                    return items[0][keyword].value
-            return None
-
-        position = group("PlanePositionSequence", "ImagePositionPatient")
-        orientation = group("PlaneOrientationSequence", "ImageOrientationPatient")
-        spacing = group("PixelMeasuresSequence", "PixelSpacing")
-        missing = [
-            name
-            for name, value in (
-                ("ImagePositionPatient", position),
-                ("ImageOrientationPatient", orientation),
-                ("PixelSpacing", spacing),
-            )
-            if not value
-        ]
-        if missing:
-            raise SeriesError(f"{where}: missing geometry ({', '.join(missing)})")
-        dimension_values = _values(group("FrameContentSequence", "DimensionIndexValues"))
-        if isinstance(dimension_values, tuple) and spatial_dimensions is not None:
-            dimension_values = (
-                tuple(
-                    value
-                    for value, spatial in zip(dimension_values, spatial_dimensions, strict=False)
-                    if not spatial
-                )
-                or None
-            )
-        frame_type = group("CTImageFrameTypeSequence", "FrameType") or group(
-            "MRImageFrameTypeSequence", "FrameType"
-        )
-        frames.append(
-            _Frame(
-                source=SourceFrame(
-                    path,
-                    str(ds.SOPInstanceUID),
-                    index + 1,
-                    _position(_vector(position, 3, where, "ImagePositionPatient")),
-                ),
-                header=ds,
-                order=start + index,
-                orientation=_orientation(orientation, where),
-                pixel_spacing=_vector(spacing, 2, where, "PixelSpacing"),
-                image_type=_image_type(frame_type or ds.get("ImageType")),
-                splits={
-                    "dimension index": dimension_values,
-                    "temporal position": _int(
-                        group("FrameContentSequence", "TemporalPositionIndex")
-                    ),
-                    "echo": _float(group("MREchoSequence", "EffectiveEchoTime")),
-                    "acquisition": _int(group("FrameContentSequence", "FrameAcquisitionNumber")),
-                },
-                rows=rows,
-                columns=columns,
-                frame_of_reference_uid=frame_of_reference_uid,
-                instance_number=instance_number,
-            )
-        )
-    return frames
-
-
-def _spatial_dimension_mask(ds: Dataset) -> list[bool] | None:
-    """For each dimension of the DimensionIndexSequence: whether it orders by position."""
-    dimensions = ds.get("DimensionIndexSequence")
-    if not dimensions:
-        return None
-    return [
-        Tag(item.get("DimensionIndexPointer", 0)) in _SPATIAL_DIMENSION_POINTERS
-        for item in dimensions
-    ]
-
-
-def _image_type(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value.upper(),)
-    return tuple(str(v).upper() for v in value)
-
-
-def _values(value: Any) -> Hashable:
-    if value is None or value == "":
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        return (int(value),)
-    return tuple(int(v) for v in value)
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _float(value: Any) -> float | None:
-    try:
-        return None if value in (None, "") else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _vector(value: Any, length: int, where: str, keyword: str) -> np.ndarray:
-    try:
-        vector = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise SeriesError(f"{where}: {keyword} is not numeric") from exc
-    if vector.shape != (length,) or not np.all(np.isfinite(vector)):
-        raise SeriesError(f"{where}: {keyword} must hold {length} finite numbers")
-    return vector
-
-
-def _position(vector: np.ndarray) -> tuple[float, float, float]:
-    return float(vector[0]), float(vector[1]), float(vector[2])
-
-
-def _orientation(value: Any, where: str) -> np.ndarray:
-    iop = _vector(value, 6, where, "ImageOrientationPatient")
-    row, column = iop[:3], iop[3:]
-    if not (
-        math.isclose(float(np.linalg.norm(row)), 1.0, abs_tol=1e-2)
-        and math.isclose(float(np.linalg.norm(column)), 1.0, abs_tol=1e-2)
-        and abs(float(np.dot(row, column))) < 1e-2
-    ):
-        raise SeriesError(f"{where}: ImageOrientationPatient is not two orthonormal vectors")
-    return iop
-
-
-def _normal(iop: np.ndarray) -> np.ndarray:
-    normal = np.cross(iop[:3], iop[3:])
-    return np.asarray(normal / np.linalg.norm(normal), dtype=np.float64)
 
 
 # --- decoding ----------------------------------------------------------------------------
@@ -847,7 +595,7 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
 
 
 def _decode_single(path: Path, rows: int, columns: int) -> np.ndarray:
-    ds = _read(path, stop_before_pixels=False)
+    ds = read_header(path, stop_before_pixels=False)
     if "PixelData" not in ds:
         raise SeriesError(f"{path.name}: PixelData is missing")
     _ensure_transfer_syntax(ds)
@@ -863,8 +611,8 @@ def _decode_single(path: Path, rows: int, columns: int) -> np.ndarray:
         raise SeriesError(
             f"{path.name}: decoded pixels have shape {pixels.shape}, expected ({rows}, {columns})"
         )
-    slope = _float(ds.get("RescaleSlope"))
-    intercept = _float(ds.get("RescaleIntercept"))
+    slope = to_float(ds.get("RescaleSlope"))
+    intercept = to_float(ds.get("RescaleIntercept"))
     result = pixels.astype(np.float32)
     if slope is not None and slope != 1.0:
         result *= np.float32(slope)
