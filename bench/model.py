@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scp_node.dicom.series import load_volume  # noqa: E402
+from scp_node.dicom.volume import load_volume  # noqa: E402
 from scp_node.inference.predictor import Predictor  # noqa: E402
 from scp_node.inference.preprocess import (  # noqa: E402
     normalise,

@@ -7,19 +7,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scp_node.dicom.series import choose_series, load_volume
+from scp_node.dicom.selection import choose_stack
+from scp_node.dicom.volume import describe, load_stack, read_stacks
 from scp_node.errors import JobLeaseLostError, ModelError, SeriesError
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.preview import preview_path_for, render_preview, write_preview
 from scp_node.output.seg import build_segmentation, write_segmentation
-from scp_node.queue.models import JobState, Outcome, Stage
+from scp_node.queue.models import JobState, Level, Outcome, Stage
 from scp_node.queue.records import ClaimedJob, DeliveryTarget
 from scp_node.queue.work import WorkQueue
 from scp_node.stage_loop import run_stage
@@ -132,35 +133,44 @@ class Worker:
         )
 
     @contextmanager
-    def _stage(self, job: ClaimedJob, stage: Stage) -> Iterator[dict[str, str]]:
+    def _stage(self, job: ClaimedJob, stage: Stage) -> Iterator[dict[str, Any]]:
         """Time a stage and record it (event + duration) when it ends without error."""
-        note: dict[str, str] = {}
+        note: dict[str, Any] = {}
         started = time.perf_counter()
         yield note
         self.jobs.record_stage(
-            job.id, job.token, stage, time.perf_counter() - started, note.get("message", "")
+            job.id,
+            job.token,
+            stage,
+            time.perf_counter() - started,
+            note.get("message", ""),
+            note.get("data"),
+            note.get("level", Level.INFO),
         )
 
     def _process(self, job: ClaimedJob) -> None:
         ids = {"job_id": job.id, "study_instance_uid": job.study_instance_uid}
         with self._stage(job, Stage.SELECT) as note:
-            candidates = self.jobs.study_series(job.study_instance_uid)
-            choice = choose_series(candidates, self.spec.series)
-            if choice.series_instance_uid is None:
-                note["message"] = "no series matches the model's rules: " + "; ".join(
-                    f"{uid}: {why}" for uid, why in sorted(choice.rejected.items())
-                )
-            else:
-                note["message"] = f"series {choice.series_instance_uid}"
-        if choice.series_instance_uid is None:
-            self._complete(job, None, None, None, Outcome.NO_MATCHING_SERIES)
+            selection = choose_stack(
+                read_stacks(self.jobs.study_series(job.study_instance_uid)),
+                self.spec.series.rules(),
+            )
+            note["message"] = selection.summary()
+            if selection.warnings:
+                # Segmentable but irregular: the job says what was irregular.
+                note["message"] += "; warning: " + "; ".join(selection.warnings)
+                note["data"] = {"warnings": list(selection.warnings)}
+                note["level"] = Level.WARNING
+        if selection.stack is None:
+            # A refusal, not a fault: the one-line reason is the job's error, and an admin
+            # can re-run the job after changing the model's series rules.
+            self._fail(job, selection.summary(), retryable=False)
             return
-        series_uid = choice.series_instance_uid
-        paths: Sequence[Path] = candidates[series_uid]
+        series_uid = selection.stack.series_instance_uid
 
         with self._stage(job, Stage.LOAD) as note:
-            volume = load_volume(paths)
-            note["message"] = f"{volume.array.shape[0]} slices"
+            volume = load_stack(selection.stack)
+            note["message"] = describe(selection.stack)
         with self._stage(job, Stage.INFERENCE) as note:
             labelmap = self.predictor.predict(volume.array, volume.spacing_zyx)
             note["message"] = f"device {self.predictor.device}"

@@ -22,6 +22,8 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
     RLELossless,
 )
@@ -60,6 +62,9 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
     EnhancedCTImageStorage,
     MRImageStorage,
     EnhancedMRImageStorage,
+    # What archives make when they convert a single-frame series to one multi-frame object.
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
 )
 
 

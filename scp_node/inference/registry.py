@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from scp_node.dicom.selection import SeriesRules
 from scp_node.errors import ModelError
 
 CARD_FILE = "model.toml"
@@ -40,14 +41,26 @@ class LabelSpec(_Card):
     color: tuple[int, int, int] = (255, 0, 0)
 
 
-class SeriesRules(_Card):
-    """Which series of a study the model accepts."""
+class SeriesSpec(_Card):
+    """Which series of a study the model accepts (``[series]``); see :class:`SeriesRules`."""
 
     modalities: tuple[str, ...] = ("CT",)
     min_slices: int = Field(default=10, ge=1)
     orientation: Literal["axial", "any"] = "axial"
     #: Largest angle between the slice normal and the patient's z axis for "axial".
     max_tilt_deg: float = Field(default=10.0, ge=0, le=90)
+    #: Whether DERIVED/SECONDARY images (reformats, software recons) may be segmented.
+    accept_derived: bool = False
+
+    def rules(self) -> SeriesRules:
+        """The rules as the record series selection takes."""
+        return SeriesRules(
+            modalities=self.modalities,
+            min_slices=self.min_slices,
+            orientation=self.orientation,
+            max_tilt_deg=self.max_tilt_deg,
+            accept_derived=self.accept_derived,
+        )
 
 
 class InputSpec(_Card):
@@ -114,7 +127,7 @@ class ModelSpec(_Card):
     series_description: str = Field(default="AI segmentation", max_length=64)
     weights: WeightsSpec
     input: InputSpec = InputSpec()
-    series: SeriesRules = SeriesRules()
+    series: SeriesSpec = SeriesSpec()
     labels: tuple[LabelSpec, ...] = Field(min_length=1)
     metrics: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)

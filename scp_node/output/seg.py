@@ -21,7 +21,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
 
-from scp_node.dicom.series import Volume
+from scp_node.dicom.volume import SourceVolume
 from scp_node.durable import write_durably
 from scp_node.errors import SegmentationError
 from scp_node.inference.registry import CodeSpec, LabelSpec, ModelSpec
@@ -53,7 +53,7 @@ def content_label_for(model_name: str) -> str:
 
 
 def build_segmentation(
-    volume: Volume,
+    volume: SourceVolume,
     labelmap: np.ndarray,
     spec: ModelSpec,
     *,
@@ -68,12 +68,14 @@ def build_segmentation(
     colour from the card, algorithm type AUTOMATIC identified by model name and version).
     Labels without a voxel are left out. Every segment has exactly one frame per source
     slice (empty frames kept), placed at that slice's ImagePositionPatient; every source
-    instance is referenced.
+    instance is referenced. A multi-frame source is referenced frame by frame: each SEG
+    frame's Derivation Image Sequence names the source instance and the one frame of the
+    segmented stack it lies on (never a frame of another phase at the same position).
 
     Parameters
     ----------
-    volume : Volume
-        The source series; ``volume.datasets[i]`` is the source of ``labelmap[i]``.
+    volume : SourceVolume
+        The source stack; ``volume.frames[i]`` is the source plane of ``labelmap[i]``.
     labelmap : numpy.ndarray
         Shape ``(slices, rows, columns)`` equal to ``volume.array.shape``, any integer
         (or bool) dtype, in the same axis order as ``volume.array``. Values are 0
@@ -161,6 +163,7 @@ def build_segmentation(
         seg = hd.seg.Segmentation(
             source_images=list(volume.datasets),
             pixel_array=segments,
+            plane_positions=_plane_positions(volume),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=series_instance_uid,
@@ -178,6 +181,8 @@ def build_segmentation(
             content_description=f"{spec.name} {spec.version}"[:64],
             omit_empty_frames=False,
         )
+        if volume.stack.is_multi_frame:
+            _reference_stack_frames_only(seg, volume)
     except Exception as exc:  # highdicom raises ValueError, TypeError, AttributeError, ...
         raise SegmentationError(
             f"cannot build SEG of model {spec.name} {spec.version}: {exc}"
@@ -195,6 +200,51 @@ def build_segmentation(
         },
     )
     return seg
+
+
+def _plane_positions(volume: SourceVolume) -> list[hd.PlanePositionSequence] | None:
+    """Positions of a multi-frame stack's frames; ``None``: one source file per slice.
+
+    highdicom pairs ``pixel_array[i]`` with ``source_images[i]`` for single-frame sources.
+    A multi-frame stack is sorted along the normal (not in frame order) and may be one of
+    several stacks in its instance, so its frames are placed by position and highdicom
+    matches each to the source frames at that position.
+    """
+    if not volume.stack.is_multi_frame:
+        return None
+    return [
+        hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, frame.position)
+        for frame in volume.frames
+    ]
+
+
+def _reference_stack_frames_only(seg: hd.seg.Segmentation, volume: SourceVolume) -> None:
+    """Keep in each frame's derivation only source frames of the segmented stack.
+
+    highdicom references every source frame at a frame's position; in an instance holding
+    two phases that is one frame of each, but only one of them was segmented.
+    """
+    wanted = {
+        (frame.sop_instance_uid, frame.frame_number)
+        for frame in volume.frames
+        if frame.frame_number is not None
+    }
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in item.get("DerivationImageSequence", []):
+            sources = derivation.SourceImageSequence
+            kept = [
+                source
+                for source in sources
+                if (
+                    str(source.ReferencedSOPInstanceUID),
+                    int(source.get("ReferencedFrameNumber", 0) or 0),
+                )
+                in wanted
+            ]
+            if len(kept) != len(sources):
+                if not kept:
+                    raise SegmentationError("a SEG frame lies on no frame of the source stack")
+                derivation.SourceImageSequence = kept
 
 
 def _coded(code: CodeSpec) -> hd.sr.CodedConcept:

@@ -140,6 +140,7 @@ class WorkQueue:
         duration_s: float,
         message: str = "",
         data: dict[str, Any] | None = None,
+        level: Level = Level.INFO,
     ) -> None:
         """Record that a stage of a claimed job finished and how long it took.
 
@@ -155,6 +156,9 @@ class WorkQueue:
             Free text for the event (UIDs and numbers only, never patient data).
         data : dict or None
             JSON-serialisable details.
+        level : Level
+            ``WARNING`` when the stage finished but found something worth an admin's eye
+            (e.g. an irregular series segmented anyway).
 
         Raises
         ------
@@ -171,6 +175,7 @@ class WorkQueue:
                 q.study_uid(tx.session, job.study_id),
                 stage,
                 message or f"{stage.value} done",
+                level=level,
                 duration_s=duration_s,
                 data=data,
             )

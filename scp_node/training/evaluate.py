@@ -220,7 +220,7 @@ def evaluate_series(
 ) -> dict[str, float]:
     """Dice and 95% Hausdorff per label through the worker's own path.
 
-    The series is read with :func:`scp_node.dicom.series.load_volume` (the worker's
+    The series is read with :func:`scp_node.dicom.volume.load_volume` (the worker's
     reader: sorting, rescale, JPEG 2000 decoding), segmented by :class:`Predictor`
     with the chosen variant, turned into a DICOM SEG by
     :func:`scp_node.output.seg.build_segmentation`, encoded, read back with highdicom
@@ -256,7 +256,7 @@ def evaluate_series(
     """
     import io
 
-    from scp_node.dicom.series import load_volume
+    from scp_node.dicom.volume import load_volume
     from scp_node.output.seg import build_segmentation
 
     spec = ModelSpec.from_model_dir(model_dir)

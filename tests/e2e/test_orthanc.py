@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 
-from scp_node.dicom.series import load_volume
+from scp_node.dicom.volume import load_volume
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import load_model_spec
 from tests.conftest import REPO_ROOT

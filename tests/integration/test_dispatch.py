@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from scp_node.app import build_queue, delivery_target
-from scp_node.dicom.series import load_volume
+from scp_node.dicom.volume import load_volume
 from scp_node.dispatch import Dispatcher
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.seg import build_segmentation, write_segmentation

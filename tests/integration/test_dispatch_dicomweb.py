@@ -15,8 +15,8 @@ import pytest
 from pydicom import dcmread
 
 from scp_node.app import build_queue, delivery_target
-from scp_node.dicom.series import load_volume
 from scp_node.dicom.stow import stow_files
+from scp_node.dicom.volume import load_volume
 from scp_node.dispatch import Dispatcher
 from scp_node.errors import ConfigError, DeliveryError
 from scp_node.inference.registry import ModelSpec

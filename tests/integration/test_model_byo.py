@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from scp_node.dicom.series import load_volume
+from scp_node.dicom.volume import load_volume
 from scp_node.errors import ModelError
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.preprocess import window

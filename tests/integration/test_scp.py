@@ -27,6 +27,7 @@ from scp_node.queue.intake import Intake
 from scp_node.queue.models import Instance
 from scp_node.spool import Spool
 from tests.support.datasets import ct_dataset
+from tests.support.enhanced import legacy_converted
 from tests.support.net import free_port, wait_until
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -64,11 +65,11 @@ def scp(tmp_path: Path) -> Iterator[RunningScp]:
 
 
 def _storescu(
-    port: int, files: list[Path], calling: str = "STORESCU"
+    port: int, files: list[Path], calling: str = "STORESCU", *options: str
 ) -> subprocess.CompletedProcess[str]:
     # -xv proposes JPEG 2000 lossless, the syntax of the shared series; files go as they are.
     return subprocess.run(
-        ["storescu", "-aet", calling, "-aec", "SCPNODE", "-xv", "127.0.0.1", str(port)]
+        ["storescu", "-aet", calling, "-aec", "SCPNODE", "-xv", *options, "127.0.0.1", str(port)]
         + [str(f) for f in files],
         capture_output=True,
         text=True,
@@ -214,3 +215,27 @@ def test_stop_finishes_acknowledged_work_and_aborts_idle_associations(tmp_path: 
     assert running.instance_rows() == 1
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", running.port), timeout=2).close()
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_legacy_converted_enhanced_image_is_accepted(
+    scp: RunningScp, ct_b_files: list[Path], tmp_path: Path, modality: str
+) -> None:
+    path = legacy_converted(ct_b_files, tmp_path / "legacy.dcm", modality=modality)
+    # -R: propose the file's own SOP class (not in storescu's default list).
+    result = _storescu(scp.port, [path], "STORESCU", "-R")
+    assert result.returncode == 0, result.stderr
+    assert scp.instance_rows() == 1
+    original = dcmread(path, stop_before_pixels=True)
+    stored = dcmread(
+        scp.spool.instance_path(
+            original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID
+        ),
+        stop_before_pixels=True,
+    )
+    assert stored.SOPClassUID == original.SOPClassUID
+    assert stored.SOPClassUID in (
+        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
+    )
+    assert int(stored.NumberOfFrames) == 20

@@ -12,8 +12,8 @@ from pydicom import dcmread
 
 from scp_node.dicom.reference import InstanceReference
 from scp_node.dicom.scu import Peer, send_files
-from scp_node.dicom.series import load_volume
 from scp_node.dicom.verify import VerifyOutcome, verify_dicomweb, verify_dimse
+from scp_node.dicom.volume import load_volume
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.seg import build_segmentation, write_segmentation
 from tests.conftest import REPO_ROOT

@@ -11,7 +11,7 @@ from pydicom import dcmread
 from sqlalchemy import create_engine, func, select, text
 
 from scp_node.app import build_queue, delivery_target, retry_policy
-from scp_node.dicom.series import load_volume
+from scp_node.dicom.volume import load_volume
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.seg import build_segmentation, write_segmentation
 from scp_node.queue.db import make_engine, upgrade

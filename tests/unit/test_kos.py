@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from scp_node.dicom.reference import InstanceReference
-from scp_node.dicom.series import Volume, load_volume
+from scp_node.dicom.volume import SourceVolume, load_volume
 from scp_node.errors import SegmentationError
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.kos import build_rejection_note
@@ -51,7 +51,7 @@ def spec() -> ModelSpec:
 @pytest.fixture(scope="module")
 def segs(ct_b_files: list[Path], spec: ModelSpec) -> tuple[hd.seg.Segmentation, ...]:
     """The SEG of the first 14 slices (superseded) and of all 20 (superseding)."""
-    volume: Volume = load_volume(ct_b_files)
+    volume: SourceVolume = load_volume(ct_b_files)
     labelmap = np.zeros(volume.array.shape, dtype=np.uint8)
     labelmap[:, 200:260, 150:220] = 1
     part = replace(volume, array=volume.array[:14], datasets=volume.datasets[:14])

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from scp_node.dicom.series import Volume, load_volume
+from scp_node.dicom.volume import SourceVolume, load_volume
 from scp_node.errors import SegmentationError
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.seg import (
@@ -60,7 +60,7 @@ def spec() -> ModelSpec:
 
 
 @pytest.fixture(scope="module")
-def volume(ct_b_files: list[Path]) -> Volume:
+def volume(ct_b_files: list[Path]) -> SourceVolume:
     return load_volume(ct_b_files)
 
 
@@ -75,7 +75,7 @@ def _in_box_slice(z: float) -> bool:
     return BOX_Z_MM[0] <= z <= BOX_Z_MM[1]
 
 
-def _box_labelmap(volume: Volume) -> np.ndarray:
+def _box_labelmap(volume: SourceVolume) -> np.ndarray:
     labelmap = np.zeros(volume.array.shape, dtype=np.uint8)
     for index, ds in enumerate(volume.datasets):
         if _in_box_slice(float(ds.ImagePositionPatient[2])):
@@ -85,7 +85,9 @@ def _box_labelmap(volume: Volume) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def written(volume: Volume, spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def written(
+    volume: SourceVolume, spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     seg = build_segmentation(volume, _box_labelmap(volume), spec, software_version="0.1.0")
     assert seg is not None
     path = tmp_path_factory.mktemp("seg") / "seg.dcm"
@@ -212,7 +214,7 @@ def test_write_leaves_no_part_file(written: Path) -> None:
     assert not list(written.parent.glob("*.part"))
 
 
-def test_uids_are_stable_across_builds(volume: Volume, spec: ModelSpec) -> None:
+def test_uids_are_stable_across_builds(volume: SourceVolume, spec: ModelSpec) -> None:
     labelmap = _box_labelmap(volume)
     first = build_segmentation(volume, labelmap, spec, software_version="0.1.0")
     second = build_segmentation(volume, labelmap, spec, software_version="0.1.1")
@@ -292,7 +294,7 @@ def test_seg_series_uid_is_the_one_earlier_versions_wrote() -> None:
 
 
 def test_seg_of_fewer_slices_is_a_new_instance_in_the_same_series(
-    volume: Volume, spec: ModelSpec
+    volume: SourceVolume, spec: ModelSpec
 ) -> None:
     labelmap = _box_labelmap(volume)
     full = build_segmentation(volume, labelmap, spec, software_version="0.1.0")
@@ -304,7 +306,7 @@ def test_seg_of_fewer_slices_is_a_new_instance_in_the_same_series(
     assert partial.SOPInstanceUID != full.SOPInstanceUID
 
 
-def test_instance_number_and_content_time(volume: Volume, spec: ModelSpec) -> None:
+def test_instance_number_and_content_time(volume: SourceVolume, spec: ModelSpec) -> None:
     before = datetime.now(UTC).replace(microsecond=0)
     seg = build_segmentation(
         volume, _box_labelmap(volume), spec, software_version="0.1.0", instance_number=3
@@ -322,13 +324,13 @@ def test_instance_number_and_content_time(volume: Volume, spec: ModelSpec) -> No
         )
 
 
-def test_empty_labelmap_gives_none(volume: Volume, spec: ModelSpec) -> None:
+def test_empty_labelmap_gives_none(volume: SourceVolume, spec: ModelSpec) -> None:
     labelmap = np.zeros(volume.array.shape, dtype=np.uint8)
     assert build_segmentation(volume, labelmap, spec, software_version="0.1.0") is None
 
 
 def test_segments_follow_label_order_and_skip_absent_labels(
-    volume: Volume, spec: ModelSpec
+    volume: SourceVolume, spec: ModelSpec
 ) -> None:
     only_spleen = np.zeros(volume.array.shape, dtype=np.int16)
     only_spleen[3, 10:20, 10:20] = 2
@@ -347,7 +349,7 @@ def test_segments_follow_label_order_and_skip_absent_labels(
     assert seg.NumberOfFrames == 40
 
 
-def test_rejects_bad_labelmaps(volume: Volume, spec: ModelSpec) -> None:
+def test_rejects_bad_labelmaps(volume: SourceVolume, spec: ModelSpec) -> None:
     with pytest.raises(SegmentationError, match="shape"):
         build_segmentation(
             volume, np.zeros((19, 512, 512), np.uint8), spec, software_version="0.1.0"
@@ -363,7 +365,7 @@ def test_rejects_bad_labelmaps(volume: Volume, spec: ModelSpec) -> None:
 
 
 def test_write_into_missing_folder_fails_cleanly(
-    volume: Volume, spec: ModelSpec, tmp_path: Path
+    volume: SourceVolume, spec: ModelSpec, tmp_path: Path
 ) -> None:
     seg = build_segmentation(volume, _box_labelmap(volume), spec, software_version="0.1.0")
     assert seg is not None

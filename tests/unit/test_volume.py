@@ -1,10 +1,13 @@
-"""Series selection and volume loading on subject B's real CT slices."""
+"""Stacks, selection and volume loading on subject B's real CT slices (ported from
+test_series.py: the same assertions on the new modules, except where issue 10 changed the
+behaviour: multi-frame images are read, irregular spacing is a warning)."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -12,9 +15,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from scp_node.dicom.series import choose_series, load_volume
+from scp_node.dicom.selection import SeriesRules, choose_stack
+from scp_node.dicom.volume import load_volume, read_stacks
 from scp_node.errors import SeriesError
-from scp_node.inference.registry import SeriesRules
 
 CopySeries = Callable[..., list[Path]]
 
@@ -46,6 +49,11 @@ def copy_series(tmp_path: Path) -> CopySeries:
         return copies
 
     return copy
+
+
+def choose_series(series_files: dict[str, list[Path]], rules: SeriesRules) -> Any:
+    """Headers of every series, then the rules: the worker's select step."""
+    return choose_stack(read_stacks(series_files), rules)
 
 
 def _series_uid(path: Path) -> str:
@@ -132,7 +140,10 @@ def test_choose_series_rejects_multi_frame(ct_b_files: list[Path], copy_series: 
     files = copy_series(ct_b_files, "enhanced", multi_frame)
     uid = _series_uid(files[0])
     choice = choose_series({uid: files}, SeriesRules())
-    assert choice.rejected[uid] == "multi-frame images are not supported yet"
+    # Multi-frame images are read now (test_enhanced.py); one without per-frame geometry
+    # is refused with the reason.
+    assert choice.series_instance_uid is None
+    assert "without one per-frame functional group per frame" in choice.rejected[uid]
 
 
 def test_choose_series_rejects_missing_geometry(
@@ -245,9 +256,15 @@ def test_load_volume_rejects_mixed_frames_of_reference(
         load_volume(files)
 
 
-def test_load_volume_rejects_irregular_spacing(ct_b_files: list[Path]) -> None:
-    with pytest.raises(SeriesError, match="irregular slice spacing"):
-        load_volume([*ct_b_files[:8], *ct_b_files[9:]])
+def test_load_volume_reads_a_gapped_series_with_a_warning(ct_b_files: list[Path]) -> None:
+    # Issue 10: a missing slice no longer fails the job; the slices present are kept and
+    # the gap is said in words.
+    present = [*ct_b_files[:8], *ct_b_files[9:]]
+    volume = load_volume(present)
+    assert volume.shape == (19, 512, 512)
+    assert volume.spacing_zyx[0] == pytest.approx(2.0)
+    assert volume.warnings == ("1 gap of 4.0 mm in a 2.0 mm series (1 slice(s) missing)",)
+    assert sorted(_z(path) for path in present) == [frame.position[2] for frame in volume.frames]
 
 
 def test_load_volume_keeps_highest_instance_number_of_duplicates(
@@ -271,7 +288,7 @@ def test_load_volume_rejects_multi_frame(ct_b_files: list[Path], copy_series: Co
         ds.NumberOfFrames = 2
 
     files = copy_series(ct_b_files[:2], "mf", multi_frame)
-    with pytest.raises(SeriesError, match="multi-frame"):
+    with pytest.raises(SeriesError, match="NumberOfFrames 2 without one per-frame"):
         load_volume(files)
 
 
