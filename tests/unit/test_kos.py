@@ -54,7 +54,7 @@ def segs(ct_b_files: list[Path], spec: ModelSpec) -> tuple[hd.seg.Segmentation, 
     volume: SourceVolume = load_volume(ct_b_files)
     labelmap = np.zeros(volume.array.shape, dtype=np.uint8)
     labelmap[:, 200:260, 150:220] = 1
-    part = replace(volume, array=volume.array[:14], datasets=volume.datasets[:14])
+    part = load_volume(ct_b_files[:14])
     old = build_segmentation(part, labelmap[:14], spec, software_version="0.1.0")
     new = build_segmentation(volume, labelmap, spec, software_version="0.1.0", instance_number=2)
     assert old is not None and new is not None
