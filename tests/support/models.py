@@ -55,13 +55,13 @@ def mr_model(models_dir: Path, name: str = "mr-liver") -> Path:
 
 
 def thin_ct_model(models_dir: Path, name: str = "ct-thin") -> Path:
-    """A second CT model: only series 1 to 3 mm thick whose description says abdomen."""
+    """A second CT model: only series 1 to 3 mm thick whose description says body."""
     return model_folder(
         models_dir,
         name,
         replace={
             SHIPPED_SERIES: SHIPPED_SERIES
-            + 'slice_thickness_mm = [1.0, 3.0]\nseries_description = "abdo"\n',
+            + 'slice_thickness_mm = [1.0, 3.0]\nseries_description = "body"\n',
             'series_description = "AI abdomen segmentation"': 'series_description = "AI thin"',
         },
     )

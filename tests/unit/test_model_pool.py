@@ -171,7 +171,7 @@ def test_route_series_judges_what_intake_recorded() -> None:
 def test_card_rules_reach_the_selection_record(tmp_path: Path) -> None:
     spec = ModelSpec.from_model_dir(thin_ct_model(tmp_path))
     rules = spec.series.rules()
-    assert (rules.slice_thickness_mm, rules.series_description) == ((1.0, 3.0), "abdo")
+    assert (rules.slice_thickness_mm, rules.series_description) == ((1.0, 3.0), "body")
     assert ModelSpec.from_model_dir(mr_model(tmp_path)).series.modalities == ("MR",)
     with pytest.raises(ValueError, match="slice_thickness_mm"):
         SeriesRules(slice_thickness_mm=(3.0, 1.0))
