@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from scp_node.cli.common import ConfigOption, console, load, on_error
+from scp_node.cli.common import ConfigOption, console, fail, load, on_error
 
 __all__ = ["app", "study_routing"]
 
@@ -43,9 +43,7 @@ def _read_folder(folder: Path) -> _Files:
     refused: dict[str, str] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
-            sop_uid = str(
-                pydicom.dcmread(path, stop_before_pixels=True, force=True).get("SOPInstanceUID", "")
-            )
+            sop_uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SOPInstanceUID", ""))
             header = check_instance(path.read_bytes(), sop_uid)
         except (InvalidDicomError, InstanceRejectedError, OSError, ValueError) as exc:
             refused[str(path.relative_to(folder))] = str(exc)
@@ -133,7 +131,7 @@ def rules_test(
     """Show which model takes which series of STUDY_DIR, and why the others not."""
     settings = load(config)
     if not study_dir.is_dir():
-        raise typer.BadParameter(f"{study_dir} is not a folder", param_hint="STUDY_DIR")
+        raise fail(f"{study_dir} is not a folder", code=2)
     with on_error():
         report = study_routing(
             study_dir, settings.worker.models_dir, model or list(settings.worker.models)
@@ -143,7 +141,10 @@ def rules_test(
         return
     for name, found in report["models"].items():
         if "down" in found:
-            console.print(f"[bold]{escape(name)}[/]: [red]model down[/]: {escape(found['down'])}")
+            console.print(
+                f"[bold]{escape(name)}[/]: [red]model down[/]: {escape(found['down'])}",
+                soft_wrap=True,
+            )
             continue
         head = (
             f"takes series {found['chosen']}"
