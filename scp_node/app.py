@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import FrameType
@@ -23,18 +23,21 @@ from sqlalchemy import Engine
 from scp_node import __version__
 from scp_node.dicom.handlers import StoreContext
 from scp_node.dicom.scp import StorageServer, build_storage_ae
+from scp_node.dicom.selection import route_study
 from scp_node.dicom.tls import client_context_from_settings, server_context_from_settings
 from scp_node.dispatch import Dispatcher
+from scp_node.errors import ModelError
+from scp_node.inference.pool import ModelPool
 from scp_node.inference.predictor import Predictor
-from scp_node.inference.registry import load_model_spec
+from scp_node.inference.registry import ModelSpec, load_model_spec
 from scp_node.metrics import NodeMetrics
 from scp_node.queue.admin import JobAdmin
 from scp_node.queue.db import make_engine, upgrade
 from scp_node.queue.deliveries import Deliveries
 from scp_node.queue.intake import Intake
-from scp_node.queue.records import DeliveryTarget
+from scp_node.queue.records import DeliveryTarget, SeriesFacts
 from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.settling import Settling
+from scp_node.queue.settling import Router, Settling
 from scp_node.queue.tx import Clock, utcnow
 from scp_node.queue.views import JobViews
 from scp_node.queue.work import WorkQueue
@@ -137,8 +140,49 @@ def _settler(settling: Settling, settings: Settings, wake_work: threading.Event)
         else None
     )
     return Settler(
-        settling, [settings.worker.model], settings.settle.quiet_s, gate=gate, wake_work=wake_work
+        settling, model_routes(settings), settings.settle.quiet_s, gate=gate, wake_work=wake_work
     )
+
+
+def model_routes(settings: Settings) -> dict[str, Router | None]:
+    """Each served model's settle-time router, from its card's ``[series]`` rules.
+
+    A model whose card cannot be read gets no router: its studies still become jobs, which
+    wait for a worker that serves it (and its being down shows on that worker's health).
+    """
+    routes: dict[str, Router | None] = {}
+    for name in settings.worker.models:
+        try:
+            spec = load_model_spec(settings.worker.models_dir, name)
+        except ModelError as exc:
+            logger.error(
+                "model card unreadable: no routing rules", extra={"model": name, "error": str(exc)}
+            )
+            routes[name] = None
+            continue
+        routes[name] = _router(spec)
+    return routes
+
+
+def _router(spec: ModelSpec) -> Router:
+    rules = spec.series.rules()
+
+    def route(series: Sequence[SeriesFacts]) -> str | None:
+        return route_study(series, rules)
+
+    return route
+
+
+def _load_predictor(settings: Settings, runtime: NodeRuntime) -> Callable[[ModelSpec], Predictor]:
+    """Loader of the worker's model pool: one predictor per model on the configured device."""
+
+    def load(spec: ModelSpec) -> Predictor:
+        predictor = Predictor(settings.worker.device, threads=settings.worker.threads)
+        predictor.load(spec)
+        runtime.device = str(predictor.device)
+        return predictor
+
+    return load
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -191,14 +235,18 @@ def run_node(
     web = _start_web(settings, db, runtime, metrics) if settings.web.enabled else None
 
     if Stage.WORK in stages:
-        spec = load_model_spec(settings.worker.models_dir, settings.worker.model)
-        predictor = Predictor(settings.worker.device, threads=settings.worker.threads)
-        predictor.load(spec)
-        runtime.device = str(predictor.device)
+        pool = ModelPool(
+            settings.worker.models_dir,
+            settings.worker.models,
+            _load_predictor(settings, runtime),
+            max_loaded=settings.worker.max_loaded_models,
+        )
+        runtime.models = pool.status
+        # Weights load on a model's first job; the device is known now.
+        runtime.device = Predictor(settings.worker.device, threads=settings.worker.threads).device
         worker = Worker(
             db.work,
-            spec,
-            predictor,
+            pool,
             WorkerConfig(
                 owner=_owner("work"),
                 outbox_dir=settings.worker.outbox_dir,
@@ -208,10 +256,6 @@ def run_node(
                 software_version=__version__,
             ),
             wake_dispatch=wake_dispatch,
-        )
-        logger.info(
-            "model loaded",
-            extra={"model": spec.name, "model_version": spec.version, "device": predictor.device},
         )
         threads.append(
             _start_thread(lambda: worker.run(stop, settings.worker.poll_s, wake_work), "worker")

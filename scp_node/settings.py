@@ -129,7 +129,12 @@ class WorkerSection(_Section):
     """``[worker]``: inference."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: The first of ``models`` (a one-model configuration may set only this key).
     model: str = "ct-abdomen"
+    #: Model folder names under ``models_dir`` this node serves; defaults to ``[model]``.
+    models: tuple[str, ...] = ()
+    #: Most models a worker keeps loaded at once (least recently used dropped first).
+    max_loaded_models: int = Field(default=2, ge=1)
     models_dir: Path = Path("models")
     #: Where finished SEG files wait for dispatch.
     outbox_dir: Path = Path("var/outbox")
@@ -139,6 +144,22 @@ class WorkerSection(_Section):
     poll_s: float = Field(default=1.0, gt=0)
     #: CPU threads for torch; 0 lets torch decide.
     threads: int = Field(default=0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_model_list(cls, data: Any) -> Any:
+        """``model = "x"`` alone means ``models = ["x"]``; with ``models``, ``model`` must
+        be one of them (it then names the first)."""
+        if not isinstance(data, dict):
+            return data
+        models = data.get("models")
+        if not models:
+            return {**data, "models": [data.get("model", "ct-abdomen")]}
+        if "model" in data and data["model"] not in models:
+            raise ValueError(
+                f"worker.model {data['model']!r} is not in worker.models; set only worker.models"
+            )
+        return {**data, "model": models[0]}
 
 
 class RetrySection(_Section):

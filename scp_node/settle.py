@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -25,7 +25,7 @@ from scp_node.dicom.query import series_instance_counts
 from scp_node.dicom.scu import Peer
 from scp_node.errors import NodeError
 from scp_node.queue.records import UnsettledStudy
-from scp_node.queue.settling import Settling
+from scp_node.queue.settling import Router, Settling
 from scp_node.queue.tx import Clock, utcnow
 from scp_node.settings import Source
 from scp_node.stage_loop import run_stage
@@ -134,8 +134,9 @@ class Settler:
     ----------
     settling : Settling
         The settle stage's piece of the job table.
-    models : Sequence[str]
-        One job per model and study.
+    models : Sequence[str] or Mapping of str to (Router or None)
+        One job per model and study, for the models whose router takes the study (see
+        :meth:`Settling.settle`).
     quiet_s : float
         Seconds without a new instance before a study settles by the quiet rule.
     gate : CompletenessGate or None
@@ -149,7 +150,7 @@ class Settler:
     def __init__(
         self,
         settling: Settling,
-        models: Sequence[str],
+        models: Sequence[str] | Mapping[str, Router | None],
         quiet_s: float,
         *,
         gate: CompletenessGate | None = None,
@@ -157,7 +158,9 @@ class Settler:
         clock: Clock = utcnow,
     ) -> None:
         self.settling = settling
-        self.models = tuple(models)
+        self.models: Sequence[str] | Mapping[str, Router | None] = (
+            dict(models) if isinstance(models, Mapping) else tuple(models)
+        )
         self.quiet_s = quiet_s
         self.gate = gate
         self._wake_work = wake_work

@@ -16,7 +16,7 @@ from typing import Any
 from scp_node.dicom.selection import choose_stack
 from scp_node.dicom.volume import describe, load_stack, read_stacks
 from scp_node.errors import JobLeaseLostError, ModelError, SeriesError
-from scp_node.inference.predictor import Predictor
+from scp_node.inference.pool import LoadedModel, ModelPool
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.preview import preview_path_for, render_preview, write_preview
 from scp_node.output.seg import build_segmentation, write_segmentation
@@ -38,6 +38,10 @@ class WorkerConfig:
     lease_s: float
     heartbeat_s: float
     software_version: str
+
+
+class _ModelDownError(Exception):
+    """The job's model could not be loaded on this worker (it is now marked down)."""
 
 
 class _Heartbeat:
@@ -69,20 +73,18 @@ class _Heartbeat:
 
 
 class Worker:
-    """Runs jobs for one model with one predictor."""
+    """Runs the jobs of the models in its pool (only theirs: it claims by model)."""
 
     def __init__(
         self,
         jobs: WorkQueue,
-        spec: ModelSpec,
-        predictor: Predictor,
+        pool: ModelPool,
         config: WorkerConfig,
         *,
         wake_dispatch: threading.Event | None = None,
     ) -> None:
         self.jobs = jobs
-        self.spec = spec
-        self.predictor = predictor
+        self.pool = pool
         self.config = config
         self._wake_dispatch = wake_dispatch
 
@@ -91,23 +93,28 @@ class Worker:
     ) -> None:
         """Process jobs until ``stop`` is set. With the queue empty it waits ``poll_s``, or
         less when ``wake`` is set (the settle sweep in the same process made a job)."""
-        logger.info("worker started", extra={"owner": self.config.owner, "model": self.spec.name})
+        logger.info(
+            "worker started",
+            extra={"owner": self.config.owner, "models": ",".join(self.pool.served)},
+        )
         run_stage("work", self.run_once, stop, poll_s, wake)
         logger.info("worker stopped", extra={"owner": self.config.owner})
 
     def run_once(self) -> bool:
         """Claim and process one job; False when there was none."""
-        job = self.jobs.claim(self.config.owner, self.config.lease_s)
+        served = self.pool.served
+        if not served:
+            return False
+        job = self.jobs.claim(self.config.owner, self.config.lease_s, served)
         if job is None:
             return False
-        if job.model != self.spec.name:
-            self.jobs.fail(job.id, job.token, f"this worker runs {self.spec.name}", retryable=True)
-            return True
         with _Heartbeat(self.jobs, job, self.config.lease_s, self.config.heartbeat_s) as beat:
             try:
                 self._process(job)
             except JobLeaseLostError:
                 logger.warning("lease lost; result dropped", extra={"job_id": job.id})
+            except _ModelDownError as exc:
+                self._fail(job, str(exc), retryable=True)
             except (SeriesError, ModelError) as exc:
                 self._fail(job, str(exc), retryable=False)
             except Exception as exc:
@@ -150,10 +157,16 @@ class Worker:
 
     def _process(self, job: ClaimedJob) -> None:
         ids = {"job_id": job.id, "study_instance_uid": job.study_instance_uid}
+        # A model that cannot load fails this attempt (retryable: another worker may hold
+        # it) and is marked down, so this worker claims no more of its jobs.
+        try:
+            spec = self.pool.specs[job.model]
+        except KeyError:
+            raise ModelError(f"model {job.model} is not served by this worker") from None
         with self._stage(job, Stage.SELECT) as note:
             selection = choose_stack(
                 read_stacks(self.jobs.study_series(job.study_instance_uid)),
-                self.spec.series.rules(),
+                spec.series.rules(),
             )
             note["message"] = selection.summary()
             if selection.warnings:
@@ -172,11 +185,12 @@ class Worker:
             volume = load_stack(selection.stack)
             note["message"] = describe(selection.stack)
         with self._stage(job, Stage.INFERENCE) as note:
-            labelmap = self.predictor.predict(volume.array, volume.spacing_zyx)
-            note["message"] = f"device {self.predictor.device}"
+            predictor = self._predictor(job)
+            labelmap = predictor.predict(volume.array, volume.spacing_zyx)
+            note["message"] = f"model {spec.name} {spec.version}, device {predictor.device}"
         with self._stage(job, Stage.SEG) as note:
             seg = build_segmentation(
-                volume, labelmap, self.spec, software_version=self.config.software_version
+                volume, labelmap, spec, software_version=self.config.software_version
             )
             seg_path: Path | None = None
             seg_uid: str | None = None
@@ -189,19 +203,30 @@ class Worker:
                 write_segmentation(seg, seg_path)
                 note["message"] = f"SEG {seg_uid}, {len(seg.SegmentSequence)} segment(s)"
         if seg_path is not None:
-            self._write_preview(job, volume.array, labelmap, seg_path)
+            self._write_preview(job, spec, volume.array, labelmap, seg_path)
         logger.info("inference done", extra={**ids, "series_instance_uid": series_uid})
         outcome = Outcome.SEG if seg_path else Outcome.NO_FINDINGS
         self._complete(job, series_uid, seg_path, seg_uid, outcome)
 
-    def _write_preview(self, job: ClaimedJob, image: Any, labelmap: Any, seg_path: Path) -> None:
+    def _predictor(self, job: ClaimedJob) -> LoadedModel:
+        """The job's model, loaded (maybe evicting the least recently used one)."""
+        try:
+            _, predictor = self.pool.get(job.model)
+        except ModelError as exc:
+            # Retryable: the model is down on this worker only; another may serve it.
+            raise _ModelDownError(str(exc)) from exc
+        return predictor
+
+    def _write_preview(
+        self, job: ClaimedJob, spec: ModelSpec, image: Any, labelmap: Any, seg_path: Path
+    ) -> None:
         """PNG preview beside the SEG for the dashboard; a failure is logged, never fatal."""
         window: tuple[float, float] | None = None
-        if self.spec.input.window_center is not None and self.spec.input.window_width:
-            window = (self.spec.input.window_center, self.spec.input.window_width)
+        if spec.input.window_center is not None and spec.input.window_width:
+            window = (spec.input.window_center, spec.input.window_width)
         try:
             write_preview(
-                render_preview(image, labelmap, self.spec.labels, window=window),
+                render_preview(image, labelmap, spec.labels, window=window),
                 preview_path_for(seg_path),
             )
         except Exception:

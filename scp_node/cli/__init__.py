@@ -4,7 +4,8 @@
 - :mod:`~scp_node.cli.jobs`: ``jobs`` (list, show, retry, cancel) and ``logs``;
 - :mod:`~scp_node.cli.dicom`: ``echo`` and ``send``;
 - :mod:`~scp_node.cli.model`: ``model train|evaluate|prune|quantize|export``;
-- :mod:`~scp_node.cli.db`: ``db upgrade``.
+- :mod:`~scp_node.cli.db`: ``db upgrade``;
+- :mod:`~scp_node.cli.rules`: ``rules test STUDY_DIR`` (which model takes which series).
 
 Errors become one line on stderr and an exit status in :func:`scp_node.cli.common.on_error`.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import typer
 
-from scp_node.cli import db, dicom, jobs, model, run
+from scp_node.cli import db, dicom, jobs, model, rules, run
 
 __all__ = ["app"]
 
@@ -23,6 +24,7 @@ for command in (run.serve, run.web, run.receive, run.work, run.dispatch):
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(db.app, name="db")
 app.add_typer(model.app, name="model")
+app.add_typer(rules.app, name="rules")
 app.command()(jobs.logs)
 app.command()(dicom.echo)
 app.command()(dicom.send)

@@ -137,6 +137,10 @@ def _store(event: Event, ctx: StoreContext) -> int:
                 series_number=header.series_number,
                 series_description=header.series_description,
                 study_date=header.study_date,
+                body_part_examined=header.body_part_examined,
+                slice_thickness_mm=header.slice_thickness_mm,
+                orientation=header.orientation,
+                frame_count=header.frame_count,
             )
         )
         if ctx.metrics is not None:

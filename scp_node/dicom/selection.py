@@ -8,14 +8,17 @@ registry can build :class:`SeriesRules` from a card without importing pydicom.
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from scp_node.dicom.volume import Stack
+    from scp_node.queue.records import SeriesFacts
 
-__all__ = ["Selection", "SeriesRules", "choose_stack"]
+__all__ = ["Selection", "SeriesRules", "choose_stack", "route_series", "route_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,15 @@ class SeriesRules:
     accept_derived : bool
         Whether DERIVED or SECONDARY images (reformats, thick recons made by software) may
         be segmented; localizers never are.
+    body_parts : tuple of str
+        Accepted BodyPartExamined values (case-insensitive); empty accepts any, and a
+        series without the attribute is accepted.
+    series_description : str or None
+        Regular expression searched (case-insensitive) in SeriesDescription; None accepts
+        any. A series without a description does not match a pattern.
+    slice_thickness_mm : tuple of (float, float) or None
+        Inclusive [min, max] SliceThickness in mm; None accepts any, and a series without
+        the attribute is accepted.
     """
 
     modalities: tuple[str, ...] = ("CT",)
@@ -45,8 +57,26 @@ class SeriesRules:
     orientation: Literal["axial", "any"] = "axial"
     max_tilt_deg: float = 10.0
     accept_derived: bool = False
+    body_parts: tuple[str, ...] = ()
+    series_description: str | None = None
+    slice_thickness_mm: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.series_description is not None:
+            try:
+                re.compile(self.series_description)
+            except re.error as exc:
+                raise ValueError(f"series_description is not a regular expression: {exc}") from None
+        if self.slice_thickness_mm is not None:
+            low, high = self.slice_thickness_mm
+            if not 0 <= low <= high:
+                raise ValueError(
+                    f"slice_thickness_mm must be [min, max] with 0 <= min <= max, "
+                    f"not {list(self.slice_thickness_mm)}"
+                )
+        self._check_basics()
+
+    def _check_basics(self) -> None:
         if self.min_slices < 1:
             raise ValueError(f"min_slices must be at least 1, not {self.min_slices}")
         if not 0 <= self.max_tilt_deg <= 90:
@@ -180,4 +210,102 @@ def _assess(stack: Stack, rules: SeriesRules) -> str | None:
         )
     if stack.slices < rules.min_slices:
         return f"{stack.slices} distinct slice position(s), at least {rules.min_slices} needed"
+    header = stack.headers[0] if stack.headers else None
+    if header is None:
+        return None
+    return _attribute_reason(
+        rules,
+        _text(header.get("SeriesDescription")),
+        _text(header.get("BodyPartExamined")),
+        _number(header.get("SliceThickness")),
+    )
+
+
+def _text(value: object) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+def _number(value: object) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _attribute_reason(
+    rules: SeriesRules,
+    description: str | None,
+    body_part: str | None,
+    thickness_mm: float | None,
+) -> str | None:
+    """Why the header attributes rule a series out (description, body part, thickness)."""
+    if rules.series_description is not None and (
+        description is None or re.search(rules.series_description, description, re.I) is None
+    ):
+        # The description may hold patient-adjacent free text: name the rule, not the value.
+        return f"series description does not match /{rules.series_description}/"
+    wanted_parts = {part.upper() for part in rules.body_parts}
+    if wanted_parts and body_part is not None and body_part.upper() not in wanted_parts:
+        return f"body part {body_part} is not one of {', '.join(rules.body_parts)}"
+    if rules.slice_thickness_mm is not None and thickness_mm is not None:
+        low, high = rules.slice_thickness_mm
+        if not low <= thickness_mm <= high:
+            return f"slice thickness {thickness_mm:g} mm outside [{low:g}, {high:g}] mm"
     return None
+
+
+def route_series(facts: SeriesFacts, rules: SeriesRules) -> str | None:
+    """Why a model's rules rule a series out from what intake recorded, or None.
+
+    The settle-time check: only what the instance rows hold (modality, description, body
+    part, slice thickness, orientation of the first instance, frames received). Unknown
+    values let the series through; the worker makes the precise choice from the files with
+    :func:`choose_stack`, so a series routed here may still be rejected there, never the
+    other way round.
+    """
+    if facts.frame_count == 0:
+        return "no image received"
+    if facts.modality not in rules.modalities:
+        wanted = ", ".join(rules.modalities)
+        return f"modality {facts.modality or '(missing)'} is not one of {wanted}"
+    if facts.frame_count < rules.min_slices:
+        return f"{facts.frame_count} frame(s) received, at least {rules.min_slices} needed"
+    if rules.orientation == "axial" and facts.orientation is not None:
+        tilt = _tilt_deg(facts.orientation)
+        if tilt is not None and tilt > rules.max_tilt_deg:
+            return (
+                f"not axial: slice normal {tilt:.1f} degrees from the patient z axis "
+                f"(at most {rules.max_tilt_deg:g} allowed)"
+            )
+    return _attribute_reason(
+        rules, facts.series_description, facts.body_part_examined, facts.slice_thickness_mm
+    )
+
+
+def route_study(series: Sequence[SeriesFacts], rules: SeriesRules) -> str | None:
+    """None when some series of a study may suit the model, else why none does.
+
+    Returns
+    -------
+    str or None
+        ``"no series matches: <uid>: <reason>; ..."`` when every series is ruled out.
+    """
+    reasons: dict[str, str] = {}
+    for facts in series:
+        why = route_series(facts, rules)
+        if why is None:
+            return None
+        reasons[facts.series_instance_uid] = why
+    if not reasons:
+        return "no series received"
+    return "no series matches: " + "; ".join(f"{u}: {w}" for u, w in sorted(reasons.items()))
+
+
+def _tilt_deg(orientation: Sequence[float]) -> float | None:
+    """Angle between the slice normal of ``orientation`` and the patient z axis."""
+    r, c = orientation[:3], orientation[3:6]
+    nz = r[0] * c[1] - r[1] * c[0]
+    norm = math.sqrt((r[1] * c[2] - r[2] * c[1]) ** 2 + (r[2] * c[0] - r[0] * c[2]) ** 2 + nz**2)
+    if norm == 0:
+        return None
+    return math.degrees(math.acos(min(1.0, abs(nz) / norm)))

@@ -43,6 +43,38 @@ class InstanceHeader:
     series_number: int | None
     series_description: str | None
     study_date: str | None
+    body_part_examined: str | None = None
+    slice_thickness_mm: float | None = None
+    orientation: tuple[float, ...] | None = None
+    frame_count: int = 1
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _orientation(ds: Dataset) -> tuple[float, ...] | None:
+    """ImageOrientationPatient, from the top level or (enhanced multi-frame) the shared
+    functional groups; None when absent or malformed."""
+    value = ds.get("ImageOrientationPatient")
+    if value is None:
+        try:
+            value = (
+                ds.SharedFunctionalGroupsSequence[0]
+                .PlaneOrientationSequence[0]
+                .get("ImageOrientationPatient")
+            )
+        except (AttributeError, IndexError):
+            value = None
+    try:
+        cosines = tuple(float(v) for v in value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return cosines if cosines is not None and len(cosines) == 6 else None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -152,4 +184,8 @@ def check_instance(data: bytes, affected_sop_instance_uid: str) -> InstanceHeade
         series_number=_int(ds, "SeriesNumber"),
         series_description=_text(ds, "SeriesDescription"),
         study_date=_text(ds, "StudyDate"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        slice_thickness_mm=_float(ds, "SliceThickness"),
+        orientation=_orientation(ds),
+        frame_count=(_int(ds, "NumberOfFrames") or 1) if "PixelData" in ds else 0,
     )

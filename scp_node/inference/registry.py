@@ -51,6 +51,17 @@ class SeriesSpec(_Card):
     max_tilt_deg: float = Field(default=10.0, ge=0, le=90)
     #: Whether DERIVED/SECONDARY images (reformats, software recons) may be segmented.
     accept_derived: bool = False
+    #: Accepted BodyPartExamined values (case-insensitive); empty accepts any.
+    body_parts: tuple[str, ...] = ()
+    #: Regular expression searched (case-insensitive) in SeriesDescription.
+    series_description: str | None = None
+    #: Inclusive [min, max] SliceThickness in mm.
+    slice_thickness_mm: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _valid_rules(self) -> SeriesSpec:
+        self.rules()  # the record's own checks (regular expression, thickness range)
+        return self
 
     def rules(self) -> SeriesRules:
         """The rules as the record series selection takes."""
@@ -60,6 +71,9 @@ class SeriesSpec(_Card):
             orientation=self.orientation,
             max_tilt_deg=self.max_tilt_deg,
             accept_derived=self.accept_derived,
+            body_parts=self.body_parts,
+            series_description=self.series_description,
+            slice_thickness_mm=self.slice_thickness_mm,
         )
 
 

@@ -96,6 +96,7 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord) -> bool:
             series_number=rec.series_number,
             series_description=rec.series_description,
             instance_count=0,
+            frame_count=0,
         )
         s.add(series)
         s.flush()
@@ -104,6 +105,7 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord) -> bool:
         if series.series_number is None:
             series.series_number = rec.series_number
         series.series_description = series.series_description or rec.series_description
+    _record_routing_facts(series, rec)
 
     instance = s.scalars(
         select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid).with_for_update()
@@ -123,6 +125,7 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord) -> bool:
             )
         )
         series.instance_count += 1
+        series.frame_count += rec.frame_count
         study.instance_count += 1
     else:
         if instance.series_id != series.id:
@@ -136,6 +139,7 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord) -> bool:
                         old_study.instance_count -= 1
                     study.instance_count += 1
             series.instance_count += 1
+            series.frame_count += rec.frame_count
             instance.series_id = series.id
         instance.sop_class_uid = rec.sop_class_uid
         instance.transfer_syntax_uid = rec.transfer_syntax_uid
@@ -157,3 +161,13 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord) -> bool:
         )
     )
     return is_new
+
+
+def _record_routing_facts(series: Series, rec: InstanceRecord) -> None:
+    """Keep the first known value of each routing fact (see ``SeriesFacts``)."""
+    if series.body_part_examined is None and rec.body_part_examined:
+        series.body_part_examined = rec.body_part_examined[:16]
+    if series.slice_thickness_mm is None:
+        series.slice_thickness_mm = rec.slice_thickness_mm
+    if series.orientation is None and rec.orientation is not None:
+        series.orientation = "\\".join(f"{v:.6g}" for v in rec.orientation)

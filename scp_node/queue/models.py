@@ -241,6 +241,13 @@ class Series(Base):
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str | None] = mapped_column(String(64))
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: Routing facts from the first instance that had them (see ``SeriesFacts``).
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    slice_thickness_mm: Mapped[float | None] = mapped_column(Float)
+    #: ImageOrientationPatient as six backslash-separated numbers.
+    orientation: Mapped[str | None] = mapped_column(String(128))
+    #: Frames received across the series' instances.
+    frame_count: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Instance(Base):

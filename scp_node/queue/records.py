@@ -20,6 +20,7 @@ __all__ = [
     "InstanceRecord",
     "JobEventView",
     "JobView",
+    "SeriesFacts",
     "SeriesInfo",
     "UnsettledStudy",
     "WorkerLease",
@@ -47,6 +48,32 @@ class InstanceRecord:
     series_description: str | None = None
     #: DICOM DA (YYYYMMDD).
     study_date: str | None = None
+    #: BodyPartExamined (a defined term, e.g. ``ABDOMEN``).
+    body_part_examined: str | None = None
+    #: SliceThickness in mm.
+    slice_thickness_mm: float | None = None
+    #: ImageOrientationPatient (row then column direction cosines).
+    orientation: tuple[float, ...] | None = None
+    #: Frames in the instance (NumberOfFrames; 1 for a single-frame image, 0 for no image).
+    frame_count: int = 1
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    """What intake recorded about one series: all that routing can judge at settle time.
+
+    Values come from the first instance that carried them; ``None`` means unknown (the
+    routing rule then lets the series through and the worker decides from the files).
+    """
+
+    series_instance_uid: str
+    modality: str | None
+    series_description: str | None
+    body_part_examined: str | None
+    slice_thickness_mm: float | None
+    orientation: tuple[float, ...] | None
+    #: Frames received (the most slices the series can have).
+    frame_count: int
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@ requeue of leases whose holder stopped heartbeating."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from datetime import timedelta
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, or_, select
+from sqlalchemy.orm import Session
 
 from scp_node.queue import tx as q
 from scp_node.queue.models import (
@@ -16,15 +17,19 @@ from scp_node.queue.models import (
     Job,
     JobState,
     Level,
+    Outcome,
     Series,
     Stage,
     Study,
 )
-from scp_node.queue.records import UnsettledStudy
+from scp_node.queue.records import SeriesFacts, UnsettledStudy
 from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.tx import Clock, Sessions, utcnow
+from scp_node.queue.tx import Clock, Sessions, Tx, utcnow
 
-__all__ = ["Settling"]
+__all__ = ["Router", "Settling"]
+
+#: A model's routing rule: None when a study's series may suit the model, else why not.
+Router = Callable[[Sequence[SeriesFacts]], "str | None"]
 
 
 class Settling:
@@ -47,7 +52,7 @@ class Settling:
     def settle(
         self,
         quiet_s: float,
-        models: Sequence[str],
+        models: Sequence[str] | Mapping[str, Router | None],
         *,
         only: Collection[str] | None = None,
         exclude: Collection[str] = (),
@@ -63,8 +68,11 @@ class Settling:
         ----------
         quiet_s : float
             Seconds without a new instance before a study becomes jobs (>= 0).
-        models : Sequence[str]
-            Model names; one job per model.
+        models : Sequence[str] or Mapping of str to (Router or None)
+            Model names; one job per model whose router takes the study (a model without a
+            router takes every study). A study a router rules out gets a job that is DONE at
+            once with outcome ``no_matching_series`` and the router's reason as its error
+            and in its event: no inference runs, and the CLI and dashboard show why.
         only : Collection[str] or None
             Settle only these studies (Study Instance UIDs); None means any.
         exclude : Collection[str]
@@ -84,6 +92,9 @@ class Settling:
         """
         if quiet_s < 0:
             raise ValueError(f"quiet_s must be >= 0, got {quiet_s}")
+        routers: Mapping[str, Router | None] = (
+            models if isinstance(models, Mapping) else dict.fromkeys(models)
+        )
         created: list[int] = []
         with self._tx.write("settle") as tx:
             s, now = tx.session, tx.now
@@ -106,7 +117,18 @@ class Settling:
                     continue
                 settle_wait = q.seconds(now - study.last_received_at)
                 receive = q.seconds(study.last_received_at - study.first_received_at)
-                for model in models:
+                facts: list[SeriesFacts] | None = None
+                for model, router in routers.items():
+                    why_not: str | None = None
+                    if router is not None:
+                        if facts is None:
+                            facts = _series_facts(s, study.id)
+                        why_not = router(facts)
+                    if why_not is not None:
+                        created.append(
+                            self._not_routed(tx, study, model, why_not, receive, settle_wait)
+                        )
+                        continue
                     waiting = s.execute(
                         select(Job.id)
                         .where(
@@ -142,6 +164,50 @@ class Settling:
                     created.append(job.id)
                 study.settled_through = study.last_received_at
         return created
+
+    def _not_routed(
+        self, tx: Tx, study: Study, model: str, reason: str, receive: float, settle_wait: float
+    ) -> int:
+        """A finished job that records why ``model`` does not take ``study``."""
+        now: datetime = tx.now
+        job = Job(
+            study_id=study.id,
+            model=model,
+            state=JobState.DONE,
+            attempts=0,
+            max_attempts=self._retry.max_attempts,
+            not_before=now,
+            created_at=now,
+            finished_at=now,
+            outcome=Outcome.NO_MATCHING_SERIES,
+            error=reason,
+            durations={"receive": receive, "settle_wait": settle_wait},
+        )
+        tx.session.add(job)
+        tx.session.flush()
+        tx.event(
+            job,
+            study.study_instance_uid,
+            Stage.SETTLED,
+            f"study settled: not routed to model {model}: {reason}",
+            duration_s=settle_wait,
+            data={"routed": False, "reason": reason, "instance_count": study.instance_count},
+        )
+        return job.id
+
+    def series_facts(self, study_instance_uid: str) -> list[SeriesFacts]:
+        """What intake recorded about each series of a study (empty if unknown).
+
+        Raises
+        ------
+        QueueError
+            If the database read fails.
+        """
+        with self._tx.read("series_facts") as s:
+            study_id = s.scalars(
+                select(Study.id).where(Study.study_instance_uid == study_instance_uid)
+            ).one_or_none()
+            return [] if study_id is None else _series_facts(s, study_id)
 
     def unsettled_studies(self) -> list[UnsettledStudy]:
         """Studies whose latest instances no job covers yet, oldest first.
@@ -252,3 +318,28 @@ class Settling:
                     level=Level.WARNING,
                 )
         return expired_ids
+
+
+def _series_facts(s: Session, study_id: int) -> list[SeriesFacts]:
+    rows = s.scalars(select(Series).where(Series.study_id == study_id).order_by(Series.id)).all()
+    return [
+        SeriesFacts(
+            series_instance_uid=row.series_instance_uid,
+            modality=row.modality,
+            series_description=row.series_description,
+            body_part_examined=row.body_part_examined,
+            slice_thickness_mm=row.slice_thickness_mm,
+            orientation=_cosines(row.orientation),
+            frame_count=row.frame_count,
+        )
+        for row in rows
+    ]
+
+
+def _cosines(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split("\\"))
+    except ValueError:
+        return None

@@ -4,7 +4,7 @@ one read it needs (a study's instance files by series)."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,10 @@ class WorkQueue:
         self._tx = Sessions(engine, clock)
         self._retry = retry_policy
 
-    def claim(self, owner: str, lease_s: float) -> ClaimedJob | None:
-        """Atomically claim the oldest QUEUED job that is due.
+    def claim(
+        self, owner: str, lease_s: float, models: Collection[str] | None = None
+    ) -> ClaimedJob | None:
+        """Atomically claim the oldest QUEUED job that is due (for one of ``models``).
 
         Parameters
         ----------
@@ -57,6 +59,9 @@ class WorkQueue:
             Who claims (e.g. ``host:pid:work``); kept on the job and in its events.
         lease_s : float
             Seconds the lease lasts unless renewed by :meth:`heartbeat` (> 0).
+        models : Collection of str or None
+            Claim only jobs of these models (the ones this worker serves); None means any.
+            An empty collection claims nothing.
 
         Returns
         -------
@@ -72,14 +77,15 @@ class WorkQueue:
         """
         if lease_s <= 0:
             raise ValueError(f"lease_s must be > 0, got {lease_s}")
+        if models is not None and not models:
+            return None
         with self._tx.write("claim") as tx:
             s, now = tx.session, tx.now
+            due = select(Job).where(Job.state == JobState.QUEUED, Job.not_before <= now)
+            if models is not None:
+                due = due.where(Job.model.in_(sorted(models)))
             job = s.scalars(
-                select(Job)
-                .where(Job.state == JobState.QUEUED, Job.not_before <= now)
-                .order_by(Job.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)
+                due.order_by(Job.id).limit(1).with_for_update(skip_locked=True)
             ).one_or_none()
             if job is None:
                 return None

@@ -37,6 +37,9 @@ class NodeRuntime:
         The stage threads of this process; each must be alive.
     receiving : callable or None
         True while the Storage SCP listens (None when this process does not receive).
+    models : callable or None
+        Model name -> ``"loaded"``, ``"ready"`` or ``"down: <reason>"`` for this process's
+        worker (None when it runs none); a model down fails the check ``model <name>``.
     """
 
     stages: frozenset[str] = frozenset()
@@ -45,6 +48,7 @@ class NodeRuntime:
     device: str | None = None
     threads: dict[str, threading.Thread] = field(default_factory=dict)
     receiving: Callable[[], bool] | None = None
+    models: Callable[[], Mapping[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class HealthReport:
     device: str | None
     stages: frozenset[str]
     workers: tuple[WorkerLease, ...]
+    #: Model name -> its state in this process's worker (see ``NodeRuntime.models``).
+    models: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +87,7 @@ class HealthReport:
             "disk_free_bytes": self.disk_free_bytes,
             "device": self.device,
             "stages": sorted(self.stages),
+            "models": dict(self.models),
         }
 
 
@@ -127,8 +134,13 @@ def check_health(jobs: JobViews, runtime: NodeRuntime) -> HealthReport:
     if runtime.receiving is not None:
         listening = runtime.receiving()
         checks.append(Check("receive", listening, "listening" if listening else "not listening"))
+    models = dict(runtime.models()) if runtime.models is not None else {}
+    for name, state in models.items():
+        up = not state.startswith("down")
+        checks.append(Check(f"model {name}", up, state))
     return HealthReport(
         checks=tuple(checks),
+        models=models,
         counts=counts,
         disk_free_bytes=free,
         device=runtime.device,

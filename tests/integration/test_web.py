@@ -354,6 +354,25 @@ def test_healthz_reports_database_disk_and_threads(site: Site) -> None:
     assert 'id="overall" class="badge failed"' in site.request("GET", "/health").text
 
 
+def test_healthz_and_health_page_say_which_model_is_down(site: Site) -> None:
+    site.runtime.models = lambda: {
+        "ct-abdomen": "loaded",
+        "broken": "down: models/broken/model.toml: labels.0.type: Field required",
+    }
+    answer = site.request("GET", "/healthz")
+    assert answer.status == 503
+    body = answer.json()
+    assert body["checks"]["model ct-abdomen"] == {"ok": True, "detail": "loaded"}
+    assert body["checks"]["model broken"] == {
+        "ok": False,
+        "detail": "down: models/broken/model.toml: labels.0.type: Field required",
+    }
+    assert body["models"]["broken"].startswith("down: ")
+    page = site.request("GET", "/health").text
+    assert 'data-check="model broken" data-ok="false"' in page
+    assert "labels.0.type: Field required" in page
+
+
 def test_missing_job_is_404_and_wrong_state_is_409_without_a_read_first(site: Site) -> None:
     missing = site.request("GET", "/api/jobs/999")
     assert missing.status == 404 and missing.json() == {"error": "job 999 does not exist"}

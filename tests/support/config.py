@@ -43,6 +43,8 @@ def write_config(
         "web": {"host": "127.0.0.1", "port": free_port()},
     }
     for name, overrides in sections.items():
+        if name == "worker" and "models" in overrides:
+            values["worker"].pop("model")  # the list replaces the one-model default
         values.setdefault(name, {}).update(overrides)
     lines: list[str] = []
     for section, items in values.items():

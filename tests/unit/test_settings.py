@@ -50,6 +50,18 @@ def test_destinations_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (dest.ae_title, dest.port) == ("PACS", 104)
 
 
+def test_worker_models_list_and_the_one_model_shorthand(tmp_path: Path) -> None:
+    assert load_settings(_write(tmp_path, "")).worker.models == ("ct-abdomen",)
+    one = load_settings(_write(tmp_path, "[worker]\nmodel = 'liver'\n")).worker
+    assert (one.model, one.models) == ("liver", ("liver",))
+    many = load_settings(_write(tmp_path, "[worker]\nmodels = ['a', 'b']\n")).worker
+    assert (many.model, many.models, many.max_loaded_models) == ("a", ("a", "b"), 2)
+    both = load_settings(_write(tmp_path, "[worker]\nmodel = 'b'\nmodels = ['a', 'b']\n"))
+    assert both.worker.models == ("a", "b")
+    with pytest.raises(ConfigError, match=r"worker\.model 'c' is not in worker\.models"):
+        load_settings(_write(tmp_path, "[worker]\nmodel = 'c'\nmodels = ['a', 'b']\n"))
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
