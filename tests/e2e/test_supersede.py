@@ -195,7 +195,6 @@ def test_orthanc_ends_with_a_seg_of_all_20_slices(two_parts: TwoParts) -> None:
     assert sorted(job["seg_sop_instance_uid"] for job in jobs) == held
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="dispatcher wiring pending")
 @pytest.mark.parametrize("two_parts", ["iocm"], indirect=True)
 def test_iocm_sends_a_rejection_note_for_the_first_seg(two_parts: TwoParts, tmp_path: Path) -> None:
     orthanc, study_id = two_parts.orthanc, two_parts.study_id
