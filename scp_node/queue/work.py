@@ -280,10 +280,10 @@ class WorkQueue:
                 s.flush()
             study_uid = q.study_uid(s, job.study_id)
             data = {"outcome": outcome.value, "series_instance_uid": series_instance_uid}
+            seg_deliveries: dict[str, Delivery] = {}
             if seg_path is not None and seg_sop_instance_uid is not None and destinations:
                 job.state = JobState.DELIVERING
                 job.delivering_at = now
-                seg_deliveries: dict[str, Delivery] = {}
                 for dest in destinations:
                     seg_deliveries[dest.name] = self._new_delivery(
                         tx, job, dest, DeliveryKind.SEG, seg_path, seg_sop_instance_uid
@@ -293,10 +293,6 @@ class WorkQueue:
                     d.name for d in destinations
                 )
                 tx.event(job, study_uid, Stage.INFERENCE, message, data=data)
-                if seg_series_instance_uid is not None:
-                    self._drop_stale(tx, job, seg_series_instance_uid, seg_sop_instance_uid)
-                if supersedes is not None:
-                    self._supersede(tx, job, study_uid, destinations, seg_deliveries, supersedes)
             else:
                 job.state = JobState.DONE
                 job.finished_at = now
@@ -311,6 +307,10 @@ class WorkQueue:
                     duration_s=total,
                     data=data,
                 )
+            if seg_sop_instance_uid is not None and job.seg_series_instance_uid is not None:
+                self._drop_stale(tx, job, job.seg_series_instance_uid, seg_sop_instance_uid)
+            if supersedes is not None:
+                self._supersede(tx, job, study_uid, destinations, seg_deliveries, supersedes)
             return job.state
 
     @staticmethod
@@ -415,8 +415,8 @@ class WorkQueue:
         current = versions.seg_versions(s, job.seg_series_instance_uid, now)
         by_name = {d.name: d for d in destinations}
         for name, note in sorted(supersedes.notes.items()):
-            dest = by_name.get(name)
-            if dest is None or dest.supersede != "iocm":
+            dest, seg_delivery = by_name.get(name), seg_deliveries.get(name)
+            if dest is None or seg_delivery is None or dest.supersede != "iocm":
                 continue
             held = versions.newest_held(current, name, new_uid)
             if held is None or held.sop_instance_uid != note.rejects.sop_instance_uid:
@@ -438,7 +438,7 @@ class WorkQueue:
                 DeliveryKind.KOS,
                 note.path,
                 note.sop_instance_uid,
-                depends_on_id=seg_deliveries[name].id,
+                depends_on_id=seg_delivery.id,
             )
             tx.event(
                 job,
