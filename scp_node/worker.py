@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from scp_node.dicom.reference import InstanceReference
 from scp_node.dicom.series import choose_series, load_volume
 from scp_node.errors import JobLeaseLostError, ModelError, SeriesError
@@ -208,9 +210,8 @@ class Worker:
                     f"SEG {seg_uid} (instance {number}), {len(seg.SegmentSequence)} segment(s)"
                 )
                 if previous is not None:
-                    supersedes = Supersession(
-                        previous, self._rejection_notes(history, seg, job_dir, volume)
-                    )
+                    notes = self._rejection_notes(history, seg, job_dir, volume.series_instance_uid)
+                    supersedes = Supersession(previous, notes)
         if seg_path is not None:
             self._write_preview(job, volume.array, labelmap, seg_path)
         logger.info("inference done", extra={**ids, "series_instance_uid": series_uid})
@@ -227,7 +228,7 @@ class Worker:
         )
 
     def _rejection_notes(
-        self, history: list[SegVersion], seg: Any, job_dir: Path, volume: Any
+        self, history: list[SegVersion], seg: Dataset, job_dir: Path, source_series_uid: str
     ) -> dict[str, RejectionNote]:
         """Write one IOCM rejection note per SEG to retract, for the destinations with
         ``supersede = "iocm"``: the newest earlier SEG each of them holds."""
@@ -249,7 +250,7 @@ class Worker:
                 kos = build_rejection_note(
                     superseded,
                     seg,
-                    source_series_instance_uid=volume.series_instance_uid,
+                    source_series_instance_uid=source_series_uid,
                     model_name=self.spec.name,
                     model_version=self.spec.version,
                     software_version=self.config.software_version,
