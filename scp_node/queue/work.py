@@ -344,15 +344,19 @@ class WorkQueue:
 
     @staticmethod
     def _drop_stale(tx: Tx, job: Job, seg_series_uid: str, seg_uid: str) -> None:
-        """Fail the waiting SEG deliveries of older versions of the series (and the notes
-        that wait for them); a delivery being sent right now is left to finish."""
+        """Fail the waiting SEG deliveries of older versions of the series (lower
+        InstanceNumber, and the notes that wait for them); a delivery being sent right now
+        is left to finish. A re-run of an old version drops nothing newer."""
         s, now = tx.session, tx.now
+        if job.seg_instance_number is None:
+            return
         stale = s.scalars(
             select(Delivery)
             .join(Job, Job.id == Delivery.job_id)
             .where(
                 Job.seg_series_instance_uid == seg_series_uid,
                 Job.id != job.id,
+                Job.seg_instance_number < job.seg_instance_number,
                 Delivery.kind == DeliveryKind.SEG,
                 Delivery.state == DeliveryState.PENDING,
                 Delivery.sop_instance_uid != seg_uid,

@@ -221,3 +221,17 @@ def test_note_fails_when_its_seg_gives_up(
     assert note.state is DeliveryState.FAILED
     assert note.last_error == "superseding SEG not delivered"
     assert table.deliveries.claim("d", 60) is None
+
+
+def test_rerun_of_an_older_version_drops_nothing_newer(
+    table: Table, job_factory: Callable[..., int]
+) -> None:
+    first = job_factory()
+    finish(table, first, OLD, 1, [PACS])
+    second = job_factory(study=OTHER_STUDY)
+    finish(table, second, NEW, 2, [PACS])
+    assert table.views.get(first).state is JobState.DONE  # its waiting SEG was dropped
+    table.admin.retry(first)
+    finish(table, first, OLD, 1, [PACS])  # the old input again: its own number, no drop
+    (newer,) = table.views.get(second).deliveries
+    assert newer.state is DeliveryState.PENDING
