@@ -98,6 +98,8 @@ def delivery_target(destination: Destination) -> DeliveryTarget:
         port=destination.port or 0,
         url=destination.url,
         tls=destination.tls,
+        supersede=destination.supersede,
+        verify=destination.verify,
     )
 
 
@@ -267,6 +269,7 @@ def run_node(
             calling_ae=settings.node.ae_title,
             lease_s=settings.worker.lease_s,
             metrics=metrics,
+            verify_destinations=[d.name for d in settings.destinations if d.verify],
             **_dispatch_tls(settings),
         )
         threads.append(

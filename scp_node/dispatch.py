@@ -1,7 +1,14 @@
-"""Dispatch: send each finished SEG to every destination by C-STORE (or DICOMweb STOW-RS for
+"""Dispatch: send each finished SEG (and each IOCM rejection note, once the SEG that
+supersedes lies at the destination) to every destination by C-STORE (or DICOMweb STOW-RS for
 ``kind = "dicomweb"`` destinations), retrying with backoff until it lands or the give-up age
-is reached. The SEG's UIDs are deterministic, so a resend replaces the same instance at the
-PACS instead of adding a second SEG."""
+is reached.
+
+What a resend guarantees: the SOP Instance UID of a SEG is derived from its input (source
+series, model, version and the set of source instances), so a resend or a re-run on
+unchanged input offers the PACS the same instance again, never a second copy; a changed
+input is a new instance in the same SEG series. A PACS that answers success without keeping
+the object (Orthanc keeps the first instance of a UID) is caught only on destinations with
+``verify = true``: there the store counts once the PACS lists the instance."""
 
 from __future__ import annotations
 
@@ -11,8 +18,12 @@ import threading
 from collections.abc import Collection
 from pathlib import Path
 
+from pydicom import dcmread
+
+from scp_node.dicom.reference import InstanceReference
 from scp_node.dicom.scu import Peer, SendResult, send_files
 from scp_node.dicom.stow import stow_files
+from scp_node.dicom.verify import VerifyOutcome, VerifyResult, verify_dicomweb, verify_dimse
 from scp_node.errors import DeliveryError
 from scp_node.metrics import NodeMetrics
 from scp_node.queue.deliveries import Deliveries
@@ -36,6 +47,7 @@ class Dispatcher:
         metrics: NodeMetrics | None = None,
         ssl_context: ssl.SSLContext | None = None,
         tls_destinations: Collection[str] = (),
+        verify_destinations: Collection[str] = (),
     ) -> None:
         self.deliveries = deliveries
         self.owner = owner
@@ -48,6 +60,8 @@ class Dispatcher:
         self.tls_destinations = frozenset(tls_destinations)
         if self.tls_destinations and ssl_context is None:
             raise ValueError("tls_destinations need an ssl_context")
+        #: Destinations asked after each store whether they hold the instance.
+        self.verify_destinations = frozenset(verify_destinations)
 
     def run(
         self, stop: threading.Event, poll_s: float = 1.0, wake: threading.Event | None = None
@@ -67,7 +81,8 @@ class Dispatcher:
         ids = {
             "job_id": delivery.job_id,
             "destination": delivery.destination,
-            "sop_instance_uid": delivery.seg_sop_instance_uid,
+            "sop_instance_uid": delivery.sop_instance_uid,
+            "kind": delivery.kind.value,
             "attempt": delivery.attempts,
         }
         try:
@@ -78,6 +93,17 @@ class Dispatcher:
             state = self.deliveries.failed(delivery.id, delivery.token, str(exc))
             logger.warning("delivery failed", extra={**ids, "error": str(exc), "state": str(state)})
             return
+        if result.ok and delivery.destination in self.verify_destinations:
+            check = self._verify(delivery)
+            if not check.found:
+                if self.metrics is not None:
+                    self.metrics.record_delivery(delivery.destination, ok=False)
+                error = f"stored but not verified: {check.reason}"
+                state = self.deliveries.failed(delivery.id, delivery.token, error)
+                logger.warning(
+                    "delivery not verified", extra={**ids, "error": error, "state": str(state)}
+                )
+                return
         if self.metrics is not None:
             self.metrics.record_delivery(delivery.destination, ok=result.ok)
         if result.ok:
@@ -91,17 +117,30 @@ class Dispatcher:
     def _send(self, delivery: ClaimedDelivery) -> SendResult:
         """C-STORE to a DIMSE destination, or STOW-RS when the delivery has a DICOMweb URL."""
         if delivery.url is not None:
-            (result,) = stow_files(
-                [Path(delivery.seg_path)], delivery.url, timeout_s=self.timeout_s
-            )
+            (result,) = stow_files([Path(delivery.path)], delivery.url, timeout_s=self.timeout_s)
             return result
         peer = Peer(delivery.ae_title, delivery.host, delivery.port)
         tls = self.ssl_context if delivery.destination in self.tls_destinations else None
         (result,) = send_files(
-            [Path(delivery.seg_path)],
+            [Path(delivery.path)],
             peer,
             calling_ae=self.calling_ae,
             timeout_s=self.timeout_s,
             ssl_context=tls,
         )
         return result
+
+    def _verify(self, delivery: ClaimedDelivery) -> VerifyResult:
+        """Ask the destination whether it holds what was just stored (never raises)."""
+        try:
+            header = dcmread(delivery.path, stop_before_pixels=True)
+            instance = InstanceReference.from_dataset(header)
+        except (OSError, ValueError) as exc:
+            return VerifyResult(VerifyOutcome.COULD_NOT_ASK, f"cannot read {delivery.path}: {exc}")
+        if delivery.url is not None:
+            return verify_dicomweb(delivery.url, instance, timeout_s=self.timeout_s)
+        peer = Peer(delivery.ae_title, delivery.host, delivery.port)
+        tls = self.ssl_context if delivery.destination in self.tls_destinations else None
+        return verify_dimse(
+            peer, instance, calling_ae=self.calling_ae, timeout_s=self.timeout_s, ssl_context=tls
+        )

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from scp_node.queue.models import STAGE_ORDER, Level, Stage
-from scp_node.queue.records import JobEventView, JobView, SeriesInfo
+from scp_node.queue.records import JobEventView, JobView, SegVersion, SeriesInfo
 from scp_node.queue.views import JobViews
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "event_payload",
     "format_duration",
     "job_rows",
+    "seg_version",
     "series_summaries",
     "stage_durations",
     "summarize_series",
@@ -195,3 +196,10 @@ def timeline(view: JobView, events: Sequence[JobEventView]) -> list[Step]:
 def event_payload(event: JobEventView) -> dict[str, Any]:
     """The event as JSON (the shape of ``logs --json`` and the API) plus a short ``time``."""
     return {**event.to_json(), "time": event.at.strftime("%H:%M:%S")}
+
+
+def seg_version(version: SegVersion | None) -> str:
+    """``<SOP Instance UID> (instance N, job J)``, or an empty string for None."""
+    if version is None:
+        return ""
+    return f"{version.sop_instance_uid} (instance {version.instance_number}, job {version.job_id})"

@@ -13,15 +13,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
+from scp_node.dicom.reference import InstanceReference
 from scp_node.dicom.selection import choose_stack
 from scp_node.dicom.volume import describe, load_stack, read_stacks
 from scp_node.errors import JobLeaseLostError, ModelError, SeriesError
 from scp_node.inference.pool import LoadedModel, ModelPool
 from scp_node.inference.registry import ModelSpec
+from scp_node.output.kos import build_rejection_note, write_rejection_note
 from scp_node.output.preview import preview_path_for, render_preview, write_preview
 from scp_node.output.seg import build_segmentation, write_segmentation
+from scp_node.output.uids import output_uids
 from scp_node.queue.models import JobState, Level, Outcome, Stage
-from scp_node.queue.records import ClaimedJob, DeliveryTarget
+from scp_node.queue.records import (
+    ClaimedJob,
+    DeliveryTarget,
+    RejectionNote,
+    SegVersion,
+    Supersession,
+)
+from scp_node.queue.versions import newest_held
 from scp_node.queue.work import WorkQueue
 from scp_node.stage_loop import run_stage
 
@@ -189,24 +201,99 @@ class Worker:
             labelmap = predictor.predict(volume.array, volume.spacing_zyx)
             note["message"] = f"model {spec.name} {spec.version}, device {predictor.device}"
         with self._stage(job, Stage.SEG) as note:
+            uids = output_uids(
+                "seg",
+                source_series_instance_uid=volume.series_instance_uid,
+                model_name=spec.name,
+                model_version=spec.version,
+                source_sop_instance_uids=(str(ds.SOPInstanceUID) for ds in volume.datasets),
+            )
+            history = self.jobs.seg_history(uids.series_instance_uid)
+            number, previous = _number(history, uids.sop_instance_uid)
             seg = build_segmentation(
-                volume, labelmap, spec, software_version=self.config.software_version
+                volume,
+                labelmap,
+                spec,
+                software_version=self.config.software_version,
+                instance_number=number,
             )
             seg_path: Path | None = None
             seg_uid: str | None = None
+            supersedes: Supersession | None = None
             if seg is None:
                 note["message"] = "no label found: no SEG built"
             else:
                 seg_uid = str(seg.SOPInstanceUID)
-                seg_path = self.config.outbox_dir / str(job.id) / f"{seg_uid}.dcm"
-                seg_path.parent.mkdir(parents=True, exist_ok=True)
+                if seg_uid != uids.sop_instance_uid:  # pragma: no cover - one UID rule
+                    raise RuntimeError(f"SEG UID {seg_uid} is not {uids.sop_instance_uid}")
+                job_dir = self.config.outbox_dir / str(job.id)
+                seg_path = job_dir / f"{seg_uid}.dcm"
+                job_dir.mkdir(parents=True, exist_ok=True)
                 write_segmentation(seg, seg_path)
-                note["message"] = f"SEG {seg_uid}, {len(seg.SegmentSequence)} segment(s)"
+                note["message"] = (
+                    f"SEG {seg_uid} (instance {number}), {len(seg.SegmentSequence)} segment(s)"
+                )
+                if previous is not None:
+                    notes = self._rejection_notes(
+                        spec, history, seg, job_dir, volume.series_instance_uid
+                    )
+                    supersedes = Supersession(previous, notes)
         if seg_path is not None:
             self._write_preview(job, spec, volume.array, labelmap, seg_path)
         logger.info("inference done", extra={**ids, "series_instance_uid": series_uid})
         outcome = Outcome.SEG if seg_path else Outcome.NO_FINDINGS
-        self._complete(job, series_uid, seg_path, seg_uid, outcome)
+        self._complete(
+            job,
+            series_uid,
+            seg_path,
+            seg_uid,
+            outcome,
+            seg_series_uid=uids.series_instance_uid,
+            seg_instance_number=number,
+            supersedes=supersedes,
+        )
+
+    def _rejection_notes(
+        self,
+        spec: ModelSpec,
+        history: list[SegVersion],
+        seg: Dataset,
+        job_dir: Path,
+        source_series_uid: str,
+    ) -> dict[str, RejectionNote]:
+        """Write one IOCM rejection note per SEG to retract, for the destinations with
+        ``supersede = "iocm"``: the newest earlier SEG each of them holds."""
+        notes: dict[str, RejectionNote] = {}
+        written: dict[str, RejectionNote] = {}
+        for dest in self.config.destinations:
+            if dest.supersede != "iocm":
+                continue
+            rejects = newest_held(history, dest.name, str(seg.SOPInstanceUID))
+            if rejects is None:
+                continue
+            if rejects.sop_instance_uid not in written:
+                superseded = InstanceReference(
+                    study_instance_uid=str(seg.StudyInstanceUID),
+                    series_instance_uid=str(seg.SeriesInstanceUID),
+                    sop_instance_uid=rejects.sop_instance_uid,
+                    sop_class_uid=str(seg.SOPClassUID),
+                )
+                kos = build_rejection_note(
+                    superseded,
+                    seg,
+                    source_series_instance_uid=source_series_uid,
+                    model_name=spec.name,
+                    model_version=spec.version,
+                    software_version=self.config.software_version,
+                    instance_number=int(seg.InstanceNumber),
+                )
+                path = job_dir / f"{kos.SOPInstanceUID}.dcm"
+                write_rejection_note(kos, path)
+                written[rejects.sop_instance_uid] = RejectionNote(
+                    rejects, str(path), str(kos.SOPInstanceUID)
+                )
+            notes[dest.name] = written[rejects.sop_instance_uid]
+        return notes
 
     def _predictor(self, job: ClaimedJob) -> LoadedModel:
         """The job's model, loaded (maybe evicting the least recently used one)."""
@@ -239,6 +326,10 @@ class Worker:
         seg_path: Path | None,
         seg_uid: str | None,
         outcome: Outcome,
+        *,
+        seg_series_uid: str | None = None,
+        seg_instance_number: int | None = None,
+        supersedes: Supersession | None = None,
     ) -> None:
         state = self.jobs.complete(
             job.id,
@@ -248,8 +339,24 @@ class Worker:
             seg_sop_instance_uid=seg_uid,
             outcome=outcome,
             destinations=self.config.destinations,
+            seg_series_instance_uid=seg_series_uid,
+            seg_instance_number=seg_instance_number,
+            supersedes=supersedes,
         )
         if state is JobState.DONE:
             logger.info("job done", extra={"job_id": job.id, "outcome": outcome.value})
         elif self._wake_dispatch is not None:
             self._wake_dispatch.set()
+
+
+def _number(history: list[SegVersion], sop_instance_uid: str) -> tuple[int, SegVersion | None]:
+    """InstanceNumber of a SEG in its series and the version it supersedes.
+
+    The same input (a SOP Instance UID already made) keeps its number and supersedes
+    nothing; a new one comes after the newest and supersedes it.
+    """
+    for version in history:
+        if version.sop_instance_uid == sop_instance_uid:
+            return version.instance_number, None
+    newest = max(history, key=lambda v: (v.instance_number, v.job_id), default=None)
+    return (1, None) if newest is None else (newest.instance_number + 1, newest)

@@ -24,6 +24,7 @@ from scp_node.views import (
     JobRow,
     format_duration,
     job_rows,
+    seg_version,
     stage_durations,
 )
 
@@ -168,14 +169,19 @@ def jobs_show(
         return
     console.print(f"[bold]job {view.id}[/] {_state(view.state.value)}")
     for key, value in view.to_json().items():
-        if key not in ("deliveries", "durations"):
+        if key not in ("deliveries", "durations", "supersedes", "superseded_by"):
             console.print(f"  {key}: {escape(str(value))}")
+    if view.supersedes is not None:
+        console.print(f"  supersedes: {seg_version(view.supersedes)}")
+    if view.superseded_by is not None:
+        console.print(f"  superseded by: {seg_version(view.superseded_by)}")
     console.print(
         "  durations: " + ", ".join(f"{name} {value}" for name, value in stage_durations(view))
     )
     for d in view.deliveries:
         console.print(
-            f"  delivery {d.destination} ({d.ae_title}@{d.host}:{d.port}): {d.state}, "
+            f"  {'rejection note' if d.kind == 'kos' else 'delivery'} {d.destination} "
+            f"({d.ae_title}@{d.host}:{d.port}): {d.state}, "
             f"{d.attempts} attempt(s)"
             + (f", last error: {escape(d.last_error)}" if d.last_error else "")
         )

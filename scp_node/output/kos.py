@@ -14,17 +14,19 @@ pair, so a resent note replaces itself.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from scp_node.dicom.reference import InstanceReference
+from scp_node.durable import write_durably
 from scp_node.errors import SegmentationError
 from scp_node.output.seg import MANUFACTURER
 from scp_node.output.uids import output_uids
 
-__all__ = ["REJECTED_FOR_QUALITY_REASONS", "build_rejection_note"]
+__all__ = ["REJECTED_FOR_QUALITY_REASONS", "build_rejection_note", "write_rejection_note"]
 
 #: CID 7011 document title of an IOCM rejection note for a result that was replaced.
 REJECTED_FOR_QUALITY_REASONS = Code("113001", "DCM", "Rejected for Quality Reasons")
@@ -140,3 +142,17 @@ def build_rejection_note(
         raise SegmentationError(
             f"cannot build the rejection note of SEG {superseded.sop_instance_uid}: {exc}"
         ) from exc
+
+
+def write_rejection_note(note: hd.ko.KeyObjectSelectionDocument, path: Path) -> None:
+    """Write ``note`` durably to ``path`` (``.part``, fsync, rename; the parent must exist).
+
+    Raises
+    ------
+    SegmentationError
+        The file cannot be written (the message names the path); no ``.part`` is left.
+    """
+    try:
+        write_durably(path, lambda handle: note.save_as(handle, enforce_file_format=True))
+    except (OSError, ValueError) as exc:
+        raise SegmentationError(f"cannot write rejection note to {path}: {exc}") from exc

@@ -1,4 +1,5 @@
-"""Deliveries: the dispatcher's side of the job table, one row per SEG and destination."""
+"""Deliveries: the dispatcher's side of the job table, one row per object (a SEG or a
+rejection note) and destination."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import logging
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import Engine, or_, select
+from sqlalchemy import Engine, exists, or_, select
+from sqlalchemy.orm import aliased
 
-from scp_node.errors import QueueError
 from scp_node.queue import tx as q
 from scp_node.queue.models import (
     TERMINAL_STATES,
     Delivery,
+    DeliveryKind,
     DeliveryState,
     Job,
     JobState,
@@ -47,6 +49,9 @@ class Deliveries:
     def claim(self, owner: str, lease_s: float) -> ClaimedDelivery | None:
         """Atomically claim the oldest due PENDING delivery without a live lease.
 
+        A rejection note is claimable only once the delivery it depends on (the superseding
+        SEG to the same destination) is DONE.
+
         Parameters
         ----------
         owner : str
@@ -68,6 +73,10 @@ class Deliveries:
         """
         if lease_s <= 0:
             raise ValueError(f"lease_s must be > 0, got {lease_s}")
+        dependency = aliased(Delivery)
+        landed = exists().where(
+            dependency.id == Delivery.depends_on_id, dependency.state == DeliveryState.DONE
+        )
         with self._tx.write("claim_delivery") as tx:
             s, now = tx.session, tx.now
             delivery = s.scalars(
@@ -76,6 +85,7 @@ class Deliveries:
                     Delivery.state == DeliveryState.PENDING,
                     Delivery.next_attempt_at <= now,
                     or_(Delivery.lease_token.is_(None), Delivery.lease_expires_at < now),
+                    or_(Delivery.depends_on_id.is_(None), landed),
                 )
                 .order_by(Delivery.id)
                 .limit(1)
@@ -84,8 +94,6 @@ class Deliveries:
             if delivery is None:
                 return None
             job = s.get_one(Job, delivery.job_id)
-            if job.seg_path is None:  # pragma: no cover - WorkQueue.complete prevents it
-                raise QueueError(f"delivery {delivery.id}: job {job.id} has no SEG")
             token = secrets.token_hex(16)
             delivery.owner = owner
             delivery.lease_token = token
@@ -99,9 +107,9 @@ class Deliveries:
                 job,
                 study_uid,
                 Stage.DELIVER,
-                f"delivery to {delivery.destination} claimed by {owner} "
+                f"{_what(delivery)} to {delivery.destination} claimed by {owner} "
                 f"(attempt {delivery.attempts})",
-                data={"destination": delivery.destination, "attempt": delivery.attempts},
+                data=_data(delivery),
                 log_level=logging.DEBUG,
             )
             return ClaimedDelivery(
@@ -112,11 +120,12 @@ class Deliveries:
                 ae_title=delivery.ae_title,
                 host=delivery.host,
                 port=delivery.port,
-                seg_path=job.seg_path,
-                seg_sop_instance_uid=job.seg_sop_instance_uid,
+                path=delivery.path,
+                sop_instance_uid=delivery.sop_instance_uid,
                 study_instance_uid=study_uid,
                 attempts=delivery.attempts,
                 url=delivery.url,
+                kind=delivery.kind,
             )
 
     def succeeded(self, delivery_id: int, token: str) -> None:
@@ -143,31 +152,26 @@ class Deliveries:
                 if delivery.last_attempt_at is not None
                 else None
             )
-            tx.event(
-                job,
-                study_uid,
-                Stage.DELIVER,
-                f"delivered to {delivery.destination} (attempt {delivery.attempts})",
-                duration_s=sent_s,
-                data={"destination": delivery.destination, "attempt": delivery.attempts},
-            )
-            states = s.scalars(select(Delivery.state).where(Delivery.job_id == job.id)).all()
-            if job.state == JobState.DELIVERING and all(st == DeliveryState.DONE for st in states):
-                job.state = JobState.DONE
-                job.finished_at = now
-                total = q.total_s(job, now)
-                durations = {"total": total}
-                if job.delivering_at is not None:
-                    durations["delivery"] = q.seconds(now - job.delivering_at)
-                q.add_durations(job, **durations)
+            if delivery.kind == DeliveryKind.KOS:
                 tx.event(
                     job,
                     study_uid,
-                    Stage.DONE,
-                    f"job done: SEG delivered to {len(states)} destination(s)",
-                    duration_s=total,
-                    data={"outcome": None if job.outcome is None else job.outcome.value},
+                    Stage.SUPERSEDE,
+                    f"rejection note {delivery.sop_instance_uid} delivered to "
+                    f"{delivery.destination} (attempt {delivery.attempts})",
+                    duration_s=sent_s,
+                    data=_data(delivery),
                 )
+            else:
+                tx.event(
+                    job,
+                    study_uid,
+                    Stage.DELIVER,
+                    f"delivered to {delivery.destination} (attempt {delivery.attempts})",
+                    duration_s=sent_s,
+                    data=_data(delivery),
+                )
+            q.finish_if_delivered(tx, job, study_uid)
 
     def failed(
         self, delivery_id: int, token: str, error: str, status: int | None = None
@@ -209,22 +213,19 @@ class Deliveries:
             study_uid = q.study_uid(s, job.study_id)
             first = delivery.first_attempt_at or now
             status_txt = f" (status 0x{status:04X})" if status is not None else ""
-            data = {
-                "destination": delivery.destination,
-                "attempt": delivery.attempts,
-                "status": status,
-            }
+            data = {**_data(delivery), "status": status}
             if q.seconds(now - first) >= self._retry.give_up_after_s:
                 delivery.state = DeliveryState.FAILED
                 reason = (
-                    f"delivery to {delivery.destination} gave up after {delivery.attempts} "
-                    f"attempts: {error}{status_txt}"
+                    f"{_what(delivery)} to {delivery.destination} gave up after "
+                    f"{delivery.attempts} attempts: {error}{status_txt}"
                 )
                 if job.state not in TERMINAL_STATES:
                     job.state = JobState.FAILED
                     job.finished_at = now
                     job.error = reason
                 tx.event(job, study_uid, Stage.DELIVER, reason, data=data, level=Level.ERROR)
+                q.fail_dependents(tx, job, study_uid, delivery, level=Level.ERROR)
             else:
                 wait = self._retry.backoff_s(delivery.attempts)
                 delivery.next_attempt_at = now + timedelta(seconds=wait)
@@ -232,9 +233,22 @@ class Deliveries:
                     job,
                     study_uid,
                     Stage.DELIVER,
-                    f"delivery to {delivery.destination} failed (attempt {delivery.attempts}), "
-                    f"retry in {wait:g}s: {error}{status_txt}",
+                    f"{_what(delivery)} to {delivery.destination} failed "
+                    f"(attempt {delivery.attempts}), retry in {wait:g}s: {error}{status_txt}",
                     data=data,
                     level=Level.WARNING,
                 )
             return delivery.state
+
+
+def _what(delivery: Delivery) -> str:
+    return "rejection note" if delivery.kind == DeliveryKind.KOS else "delivery"
+
+
+def _data(delivery: Delivery) -> dict[str, object]:
+    return {
+        "destination": delivery.destination,
+        "attempt": delivery.attempts,
+        "kind": delivery.kind.value,
+        "sop_instance_uid": delivery.sop_instance_uid,
+    }

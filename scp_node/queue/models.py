@@ -32,6 +32,7 @@ __all__ = [
     "TERMINAL_STATES",
     "Base",
     "Delivery",
+    "DeliveryKind",
     "DeliveryState",
     "Instance",
     "Job",
@@ -95,14 +96,25 @@ TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}
 
 
 class DeliveryState(StrEnum):
-    """Life cycle of one SEG delivery to one destination."""
+    """Life cycle of one delivery of one object to one destination."""
 
-    #: Waiting for (another) attempt at ``next_attempt_at``.
+    #: Waiting for (another) attempt at ``next_attempt_at`` (and, for a rejection note,
+    #: for the delivery it depends on to be DONE).
     PENDING = "pending"
-    #: The destination accepted the SEG.
+    #: The destination accepted the object (and held it, where ``verify`` is on).
     DONE = "done"
-    #: Gave up (too old) or cancelled.
+    #: Gave up (too old), cancelled, superseded before delivery, or a rejection note whose
+    #: superseding SEG was never delivered.
     FAILED = "failed"
+
+
+class DeliveryKind(StrEnum):
+    """What a delivery sends; stored as its string value in ``deliveries.kind``."""
+
+    #: The job's SEG.
+    SEG = "seg"
+    #: An IHE IOCM rejection note (KOS) retracting the SEG the job's SEG superseded.
+    KOS = "kos"
 
 
 class Stage(StrEnum):
@@ -137,6 +149,9 @@ class Stage(StrEnum):
     RETRY = "retry"
     #: An administrator cancelled the job.
     CANCEL = "cancel"
+    #: A new SEG superseded an earlier one of the same SEG series (on both jobs), an older
+    #: pending delivery was dropped for it, or a rejection note was delivered.
+    SUPERSEDE = "supersede"
 
 
 class Outcome(StrEnum):
@@ -299,6 +314,10 @@ class Job(Base):
     series_instance_uid: Mapped[str | None] = mapped_column(String(_UID))
     seg_path: Mapped[str | None] = mapped_column(Text)
     seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(_UID))
+    #: The SEG's series: one per (source series, model, model version), shared by every
+    #: version of the result; its InstanceNumber grows with each new version.
+    seg_series_instance_uid: Mapped[str | None] = mapped_column(String(_UID), index=True)
+    seg_instance_number: Mapped[int | None] = mapped_column(Integer)
     outcome: Mapped[Outcome | None] = mapped_column(_state_enum(Outcome, length=32))
     #: Stage name -> seconds.
     durations: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -323,7 +342,7 @@ class JobEvent(Base):
 
 
 class Delivery(Base):
-    """Delivery of a job's SEG to one destination."""
+    """Delivery of one object of a job (its SEG, or a rejection note) to one destination."""
 
     __tablename__ = "deliveries"
     __table_args__ = (Index("ix_deliveries_state_next_attempt_at", "state", "next_attempt_at"),)
@@ -337,6 +356,13 @@ class Delivery(Base):
     #: DICOMweb root of a ``kind = "dicomweb"`` destination (then ae_title/host/port are
     #: empty); None for C-STORE destinations.
     url: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[DeliveryKind] = mapped_column(_state_enum(DeliveryKind), default=DeliveryKind.SEG)
+    #: The file sent and its SOP Instance UID.
+    path: Mapped[str] = mapped_column(Text)
+    sop_instance_uid: Mapped[str] = mapped_column(String(_UID))
+    #: A rejection note waits for the delivery of the SEG that supersedes (same job and
+    #: destination) to be DONE, and fails when that one fails for good.
+    depends_on_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id"))
     state: Mapped[DeliveryState] = mapped_column(_state_enum(DeliveryState))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     first_attempt_at: Mapped[datetime | None]

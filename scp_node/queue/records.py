@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from scp_node.queue.models import DeliveryState, JobState, Level, Outcome, Stage
+from scp_node.queue.models import DeliveryKind, DeliveryState, JobState, Level, Outcome, Stage
 
 __all__ = [
     "ClaimedDelivery",
@@ -20,8 +20,11 @@ __all__ = [
     "InstanceRecord",
     "JobEventView",
     "JobView",
+    "RejectionNote",
+    "SegVersion",
     "SeriesFacts",
     "SeriesInfo",
+    "Supersession",
     "UnsettledStudy",
     "WorkerLease",
 ]
@@ -115,6 +118,47 @@ class DeliveryTarget:
     url: str | None = None
     #: C-STORE over TLS (the dispatcher holds the TLS context).
     tls: bool = False
+    #: ``"iocm"``: send a rejection note for the SEG a new one supersedes; ``"none"``: not.
+    supersede: str = "none"
+    #: Ask the destination after each store whether it holds the instance.
+    verify: bool = False
+
+
+@dataclass(frozen=True)
+class SegVersion:
+    """One SEG a job made in a SEG series (what the worker numbers and supersedes by)."""
+
+    job_id: int
+    sop_instance_uid: str
+    instance_number: int
+    #: Destinations that hold it (delivery DONE) or are being sent it now (a live lease).
+    held_by: frozenset[str] = frozenset()
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (without ``held_by``)."""
+        return {
+            "job_id": self.job_id,
+            "sop_instance_uid": self.sop_instance_uid,
+            "instance_number": self.instance_number,
+        }
+
+
+@dataclass(frozen=True)
+class RejectionNote:
+    """An IOCM rejection note in the outbox and the SEG it retracts."""
+
+    rejects: SegVersion
+    path: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class Supersession:
+    """What a new SEG supersedes: the previous version of its series, and per destination
+    with ``supersede = "iocm"`` the note that retracts the newest earlier SEG it holds."""
+
+    previous: SegVersion
+    notes: dict[str, RejectionNote] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,12 +183,14 @@ class ClaimedDelivery:
     ae_title: str
     host: str
     port: int
-    seg_path: str
-    seg_sop_instance_uid: str | None
+    #: The file to send and its SOP Instance UID.
+    path: str
+    sop_instance_uid: str
     study_instance_uid: str
     attempts: int
     #: DICOMweb root for a ``dicomweb`` destination; None means C-STORE.
     url: str | None = None
+    kind: DeliveryKind = DeliveryKind.SEG
 
 
 @dataclass(frozen=True)
@@ -162,10 +208,14 @@ class DeliveryView:
     delivered_at: datetime | None
     #: DICOMweb root for a ``dicomweb`` destination; None means C-STORE.
     url: str | None = None
+    kind: DeliveryKind = DeliveryKind.SEG
+    sop_instance_uid: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict (ISO 8601 timestamps, enum values as strings)."""
         return {
+            "kind": self.kind.value,
+            "sop_instance_uid": self.sop_instance_uid,
             "destination": self.destination,
             "ae_title": self.ae_title,
             "host": self.host,
@@ -200,6 +250,12 @@ class JobView:
     finished_at: datetime | None
     durations: dict[str, float] = field(default_factory=dict)
     deliveries: tuple[DeliveryView, ...] = ()
+    seg_series_instance_uid: str | None = None
+    seg_instance_number: int | None = None
+    #: The previous SEG of the same SEG series (lower InstanceNumber) this job's replaced.
+    supersedes: SegVersion | None = None
+    #: The next SEG of the series, which replaced this job's.
+    superseded_by: SegVersion | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict (ISO 8601 timestamps, enum values as strings)."""
@@ -221,6 +277,10 @@ class JobView:
             "finished_at": _iso(self.finished_at),
             "durations": dict(self.durations),
             "deliveries": [d.to_json() for d in self.deliveries],
+            "seg_series_instance_uid": self.seg_series_instance_uid,
+            "seg_instance_number": self.seg_instance_number,
+            "supersedes": None if self.supersedes is None else self.supersedes.to_json(),
+            "superseded_by": None if self.superseded_by is None else self.superseded_by.to_json(),
         }
 
 

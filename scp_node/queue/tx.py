@@ -26,6 +26,7 @@ from scp_node.errors import JobLeaseLostError, QueueError
 from scp_node.queue.db import READ_ONLY, session_factory
 from scp_node.queue.models import (
     Delivery,
+    DeliveryKind,
     DeliveryState,
     Job,
     JobEvent,
@@ -245,3 +246,65 @@ def total_s(job: Job, now: datetime) -> float:
     """Seconds from the study's last instance to ``now``."""
     settle_wait = float((job.durations or {}).get("settle_wait", 0.0))
     return seconds(now - job.created_at) + settle_wait
+
+
+def fail_dependents(
+    tx: Tx, job: Job, study_uid: str, delivery: Delivery, *, level: Level = Level.INFO
+) -> None:
+    """Fail the rejection notes that wait for ``delivery``, which will never be DONE."""
+    notes = tx.session.scalars(
+        select(Delivery)
+        .where(Delivery.depends_on_id == delivery.id, Delivery.state == DeliveryState.PENDING)
+        .with_for_update()
+    ).all()
+    for note in notes:
+        note.state = DeliveryState.FAILED
+        note.last_error = "superseding SEG not delivered"
+        clear_lease(note)
+        tx.event(
+            job,
+            study_uid,
+            Stage.DELIVER,
+            f"rejection note to {note.destination} failed: superseding SEG not delivered",
+            level=level,
+            data={"destination": note.destination, "kind": note.kind.value},
+        )
+
+
+def finish_if_delivered(tx: Tx, job: Job, study_uid: str) -> None:
+    """Make a DELIVERING job DONE once none of its deliveries is PENDING.
+
+    A delivery that failed for good fails its job at once, so the FAILED ones met here
+    were dropped because a newer SEG superseded them (or their notes with them).
+    """
+    if job.state != JobState.DELIVERING:
+        return
+    rows = tx.session.execute(
+        select(Delivery.state, Delivery.kind).where(Delivery.job_id == job.id)
+    ).all()
+    if any(state == DeliveryState.PENDING for state, _kind in rows):
+        return
+    now = tx.now
+    job.state = JobState.DONE
+    job.finished_at = now
+    total = total_s(job, now)
+    durations = {"total": total}
+    if job.delivering_at is not None:
+        durations["delivery"] = seconds(now - job.delivering_at)
+    add_durations(job, **durations)
+    segs = sum(st == DeliveryState.DONE and kind == DeliveryKind.SEG for st, kind in rows)
+    notes = sum(st == DeliveryState.DONE and kind == DeliveryKind.KOS for st, kind in rows)
+    dropped = sum(st != DeliveryState.DONE for st, _kind in rows)
+    message = f"job done: SEG delivered to {segs} destination(s)"
+    if notes:
+        message += f", {notes} rejection note(s)"
+    if dropped:
+        message += f"; {dropped} delivery(ies) dropped as superseded"
+    tx.event(
+        job,
+        study_uid,
+        Stage.DONE,
+        message,
+        duration_s=total,
+        data={"outcome": None if job.outcome is None else job.outcome.value},
+    )

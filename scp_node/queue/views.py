@@ -10,7 +10,14 @@ from sqlalchemy.orm import Session
 
 from scp_node.errors import JobNotFoundError
 from scp_node.queue.models import Delivery, Job, JobEvent, JobState, Series, Study
-from scp_node.queue.records import DeliveryView, JobEventView, JobView, SeriesInfo, WorkerLease
+from scp_node.queue.records import (
+    DeliveryView,
+    JobEventView,
+    JobView,
+    SegVersion,
+    SeriesInfo,
+    WorkerLease,
+)
 from scp_node.queue.tx import Sessions
 
 __all__ = ["JobViews"]
@@ -234,8 +241,11 @@ def _job_views(
                     last_status=d.last_status,
                     delivered_at=d.delivered_at,
                     url=d.url,
+                    kind=d.kind,
+                    sop_instance_uid=d.sop_instance_uid,
                 )
             )
+    neighbours = _neighbours(session, [job for job, _, _ in rows])
     return [
         JobView(
             id=job.id,
@@ -255,6 +265,47 @@ def _job_views(
             finished_at=job.finished_at,
             durations={k: float(v) for k, v in (job.durations or {}).items()},
             deliveries=tuple(by_job.get(job.id, ())),
+            seg_series_instance_uid=job.seg_series_instance_uid,
+            seg_instance_number=job.seg_instance_number,
+            supersedes=neighbours.get(job.id, (None, None))[0],
+            superseded_by=neighbours.get(job.id, (None, None))[1],
         )
         for job, study_uid, study_date in rows
     ]
+
+
+def _neighbours(
+    session: Session, jobs: builtins.list[Job]
+) -> dict[int, tuple[SegVersion | None, SegVersion | None]]:
+    """Job id -> (the SEG it superseded, the SEG that superseded it): the versions of its
+    SEG series just below and just above its InstanceNumber."""
+    series = {job.seg_series_instance_uid for job in jobs if job.seg_series_instance_uid}
+    if not series:
+        return {}
+    rows = session.execute(
+        select(
+            Job.id, Job.seg_series_instance_uid, Job.seg_sop_instance_uid, Job.seg_instance_number
+        ).where(
+            Job.seg_series_instance_uid.in_(series),
+            Job.seg_sop_instance_uid.is_not(None),
+            Job.seg_instance_number.is_not(None),
+        )
+    ).all()
+    by_series: dict[str, builtins.list[SegVersion]] = {}
+    for job_id, series_uid, sop_uid, number in rows:
+        by_series.setdefault(str(series_uid), []).append(
+            SegVersion(job_id=job_id, sop_instance_uid=str(sop_uid), instance_number=number or 0)
+        )
+    result: dict[int, tuple[SegVersion | None, SegVersion | None]] = {}
+    for job in jobs:
+        if job.seg_series_instance_uid is None or job.seg_instance_number is None:
+            continue
+        mine = job.seg_instance_number
+        others = by_series.get(job.seg_series_instance_uid, [])
+        before = [v for v in others if v.instance_number < mine]
+        after = [v for v in others if v.instance_number > mine]
+        result[job.id] = (
+            max(before, key=lambda v: (v.instance_number, v.job_id), default=None),
+            min(after, key=lambda v: (v.instance_number, v.job_id), default=None),
+        )
+    return result

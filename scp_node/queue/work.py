@@ -12,8 +12,10 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from scp_node.queue import tx as q
+from scp_node.queue import versions
 from scp_node.queue.models import (
     Delivery,
+    DeliveryKind,
     DeliveryState,
     Instance,
     Job,
@@ -24,9 +26,9 @@ from scp_node.queue.models import (
     Stage,
     Study,
 )
-from scp_node.queue.records import ClaimedJob, DeliveryTarget
+from scp_node.queue.records import ClaimedJob, DeliveryTarget, SegVersion, Supersession
 from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.tx import Clock, Sessions, utcnow
+from scp_node.queue.tx import Clock, Sessions, Tx, utcnow
 
 __all__ = ["WorkQueue"]
 
@@ -186,6 +188,22 @@ class WorkQueue:
                 data=data,
             )
 
+    def seg_history(self, seg_series_instance_uid: str) -> list[SegVersion]:
+        """The SEGs jobs made in a SEG series, oldest InstanceNumber first.
+
+        Each :class:`SegVersion` says which destinations hold it (delivery DONE) or are
+        being sent it now (live lease); a pending delivery waiting for its next attempt
+        does not count: :meth:`complete` drops it once a newer SEG exists.
+
+        Raises
+        ------
+        QueueError
+            If the database read fails.
+        """
+        now = self._tx.now()
+        with self._tx.read("seg_history") as s:
+            return versions.seg_versions(s, seg_series_instance_uid, now)
+
     def complete(
         self,
         job_id: int,
@@ -196,12 +214,22 @@ class WorkQueue:
         seg_sop_instance_uid: str | None,
         outcome: Outcome,
         destinations: Sequence[DeliveryTarget],
+        seg_series_instance_uid: str | None = None,
+        seg_instance_number: int | None = None,
+        supersedes: Supersession | None = None,
     ) -> JobState:
         """Finish the inference of a claimed job.
 
         With a SEG and at least one destination the job becomes DELIVERING with one PENDING
-        delivery per destination (due now); otherwise it is DONE. The lease is released.
+        SEG delivery per destination (due now); otherwise it is DONE. The lease is released.
         Deliveries left from an earlier run of the same job are replaced.
+
+        With ``seg_series_instance_uid``, earlier SEGs of that series (other SOP Instance
+        UIDs) whose delivery is still waiting for an attempt are dropped: they would only
+        land after this one, stale. With ``supersedes``, both jobs record which SEG replaced
+        which, and each destination in ``supersedes.notes`` gets a rejection note delivery
+        that waits for this SEG's delivery there, provided the destination still holds the
+        SEG the note retracts and no newer one (else the note is skipped, with a warning).
 
         Parameters
         ----------
@@ -217,6 +245,12 @@ class WorkQueue:
             What inference found.
         destinations : Sequence[DeliveryTarget]
             Where the SEG goes.
+        seg_series_instance_uid : str or None, optional
+            The SEG's Series Instance UID (shared by every version of the result).
+        seg_instance_number : int or None, optional
+            The SEG's InstanceNumber in that series.
+        supersedes : Supersession or None, optional
+            The previous SEG of the series and the rejection notes to send.
 
         Returns
         -------
@@ -225,42 +259,47 @@ class WorkQueue:
 
         Raises
         ------
+        ValueError
+            ``supersedes`` without a SEG and its series.
         JobLeaseLostError
             If the job is no longer RUNNING under this token; nothing is changed.
         QueueError
             If the database write fails.
         """
+        if supersedes is not None and (
+            seg_path is None or seg_sop_instance_uid is None or seg_series_instance_uid is None
+        ):
+            raise ValueError("supersedes needs the SEG's path, SOP and Series Instance UID")
         with self._tx.write("complete") as tx:
             s, now = tx.session, tx.now
             job = q.leased_job(s, job_id, token, "complete")
             job.series_instance_uid = series_instance_uid
             job.seg_path = seg_path
             job.seg_sop_instance_uid = seg_sop_instance_uid
+            job.seg_series_instance_uid = seg_series_instance_uid if seg_path else None
+            job.seg_instance_number = seg_instance_number if seg_path else None
             job.outcome = outcome
             job.error = None
             q.clear_lease(job)
-            for old in s.scalars(select(Delivery).where(Delivery.job_id == job.id)).all():
+            # Notes first: they reference the SEG deliveries of the same job.
+            for old in s.scalars(
+                select(Delivery)
+                .where(Delivery.job_id == job.id)
+                .order_by(Delivery.depends_on_id.is_(None))
+            ).all():
                 s.delete(old)
+                s.flush()
             study_uid = q.study_uid(s, job.study_id)
             data = {"outcome": outcome.value, "series_instance_uid": series_instance_uid}
-            if seg_path is not None and destinations:
+            seg_deliveries: dict[str, Delivery] = {}
+            if seg_path is not None and seg_sop_instance_uid is not None and destinations:
                 job.state = JobState.DELIVERING
                 job.delivering_at = now
                 for dest in destinations:
-                    s.add(
-                        Delivery(
-                            job_id=job.id,
-                            destination=dest.name,
-                            ae_title=dest.ae_title,
-                            host=dest.host,
-                            port=dest.port,
-                            url=dest.url,
-                            state=DeliveryState.PENDING,
-                            attempts=0,
-                            next_attempt_at=now,
-                            created_at=now,
-                        )
+                    seg_deliveries[dest.name] = self._new_delivery(
+                        tx, job, dest, DeliveryKind.SEG, seg_path, seg_sop_instance_uid
                     )
+                s.flush()
                 message = f"inference done ({outcome.value}); delivering to " + ", ".join(
                     d.name for d in destinations
                 )
@@ -279,7 +318,151 @@ class WorkQueue:
                     duration_s=total,
                     data=data,
                 )
+            if seg_sop_instance_uid is not None and job.seg_series_instance_uid is not None:
+                self._drop_stale(tx, job, job.seg_series_instance_uid, seg_sop_instance_uid)
+            if supersedes is not None:
+                self._supersede(tx, job, study_uid, destinations, seg_deliveries, supersedes)
             return job.state
+
+    @staticmethod
+    def _new_delivery(
+        tx: Tx,
+        job: Job,
+        dest: DeliveryTarget,
+        kind: DeliveryKind,
+        path: str,
+        sop_instance_uid: str,
+        depends_on_id: int | None = None,
+    ) -> Delivery:
+        delivery = Delivery(
+            job_id=job.id,
+            destination=dest.name,
+            ae_title=dest.ae_title,
+            host=dest.host,
+            port=dest.port,
+            url=dest.url,
+            kind=kind,
+            path=path,
+            sop_instance_uid=sop_instance_uid,
+            depends_on_id=depends_on_id,
+            state=DeliveryState.PENDING,
+            attempts=0,
+            next_attempt_at=tx.now,
+            created_at=tx.now,
+        )
+        tx.session.add(delivery)
+        return delivery
+
+    @staticmethod
+    def _drop_stale(tx: Tx, job: Job, seg_series_uid: str, seg_uid: str) -> None:
+        """Fail the waiting SEG deliveries of older versions of the series (lower
+        InstanceNumber, and the notes that wait for them); a delivery being sent right now
+        is left to finish. A re-run of an old version drops nothing newer."""
+        s, now = tx.session, tx.now
+        if job.seg_instance_number is None:
+            return
+        stale = s.scalars(
+            select(Delivery)
+            .join(Job, Job.id == Delivery.job_id)
+            .where(
+                Job.seg_series_instance_uid == seg_series_uid,
+                Job.id != job.id,
+                Job.seg_instance_number < job.seg_instance_number,
+                Delivery.kind == DeliveryKind.SEG,
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.sop_instance_uid != seg_uid,
+            )
+            .order_by(Delivery.id)
+            .with_for_update()
+        ).all()
+        reason = f"superseded by {seg_uid} (job {job.id}) before delivery"
+        for delivery in stale:
+            if versions.in_flight(delivery, now):
+                continue
+            old = q.lock_job(s, delivery.job_id)
+            assert old is not None  # foreign key
+            old_study = q.study_uid(s, old.study_id)
+            delivery.state = DeliveryState.FAILED
+            delivery.last_error = reason
+            q.clear_lease(delivery)
+            data = {"destination": delivery.destination, "superseded_by_job": job.id}
+            tx.event(
+                old,
+                old_study,
+                Stage.SUPERSEDE,
+                f"delivery to {delivery.destination} dropped: {reason}",
+                data=data,
+            )
+            q.fail_dependents(tx, old, old_study, delivery)
+            q.finish_if_delivered(tx, old, old_study)
+
+    @staticmethod
+    def _supersede(
+        tx: Tx,
+        job: Job,
+        study_uid: str,
+        destinations: Sequence[DeliveryTarget],
+        seg_deliveries: dict[str, Delivery],
+        supersedes: Supersession,
+    ) -> None:
+        """Record which SEG replaced which on both jobs and queue the rejection notes."""
+        s, now = tx.session, tx.now
+        prev = supersedes.previous
+        new_uid = job.seg_sop_instance_uid
+        tx.event(
+            job,
+            study_uid,
+            Stage.SUPERSEDE,
+            f"SEG {new_uid} (instance {job.seg_instance_number}) supersedes "
+            f"{prev.sop_instance_uid} (job {prev.job_id})",
+            data={"supersedes": prev.to_json()},
+        )
+        old = q.lock_job(s, prev.job_id)
+        if old is not None and old.id != job.id:
+            tx.event(
+                old,
+                q.study_uid(s, old.study_id),
+                Stage.SUPERSEDE,
+                f"superseded by {new_uid} (job {job.id})",
+                data={"superseded_by_job": job.id, "sop_instance_uid": new_uid},
+            )
+        assert new_uid is not None and job.seg_series_instance_uid is not None  # complete()
+        current = versions.seg_versions(s, job.seg_series_instance_uid, now)
+        by_name = {d.name: d for d in destinations}
+        for name, note in sorted(supersedes.notes.items()):
+            dest, seg_delivery = by_name.get(name), seg_deliveries.get(name)
+            if dest is None or seg_delivery is None or dest.supersede != "iocm":
+                continue
+            held = versions.newest_held(current, name, new_uid)
+            if held is None or held.sop_instance_uid != note.rejects.sop_instance_uid:
+                now_held = "nothing" if held is None else held.sop_instance_uid
+                tx.event(
+                    job,
+                    study_uid,
+                    Stage.SUPERSEDE,
+                    f"rejection note to {name} skipped: it was made for "
+                    f"{note.rejects.sop_instance_uid}, {name} now holds {now_held}",
+                    level=Level.WARNING,
+                    data={"destination": name},
+                )
+                continue
+            WorkQueue._new_delivery(
+                tx,
+                job,
+                dest,
+                DeliveryKind.KOS,
+                note.path,
+                note.sop_instance_uid,
+                depends_on_id=seg_delivery.id,
+            )
+            tx.event(
+                job,
+                study_uid,
+                Stage.SUPERSEDE,
+                f"rejection note {note.sop_instance_uid} for {note.rejects.sop_instance_uid} "
+                f"(job {note.rejects.job_id}) goes to {name} once {new_uid} is there",
+                data={"destination": name, "rejects": note.rejects.to_json()},
+            )
 
     def fail(self, job_id: int, token: str, error: str, retryable: bool = True) -> JobState:
         """Record a failed attempt; requeue with backoff or fail for good.

@@ -1,5 +1,7 @@
 """C-FIND completeness against a real Orthanc: a study known to be incomplete is not settled,
-and it is settled at once (without the quiet period) when the last instance arrives."""
+and it is settled at once (without the quiet period) when the last instance arrives. So a
+series pushed in two parts makes one SEG, and with ``supersede = "iocm"`` no rejection note
+(issue 13: the gate is what keeps a growing series from making two versions)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def test_incomplete_study_waits_and_complete_study_settles_at_once(
                 "ae_title": orthanc.ae_title,
                 "host": "127.0.0.1",
                 "port": orthanc.dicom_port,
+                "supersede": "iocm",
             }
         ],
     )
@@ -80,6 +83,8 @@ def test_incomplete_study_waits_and_complete_study_settles_at_once(
         (seg,) = orthanc.series_instances(_seg_series(orthanc, study_id) or "")
         frames = orthanc.get(f"/instances/{seg['ID']}/tags?simplify")["NumberOfFrames"]
         assert int(frames) == 20  # the one job covered the whole series
+        modalities = [s["MainDicomTags"].get("Modality") for s in orthanc.study_series(study_id)]
+        assert sorted(modalities) == ["CT", "SEG"]  # one version: nothing to retract, no KO
     finally:
         node.stop()
         orthanc.stop()

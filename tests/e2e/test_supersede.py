@@ -4,7 +4,8 @@ Orthanc holds subject B and pushes 14 of its 20 slices to the node; the SEG come
 then Orthanc pushes the other 6. Orthanc keeps the first instance it stored under a SOP
 Instance UID (``OverwriteInstances`` is false by default), so the rebuilt SEG only reaches
 it under a new UID: at the end Orthanc must hold a SEG that covers all 20 slices. With
-``supersede = "iocm"`` the node must also send a rejection note for the 14-slice SEG.
+``supersede = "iocm"`` the node must also send a rejection note for the 14-slice SEG, and
+both jobs must say which SEG superseded which.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def two_parts(
                 "host": "127.0.0.1",
                 "port": orthanc.dicom_port,
                 "supersede": supersede,
+                # Each store counts once Orthanc lists the instance (C-FIND at IMAGE level).
+                "verify": True,
             }
         ],
     )
@@ -195,7 +198,6 @@ def test_orthanc_ends_with_a_seg_of_all_20_slices(two_parts: TwoParts) -> None:
     assert sorted(job["seg_sop_instance_uid"] for job in jobs) == held
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="dispatcher wiring pending")
 @pytest.mark.parametrize("two_parts", ["iocm"], indirect=True)
 def test_iocm_sends_a_rejection_note_for_the_first_seg(two_parts: TwoParts, tmp_path: Path) -> None:
     orthanc, study_id = two_parts.orthanc, two_parts.study_id
@@ -219,3 +221,14 @@ def test_iocm_sends_a_rejection_note_for_the_first_seg(two_parts: TwoParts, tmp_
     (instance,) = series.ReferencedSOPSequence
     assert instance.ReferencedSOPInstanceUID == two_parts.first_seg.SOPInstanceUID
     assert instance.ReferencedSOPClassUID == two_parts.first_seg.SOPClassUID
+
+    def all_done() -> list[dict[str, Any]] | None:
+        jobs = two_parts.node.jobs()
+        return jobs if len(jobs) == 2 and all(j["state"] == "done" for j in jobs) else None
+
+    old, new = sorted(wait_until(all_done, 60, "both jobs done", poll_s=1.0), key=lambda j: j["id"])
+    assert new["supersedes"]["sop_instance_uid"] == two_parts.first_seg.SOPInstanceUID
+    assert old["superseded_by"]["sop_instance_uid"] == two_parts.full_seg.SOPInstanceUID
+    assert (old["seg_instance_number"], new["seg_instance_number"]) == (1, 2)
+    kinds = sorted(d["kind"] for d in new["deliveries"])
+    assert kinds == ["kos", "seg"]

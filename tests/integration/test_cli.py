@@ -18,6 +18,7 @@ from scp_node.queue.db import make_engine, upgrade
 from scp_node.queue.records import InstanceRecord
 from scp_node.queue.retry import RetryPolicy
 from tests.support.net import free_port, wait_for_port
+from tests.support.seeded import PAIR_NEW_SEG, PAIR_OLD_SEG, seed_superseding_pair
 
 runner = CliRunner()
 
@@ -103,3 +104,34 @@ def test_jobs_list_show_cancel_retry(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(logs) == len(shown["events"])
     assert runner.invoke(app, ["logs", "--since", "1h"]).exit_code == 0
     assert runner.invoke(app, ["logs", "--since", "soon"]).exit_code != 0
+
+
+def test_jobs_show_says_which_seg_superseded_which(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    monkeypatch.setenv("SCP_NODE_DATABASE__URL", url)
+    monkeypatch.chdir(tmp_path)
+    engine = make_engine(url)
+    upgrade(engine)
+    first, second = seed_superseding_pair(build_queue(engine, RetryPolicy()), "1.2.3")
+
+    new = runner.invoke(app, ["jobs", "show", str(second)], env={"COLUMNS": "200"})
+    assert new.exit_code == 0
+    assert f"supersedes: {PAIR_OLD_SEG} (instance 1, job {first})" in new.stdout
+    assert f"SEG {PAIR_NEW_SEG} (instance 2) supersedes {PAIR_OLD_SEG} (job {first})" in (
+        new.stdout
+    )
+    old = runner.invoke(app, ["jobs", "show", str(first)], env={"COLUMNS": "200"})
+    assert f"superseded by: {PAIR_NEW_SEG} (instance 2, job {second})" in old.stdout
+    assert f"superseded by {PAIR_NEW_SEG} (job {second})" in old.stdout
+
+    shown = json.loads(runner.invoke(app, ["jobs", "show", str(second), "--json"]).stdout)
+    assert shown["supersedes"] == {
+        "job_id": first,
+        "sop_instance_uid": PAIR_OLD_SEG,
+        "instance_number": 1,
+    }
+    assert shown["superseded_by"] is None
+    assert shown["seg_instance_number"] == 2
+    assert any(e["stage"] == "supersede" for e in shown["events"])

@@ -34,6 +34,7 @@ from scp_node.queue.records import DeliveryTarget, InstanceRecord
 from scp_node.queue.retry import RetryPolicy
 from scp_node.settings import WebSection
 from scp_node.web import NodeRuntime, WebServer, create_app
+from tests.support.seeded import PAIR_NEW_SEG, PAIR_OLD_SEG, seed_superseding_pair
 
 TOKEN = "s3cret-admin-token-0123"
 
@@ -468,3 +469,22 @@ def test_port_in_use_stops_start_up_with_one_line(
     assert "Traceback" not in result.stderr + result.stdout
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: dashboard cannot listen on") and "already in use" in line
+
+
+def test_job_page_shows_which_seg_superseded_which(site: Site) -> None:
+    site.jobs.admin.cancel(site.ids["queued"])  # the seeder claims the next queued job
+    first, second = seed_superseding_pair(site.jobs, "1.2.826.0.1.9")
+    new = site.request("GET", f"/jobs/{second}")
+    assert new.status == 200
+    assert f'<dd id="supersedes" class="uid">{PAIR_OLD_SEG} (instance 1, job {first})</dd>' in (
+        new.text
+    )
+    assert 'id="superseded-by"' not in new.text
+    assert f"{PAIR_NEW_SEG} (instance 2)" in new.text
+    old = site.request("GET", f"/jobs/{first}")
+    assert (
+        f'<dd id="superseded-by" class="uid">{PAIR_NEW_SEG} (instance 2, job {second})</dd>'
+        in old.text
+    )
+    api = site.request("GET", f"/api/jobs/{second}").json()
+    assert api["supersedes"]["job_id"] == first

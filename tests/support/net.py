@@ -13,7 +13,11 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import SegmentationStorage, Verification
+from pynetdicom.sop_class import (
+    KeyObjectSelectionDocumentStorage,
+    SegmentationStorage,
+    Verification,
+)
 
 
 def free_port() -> int:
@@ -49,8 +53,9 @@ def wait_until(
 
 
 class PacsStub:
-    """A real pynetdicom Storage SCP standing in for the PACS: stores every SEG it gets
-    under ``directory`` (named by SOP Instance UID) and counts receipts per UID."""
+    """A real pynetdicom Storage SCP standing in for the PACS: stores every SEG (and IOCM
+    rejection note) it gets under ``directory`` (named by SOP Instance UID) and counts
+    receipts per UID."""
 
     def __init__(
         self,
@@ -70,9 +75,10 @@ class PacsStub:
         self._lock = threading.Lock()
         self._ae = AE(ae_title=ae_title)
         self._ae.add_supported_context(Verification)
-        self._ae.add_supported_context(
-            SegmentationStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        )
+        for sop_class in (SegmentationStorage, KeyObjectSelectionDocumentStorage):
+            self._ae.add_supported_context(
+                sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+            )
         self._server: Any = None
         directory.mkdir(parents=True, exist_ok=True)
 

@@ -10,13 +10,13 @@ import numpy as np
 from pydicom import dcmread
 from sqlalchemy import create_engine, func, select, text
 
-from scp_node.app import build_queue, delivery_target, retry_policy
+from scp_node.app import Database, build_queue, delivery_target, retry_policy
 from scp_node.dicom.volume import load_volume
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.seg import build_segmentation, write_segmentation
 from scp_node.queue.db import make_engine, upgrade
 from scp_node.queue.models import Instance, Outcome
-from scp_node.queue.records import InstanceRecord
+from scp_node.queue.records import InstanceRecord, Supersession
 from scp_node.settings import load_settings
 from tests.conftest import REPO_ROOT
 
@@ -89,3 +89,50 @@ def instance_rows(db_url: str) -> int:
             return int(conn.execute(select(func.count()).select_from(Instance)).scalar_one())
     finally:
         engine.dispose()
+
+
+#: The SEG series and the two SEGs of :func:`seed_superseding_pair`.
+PAIR_SEG_SERIES = "2.25.7001"
+PAIR_OLD_SEG, PAIR_NEW_SEG = "2.25.7002", "2.25.7003"
+
+
+def seed_superseding_pair(jobs: Database, study: str) -> tuple[int, int]:
+    """Two finished jobs of one study whose SEGs (instances 1 and 2 of one SEG series) are
+    versions of one result: the second supersedes the first. No destinations, no files.
+    The table must hold no other queued job (each new job is claimed as the next one).
+
+    Returns the ids of the first and the second job.
+    """
+    ids: list[int] = []
+    for number, sop in enumerate((PAIR_OLD_SEG, PAIR_NEW_SEG), start=1):
+        jobs.intake.record_instance(
+            InstanceRecord(
+                study,
+                f"{study}.1",
+                f"{study}.1.{number}",
+                "1.2.840.10008.5.1.4.1.1.2",
+                "1.2",
+                "CT",
+                "x",
+                1,
+                "T",
+            )
+        )
+        created = jobs.settling.settle(0.0, ["ct-abdomen"])
+        job = jobs.work.claim("seeder", 60.0)
+        assert job is not None and [job.id] == created
+        previous = jobs.work.seg_history(PAIR_SEG_SERIES)
+        jobs.work.complete(
+            job.id,
+            job.token,
+            series_instance_uid=f"{study}.1",
+            seg_path=f"/outbox/{job.id}/{sop}.dcm",
+            seg_sop_instance_uid=sop,
+            outcome=Outcome.SEG,
+            destinations=[],
+            seg_series_instance_uid=PAIR_SEG_SERIES,
+            seg_instance_number=number,
+            supersedes=Supersession(previous[-1]) if previous else None,
+        )
+        ids.append(job.id)
+    return ids[0], ids[1]

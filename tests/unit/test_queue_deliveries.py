@@ -49,7 +49,7 @@ def test_delivery_success_finishes_job_with_durations(
     again = table.deliveries.claim("d2", 60)
     assert again is not None and again.destination == first.destination
     assert again.attempts == 2
-    assert (again.seg_path, again.study_instance_uid) == ("/outbox/seg.dcm", STUDY)
+    assert (again.path, again.study_instance_uid) == ("/outbox/seg.dcm", STUDY)
     table.deliveries.succeeded(again.id, again.token)
     view = table.views.get(job_id)
     assert view.state is JobState.DONE
