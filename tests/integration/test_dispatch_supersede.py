@@ -21,7 +21,7 @@ from pynetdicom.sop_class import (
 
 from scp_node.app import Database, build_queue
 from scp_node.dispatch import Dispatcher
-from scp_node.inference.registry import ModelSpec
+from scp_node.inference.pool import ModelPool
 from scp_node.queue import (
     DeliveryKind,
     DeliveryState,
@@ -173,11 +173,10 @@ def test_growing_series_retracts_the_old_seg_only_where_it_landed(
             ),
             DeliveryTarget("archive", "ARCHIVE", "127.0.0.1", archive.port, supersede="iocm"),
         )
-        spec = ModelSpec.from_model_dir(REPO_ROOT / "models" / MODEL)
+        pool = ModelPool(REPO_ROOT / "models", [MODEL], lambda _spec: BoxModel())
         worker = Worker(
             db.work,
-            spec,
-            BoxModel(),  # type: ignore[arg-type]
+            pool,
             WorkerConfig("w", tmp_path / "outbox", dests, 600.0, 300.0, "test"),
         )
         dispatcher = Dispatcher(
@@ -269,11 +268,10 @@ def test_verify_fails_a_store_the_pacs_did_not_keep(
     db, clock = queue
     with ForgetfulPacs(free_port()) as pacs:
         dest = DeliveryTarget("pacs", pacs.ae_title, "127.0.0.1", pacs.port, verify=True)
-        spec = ModelSpec.from_model_dir(REPO_ROOT / "models" / MODEL)
+        pool = ModelPool(REPO_ROOT / "models", [MODEL], lambda _spec: BoxModel())
         worker = Worker(
             db.work,
-            spec,
-            BoxModel(),  # type: ignore[arg-type]
+            pool,
             WorkerConfig("w", tmp_path / "outbox", (dest,), 600.0, 300.0, "test"),
         )
         for path in ct_b_files:
