@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from scp_node.dicom.query import series_instance_counts
 from scp_node.dicom.scu import Peer
@@ -130,6 +130,11 @@ class CompletenessGate:
 class Settler:
     """One settle sweep per poll: gate (if any), quiet rule, requeue of expired leases.
 
+    The quiet rule waits ``quiet_s`` after the settler starts, too: a study whose last
+    instance came before a stop or crash went "quiet" only because the node was not
+    listening, and the sender resending it after the restart must not find a partial study
+    already settled (that would build a SEG of part of the series, then a second one).
+
     Parameters
     ----------
     settling : Settling
@@ -165,6 +170,7 @@ class Settler:
         self.gate = gate
         self._wake_work = wake_work
         self._clock = clock
+        self._quiet_from = clock() + timedelta(seconds=quiet_s)
 
     def run(self, stop: threading.Event, poll_s: float) -> None:
         """Sweep every ``poll_s`` until ``stop`` is set."""
@@ -185,7 +191,8 @@ class Settler:
             hold = decision.hold
             if decision.ready:
                 created += self.settling.settle(0.0, self.models, only=decision.ready)
-        created += self.settling.settle(self.quiet_s, self.models, exclude=hold)
+        if self._clock() >= self._quiet_from:
+            created += self.settling.settle(self.quiet_s, self.models, exclude=hold)
         requeued = self.settling.requeue_expired()
         if (created or requeued) and self._wake_work is not None:
             self._wake_work.set()

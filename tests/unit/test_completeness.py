@@ -101,3 +101,21 @@ def test_settler_sweep_settles_complete_study_early_and_requeues_expired_leases(
     assert settler.run_once() and wake.is_set()
     assert table.views.get(job.id).state is JobState.QUEUED
     assert [e.stage for e in table.views.events_after(0, job_id=job.id)][-1] is Stage.REQUEUE
+
+
+def test_settler_waits_quiet_s_after_its_start_before_the_quiet_rule(
+    table: Table, clock: FakeClock, instance_factory: InstanceFactory
+) -> None:
+    # A study whose last instance came long before the node (re)started: quiet only because
+    # nobody was listening. The sender's resend after the restart must find it unsettled.
+    table.intake.record_instance(instance_factory())
+    clock.advance(3600)
+    settler = Settler(table.settling, ["m"], quiet_s=10, clock=clock)
+    assert not settler.run_once()
+    clock.advance(9)
+    assert not settler.run_once()
+    assert table.views.list() == []
+    clock.advance(1)
+    assert settler.run_once()
+    (job,) = table.views.list()
+    assert job.study_instance_uid == STUDY
