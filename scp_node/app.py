@@ -27,6 +27,7 @@ from scp_node.dicom.tls import client_context_from_settings, server_context_from
 from scp_node.dispatch import Dispatcher
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import load_model_spec
+from scp_node.inference.verify import select_variant, selection_summary
 from scp_node.metrics import NodeMetrics
 from scp_node.queue.admin import JobAdmin
 from scp_node.queue.db import make_engine, upgrade
@@ -192,9 +193,16 @@ def run_node(
 
     if Stage.WORK in stages:
         spec = load_model_spec(settings.worker.models_dir, settings.worker.model)
-        predictor = Predictor(settings.worker.device, threads=settings.worker.threads)
-        predictor.load(spec)
+        # Every variant the worker may run is verified on the card's reference case first.
+        predictor, selection = select_variant(
+            spec,
+            lambda: Predictor(settings.worker.device, threads=settings.worker.threads),
+            requested=settings.worker.variant or None,
+            cache_dir=settings.worker.variant_cache_dir,
+        )
         runtime.device = str(predictor.device)
+        runtime.model = selection_summary(selection)
+        runtime.model_notes = selection.notes
         worker = Worker(
             db.work,
             spec,
@@ -211,7 +219,12 @@ def run_node(
         )
         logger.info(
             "model loaded",
-            extra={"model": spec.name, "model_version": spec.version, "device": predictor.device},
+            extra={
+                "model": spec.name,
+                "model_version": spec.version,
+                "device": predictor.device,
+                "variant": predictor.variant,
+            },
         )
         threads.append(
             _start_thread(lambda: worker.run(stop, settings.worker.poll_s, wake_work), "worker")

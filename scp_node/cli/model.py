@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from scp_node.cli.common import console, err_console, on_error
+from scp_node.cli.common import ConfigOption, console, err_console, load, on_error
 
 __all__ = ["app"]
 
@@ -161,3 +161,69 @@ def model_export(
     with on_error(default=2):
         path = export_model(model_dir, variant, fmt, out_dir)
     console.print(f"wrote {path} (input padded to the network's size multiple)")
+
+
+@app.command("reference")
+def model_reference(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name>")],
+    dicom_dir: Annotated[Path, typer.Argument(help="A DICOM series the model accepts.")],
+    slices: Annotated[int, typer.Option(help="Slices kept in the reference case.")] = 6,
+    min_dice: Annotated[float, typer.Option(help="The card's verify.min_dice.")] = 0.99,
+) -> None:
+    """Store the reference case start-up verification uses (reference.npz + [verify])."""
+    from scp_node.training.reference import make_reference_case
+
+    with on_error(default=2):
+        case = make_reference_case(model_dir, dicom_dir, slices=slices, min_dice=min_dice)
+    console.print(
+        f"reference case: {case.inputs.shape[0]} slices, outputs of {', '.join(case.logits)}"
+    )
+
+
+@app.command("status")
+def model_status(
+    config: ConfigOption = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Model folder (default: the configured worker's).")
+    ] = None,
+    variant: Annotated[
+        str | None, typer.Option(help="Variant to ask for (auto, a name); default: config.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Which variant the worker runs on this machine: start-up verification and, for
+    ``auto``, the timings (from the per-machine cache when it is valid)."""
+    from scp_node.inference.predictor import Predictor
+    from scp_node.inference.registry import ModelSpec
+    from scp_node.inference.verify import select_variant
+
+    settings = load(config)
+    worker = settings.worker
+    folder = model_dir or worker.models_dir / worker.model
+    with on_error(default=2):
+        spec = ModelSpec.from_model_dir(folder)
+        _predictor, selection = select_variant(
+            spec,
+            lambda: Predictor(worker.device, threads=worker.threads),
+            requested=variant or worker.variant or None,
+            cache_dir=worker.variant_cache_dir,
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(selection.to_json(), indent=2) + "\n")
+        return
+    source = "timings from this machine's cache" if selection.cached else "measured now"
+    console.print(
+        f"model {spec.name} {spec.version} on {selection.device}: requested "
+        f"{selection.requested}, running [bold]{selection.chosen}[/bold]"
+        + (f" ({source})" if selection.timings_ms else "")
+        + f"; verification took {selection.seconds:.1f} s",
+        soft_wrap=True,
+    )
+    if not selection.verified:
+        console.print("not verified: the card has no reference case ([verify] file)")
+    for check in selection.checks:
+        timing = ""
+        if check.ms_per_slice is not None:
+            timing = f", {check.ms_per_slice:.1f} ms/slice"
+            timing += f" (best of {check.timed_runs})" if check.timed_runs else " (first run)"
+        console.print(f"  {check.describe()}{timing}", markup=False, soft_wrap=True)

@@ -37,6 +37,12 @@ class NodeRuntime:
         The stage threads of this process; each must be alive.
     receiving : callable or None
         True while the Storage SCP listens (None when this process does not receive).
+    model : str or None
+        The model variant this process's worker runs and how it was chosen (start-up
+        verification), if it runs one.
+    model_notes : tuple of str
+        One line per variant rejected on this machine at start-up, e.g. ``"variant
+        pruned-int8-ort rejected on this machine: Dice 0.68 < 0.99 (liver)"``.
     """
 
     stages: frozenset[str] = frozenset()
@@ -45,6 +51,8 @@ class NodeRuntime:
     device: str | None = None
     threads: dict[str, threading.Thread] = field(default_factory=dict)
     receiving: Callable[[], bool] | None = None
+    model: str | None = None
+    model_notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class HealthReport:
     device: str | None
     stages: frozenset[str]
     workers: tuple[WorkerLease, ...]
+    model: str | None = None
+    model_notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -81,6 +91,7 @@ class HealthReport:
             "disk_free_bytes": self.disk_free_bytes,
             "device": self.device,
             "stages": sorted(self.stages),
+            "model": {"variant": self.model, "rejected": list(self.model_notes)},
         }
 
 
@@ -134,6 +145,8 @@ def check_health(jobs: JobViews, runtime: NodeRuntime) -> HealthReport:
         device=runtime.device,
         stages=runtime.stages,
         workers=workers,
+        model=runtime.model,
+        model_notes=runtime.model_notes,
     )
 
 
