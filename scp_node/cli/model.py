@@ -227,3 +227,51 @@ def model_status(
             timing = f", {check.ms_per_slice:.1f} ms/slice"
             timing += f" (best of {check.timed_runs})" if check.timed_runs else " (first run)"
         console.print(f"  {check.describe()}{timing}", markup=False, soft_wrap=True)
+
+
+@app.command("optimize")
+def model_optimize(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name> (our card, TorchScript, ONNX)")],
+    calibration: Annotated[
+        Path | None, typer.Option(help="Folder of DICOM series to calibrate int8 on.")
+    ] = None,
+    holdout: Annotated[
+        Path | None,
+        typer.Option(help="Folder of DICOM series for the gate (default: odd calibration slices)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Shared data (calibrate on train.toml's subject).")
+    ] = None,
+    source: Annotated[str, typer.Option(help="fp32 variant to quantise.")] = "fp32",
+    name: Annotated[str | None, typer.Option(help="Variant name written to the card.")] = None,
+    min_dice: Annotated[
+        float, typer.Option(help="Agreement gate: per-label Dice vs the fp32 source.")
+    ] = 0.98,
+    slices: Annotated[int, typer.Option(help="Calibration slices.")] = 32,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+) -> None:
+    """int8 ONNX Runtime variant (reduce_range, correct without VNNI) behind an agreement gate.
+
+    The variant is kept (recorded in model.toml) only if every label's Dice against the fp32
+    source on held-out slices is >= --min-dice; every label is reported. Exit status 1 when
+    the gate refuses it. nnU-Net folders and MONAI bundles are not handled yet.
+    """
+    import torch
+
+    from scp_node.training.optimize import optimize_model
+
+    torch.set_num_threads(threads)
+    with on_error(default=2):
+        result = optimize_model(
+            model_dir,
+            calibration=calibration,
+            holdout=holdout,
+            data_dir=data_dir,
+            source=source,
+            name=name,
+            min_dice=min_dice,
+            slices=slices,
+        )
+    console.print(result.describe(), markup=False, soft_wrap=True)
+    if not result.kept:
+        raise typer.Exit(1)

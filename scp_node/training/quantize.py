@@ -257,9 +257,17 @@ def quantize_onnx(
         raise ModelError(f"activations must be u8 or s8, got {activations!r}")
     symmetric = activations == "s8"
 
+    import onnxruntime as ort
+
+    graph_input = (
+        ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+        .get_inputs()[0]
+        .name
+    )
+
     class _Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
-            self._batches = iter([{"input": b.numpy()} for b in calibration])
+            self._batches = iter([{graph_input: b.numpy()} for b in calibration])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)

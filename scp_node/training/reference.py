@@ -20,7 +20,7 @@ from scp_node.inference.registry import CARD_FILE, REFERENCE_VARIANT, ModelSpec
 from scp_node.inference.verify import REFERENCE_FILE, ReferenceCase
 from scp_node.training.variants import replace_table
 
-__all__ = ["make_reference_case"]
+__all__ = ["make_reference_case", "reference_from_inputs", "write_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,19 @@ def make_reference_case(
         raise ModelError(f"no .dcm files in {dicom_dir}")
     spec = ModelSpec.from_model_dir(model_dir)
     volume = load_volume(paths)
-    inputs = model_input(spec, volume.array, volume.spacing_zyx)
+    case = reference_from_inputs(
+        spec, model_input(spec, volume.array, volume.spacing_zyx), slices=slices
+    )
+    write_reference(model_dir, case, min_dice=min_dice, file=file)
+    return case
+
+
+def reference_from_inputs(
+    spec: ModelSpec, inputs: torch.Tensor, *, slices: int = 6
+) -> ReferenceCase:
+    """A reference case from prepared model inputs (N, C, rows, columns) at the model
+    spacing: ``slices`` of them with the most foreground, and the fp32 logits of
+    ``[weights]`` and of every other ``state_dict`` variant on them."""
     sources = [REFERENCE_VARIANT]
     sources += [n for n, w in spec.variants.items() if w.format == "state_dict"]
     outputs: dict[str, torch.Tensor] = {}
@@ -83,13 +95,24 @@ def make_reference_case(
     foreground = (reference.argmax(dim=1) > 0).flatten(1).sum(dim=1).numpy()
     ranked = np.argsort(-foreground, kind="stable")[: slices * 2]
     keep = np.sort(ranked[np.linspace(0, len(ranked) - 1, min(slices, len(ranked))).astype(int)])
-    case = ReferenceCase(
+    return ReferenceCase(
         inputs=inputs[keep].numpy().astype(np.float32),
         logits={n: o[keep].numpy().astype(np.float32) for n, o in outputs.items()},
     )
+
+
+def write_reference(
+    model_dir: Path, case: ReferenceCase, *, min_dice: float = 0.99, file: str = REFERENCE_FILE
+) -> ModelSpec:
+    """Save ``case`` next to the card, record ``[verify]`` and return the re-read card.
+
+    Raises
+    ------
+    ModelError
+        The card becomes invalid.
+    """
     case.save(model_dir / file)
     card = model_dir / CARD_FILE
     card.write_text(replace_table(card.read_text(), "verify", {"file": file, "min_dice": min_dice}))
-    ModelSpec.from_model_dir(model_dir)
-    logger.info("reference case of %s: %d slices", spec.name, len(keep))
-    return case
+    logger.info("reference case of %s: %d slices", model_dir.name, len(case.inputs))
+    return ModelSpec.from_model_dir(model_dir)
