@@ -91,7 +91,10 @@ def write_variant(model_dir: Path, name: str, weights: WeightsSpec) -> ModelSpec
 def set_runtime(model_dir: Path, *, cpu: str, cuda: str, cuda_autocast: str = "auto") -> ModelSpec:
     """Set the card's ``[runtime]`` (variant per device) and return the re-read card."""
     card = model_dir / CARD_FILE
-    body = {"cpu": cpu, "cuda": cuda, "cuda_autocast": cuda_autocast}
+    body: dict[str, Any] = {"cpu": cpu, "cuda": cuda, "cuda_autocast": cuda_autocast}
+    order = ModelSpec.from_model_dir(model_dir).runtime.cpu_order
+    if order:
+        body["cpu_order"] = list(order)  # the fallback order stays as the card had it
     card.write_text(replace_table(card.read_text(), "runtime", body))
     return ModelSpec.from_model_dir(model_dir)
 
