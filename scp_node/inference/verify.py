@@ -53,9 +53,10 @@ REFERENCE_FILE = "reference.npz"
 #: Timing repetitions per variant on the reference case, after the verification run (the
 #: warm-up, same shapes); the fastest counts, as other processes share the cores.
 TIMING_ROUNDS = 3
-#: A variant whose verification run is this many times slower than the fastest so far is
-#: not timed further (its first-run time stands): it cannot win, and start-up stays short.
-HOPELESS = 2.0
+#: A variant whose verification run (a cold first run: ONNX Runtime and oneDNN set up on
+#: it) is this many times slower than the fastest so far is not timed further (its
+#: first-run time stands): it cannot win, and start-up stays short.
+HOPELESS = 4.0
 
 
 @dataclass(frozen=True)
