@@ -433,8 +433,13 @@ def _first_verified(
 
 
 def _none_passed(spec: ModelSpec, checks: list[VariantCheck]) -> str:
-    return f"{spec.name}: no variant passes verification on this machine: " + "; ".join(
-        c.describe() for c in checks
+    # On CUDA fp32 runs under autocast (bf16/fp16): a GPU whose low-precision output
+    # disagrees can still run the model exactly with cuda_autocast = "none".
+    hint = ' (on CUDA try [runtime] cuda_autocast = "none")'
+    return (
+        f"{spec.name}: no variant passes verification on this machine: "
+        + "; ".join(c.describe() for c in checks)
+        + hint
     )
 
 
