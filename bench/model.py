@@ -1,33 +1,42 @@
-"""Benchmark: the model variants of a model folder, side by side, on the CPU (and CUDA).
+"""Benchmark: the variants of a model folder side by side, on this machine's CPU.
 
-For every variant of the card (``fp32`` = ``[weights]``, then ``[variants]``), in one run:
+Rows, in one run: fp32 eager (torch), fp32 ONNX Runtime, int8 ONNX Runtime, int8 torch FX
+(the last three built from the unpruned network in a temporary copy of the model), then the
+card's own variants (pruned, its exports and int8 files). Each variant runs in its own
+process, so its peak RSS is its own:
 
-1. ms per slice: ``Predictor.predict`` on subject B's real 20-slice 512x512 series (the
-   worker's input: resampling, windowing, network, softmax, resampling back, argmax),
-   interleaved across variants, ``--rounds`` rounds, median per variant;
-2. ms per 200-slice study: one ``predict`` call on B's slices tiled to ``--study-slices``;
-3. ratio to ``fp32`` (eager torch) of (1);
-4. FLOPs per slice of the network at the model spacing (2 x multiply-accumulates of convs;
-   int8 variants do the same operations as their fp32 source, in int8);
-5. Dice and HD95 per label on held-out subject B through the worker's path
-   (:func:`scp_node.training.evaluate.evaluate_series`: DICOM -> SEG -> highdicom read-back).
+1. ms per slice of the whole ``Predictor.predict`` on subject B's real 20-slice 512x512
+   series (``--rounds`` rounds, median), with the per-stage breakdown (windowing/stacking,
+   resampling to the model spacing, network, logits -> labels at 512x512);
+2. ms per study for ``--study-slices`` (B's slices tiled; default 200 and 500), one call;
+3. network share of the predict time, x fp32 eager (whole predict);
+4. peak RSS of the process (MiB);
+5. agreement Dice per label with fp32 eager's label maps on B (and, with ``--agreement
+   source``, with the fp32 network each variant was made from);
+6. the network's GOP/s (FLOPs of its fp32 source: int8 variants do the same operations in
+   int8) as a fraction of this machine's measured fp32 / int8 GEMM peak.
 
-On a CUDA machine the fp32 variant is also run with and without autocast.
+It prints the CPU model and flags (avx2, avx512f, avx512_vnni, avx_vnni, amx) first.
 
-Run: .venv/bin/python bench/model.py [--model models/ct-abdomen] [--threads 2] [--rounds 5]
-Prints a table to stdout.
+Run: .venv/bin/python bench/model.py [--model models/ct-abdomen] [--threads 2] [--rounds 3]
+Prints a Markdown table to stdout. Needs only the node's own code (never ``tests/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,174 +46,224 @@ sys.path.insert(0, str(REPO))
 
 from scp_node.dicom.volume import load_volume  # noqa: E402
 from scp_node.inference.predictor import Predictor  # noqa: E402
-from scp_node.inference.preprocess import (  # noqa: E402
-    normalise,
-    resample_inplane,
-    resampled_shape,
-    stack_context,
-)
+from scp_node.inference.preprocess import resampled_shape  # noqa: E402
 from scp_node.inference.registry import REFERENCE_VARIANT, ModelSpec  # noqa: E402
-from scp_node.training.evaluate import evaluate_series  # noqa: E402
+from scp_node.inference.verify import cpu_flags, label_dice  # noqa: E402
 from scp_node.training.prune import count_flops  # noqa: E402
 from scp_node.training.variants import load_network, quantize_model  # noqa: E402
 
 SUBJECT_B = REPO.parent / "shared" / "data" / "ct-abdomen-b"
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
+STAGES = ("prepare", "resample_in", "network", "labels")
 
 
-def _flops(spec: ModelSpec, name: str, size: tuple[int, int]) -> int | None:
-    """FLOPs/slice of a variant: its own network, or its fp32 source's for exports."""
+# -- one variant, in a child process ----------------------------------------------------------
+
+
+def _child(args: argparse.Namespace) -> None:
+    """Time one variant; write its figures (JSON) and label maps (npz) to ``args.out``."""
+    logging.disable(logging.INFO)
+    torch.set_num_threads(args.threads)
+    spec = ModelSpec.from_model_dir(args.model_dir)
+    volume = load_volume(sorted((SUBJECT_B / "dicom").glob("*.dcm")))
+    spacing = volume.spacing_zyx
+    predictor = Predictor("cpu", threads=args.threads)
+    predictor.load(spec, args.child)
+    predictor.predict(volume.array[:4], spacing)  # warm-up: lazy init, ORT session
+    predictor.stage_s = dict.fromkeys(STAGES, 0.0)
+    per_slice: list[float] = []
+    labels = np.empty(0)
+    for _round in range(args.rounds):
+        started = time.perf_counter()
+        labels = predictor.predict(volume.array, spacing)
+        per_slice.append(1000 * (time.perf_counter() - started) / volume.shape[0])
+    spent = dict(predictor.stage_s)
+    total_stage = sum(spent.values())
+    stages = {k: 1000 * v / (args.rounds * volume.shape[0]) for k, v in spent.items()}
+    studies: dict[str, float] = {}
+    for slices in args.study_slices:
+        repeats = -(-slices // volume.shape[0])
+        study = np.concatenate([volume.array] * repeats)[:slices]
+        started = time.perf_counter()
+        predictor.predict(study, spacing)
+        studies[str(slices)] = 1000 * (time.perf_counter() - started)
+        del study
+    figures = {
+        "ms_per_slice": statistics.median(per_slice),
+        "stages_ms_per_slice": stages,
+        "network_share": spent["network"] / total_stage if total_stage else None,
+        "ms_per_study": studies,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    out = Path(args.out)
+    np.savez_compressed(out.with_suffix(".npz"), labels=labels)
+    out.write_text(json.dumps(figures))
+
+
+# -- the machine ----------------------------------------------------------------------------
+
+
+def gemm_peaks(threads: int, size: int = 1536, rounds: int = 10) -> tuple[float, float]:
+    """Measured fp32 (torch.mm) and int8 (torch quantized linear, x86 engine) GOP/s."""
+    torch.set_num_threads(threads)
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    ops = 2.0 * size**3
+
+    def best(run: Any) -> float:
+        run()
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        return ops / min(times) / 1e9
+
+    fp32 = best(lambda: torch.mm(a, b))
+    torch.backends.quantized.engine = "x86"
+    # torch 2.13 deprecates quantized tensors; its quantized linear is still the x86
+    # engine's u8s8 GEMM the FX int8 variants run on.
+    warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*")
+    qa = torch.quantize_per_tensor(a.abs(), 0.05, 0, torch.quint8)
+    qb = torch.quantize_per_tensor(b, 0.05, 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(qb, None)
+    int8 = best(lambda: torch.ops.quantized.linear(qa, packed, 0.1, 0))
+    return fp32, int8
+
+
+# -- the parent -----------------------------------------------------------------------------
+
+
+def _source(spec: ModelSpec, name: str) -> str:
+    """The fp32 network a variant was made from (card ``source``, else by its name)."""
     weights = spec.variant(name)
-    if weights.format == "state_dict":
-        return count_flops(load_network(spec, name), *size)
-    source = name.split("-int8")[0].removesuffix("-onnx")
-    if source != name and (source == REFERENCE_VARIANT or source in spec.variants):
-        return _flops(spec, source, size)
-    return None
+    if weights.source is not None or weights.format == "state_dict":
+        return spec.reference_of(name)
+    stem = name.split("-int8")[0].removesuffix("-onnx")
+    return stem if stem == REFERENCE_VARIANT or stem in spec.variants else REFERENCE_VARIANT
+
+
+def _flops(spec: ModelSpec, name: str, size: tuple[int, int]) -> int:
+    return count_flops(load_network(spec, _source(spec, name)), *size)
+
+
+def _row_label(spec: ModelSpec, name: str) -> str:
+    weights = spec.variant(name)
+    runtime = {"state_dict": "eager", "torchscript": "FX", "onnx": "ORT"}[weights.format]
+    return f"{name} ({weights.precision} {runtime})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "ct-abdomen")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--study-slices", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--study-slices", type=int, nargs="+", default=[200, 500])
     parser.add_argument("--variants", nargs="*", default=None)
-    parser.add_argument("--no-dice", action="store_true", help="skip the Dice evaluation")
     parser.add_argument(
         "--no-fp32-exports",
         action="store_true",
-        help="skip the unpruned ONNX fp32 / int8 rows (built in a temporary copy of the model)",
+        help="skip the unpruned ONNX fp32 / int8 and FX int8 rows (built in a temporary copy)",
     )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        _child(args)
+        return
     logging.disable(logging.INFO)
-    torch.set_num_threads(args.threads)
-
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = args.model
         if not args.no_fp32_exports:
             # Exports of the unpruned network are measured but not shipped (size).
             model_dir = Path(scratch) / args.model.name
             shutil.copytree(args.model, model_dir)
+            torch.set_num_threads(args.threads)
             quantize_model(model_dir, SUBJECT_B.parent, source=REFERENCE_VARIANT)
-        _run(args, model_dir)
+        _run(args, model_dir, Path(scratch))
 
 
-def _run(args: argparse.Namespace, model_dir: Path) -> None:
+def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
     spec = ModelSpec.from_model_dir(model_dir)
     names = args.variants or [REFERENCE_VARIANT, *spec.variants]
+    order = {n: i for i, n in enumerate(["fp32", "fp32-onnx", "fp32-int8-ort", "fp32-int8-fx"])}
+    names.sort(key=lambda n: order.get(n, len(order)))
     volume = load_volume(sorted((SUBJECT_B / "dicom").glob("*.dcm")))
-    spacing = volume.spacing_zyx
-    size = resampled_shape(volume.shape[1:], spacing[1:], spec.input.spacing_mm)
-    repeats = -(-args.study_slices // volume.shape[0])
-    study = np.concatenate([volume.array] * repeats)[: args.study_slices]
+    size = resampled_shape(volume.shape[1:], volume.spacing_zyx[1:], spec.input.spacing_mm)
 
-    runs: list[tuple[str, str, Predictor]] = []
+    model, flags = cpu_flags()
+    present = [f for f in FLAGS if f in flags.split()]
+    fp32_peak, int8_peak = gemm_peaks(args.threads)
+    results: dict[str, dict[str, Any]] = {}
+    labels: dict[str, np.ndarray] = {}
     for name in names:
-        predictor = Predictor("cpu", threads=args.threads)
-        predictor.load(spec, name)
-        runs.append((name, "cpu", predictor))
-    if torch.cuda.is_available():
-        for autocast in ("none", "auto"):
-            cuda_spec = spec.model_copy(
-                update={"runtime": spec.runtime.model_copy(update={"cuda_autocast": autocast})}
-            )
-            predictor = Predictor("cuda")
-            predictor.load(cuda_spec, REFERENCE_VARIANT)
-            runs.append((f"fp32 autocast={autocast}", "cuda", predictor))
+        out = scratch / f"{name}.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", name]
+        command += ["--model-dir", str(model_dir), "--out", str(out)]
+        command += ["--threads", str(args.threads), "--rounds", str(args.rounds)]
+        command += ["--study-slices", *map(str, args.study_slices)]
+        subprocess.run(command, check=True)
+        results[name] = json.loads(out.read_text())
+        with np.load(out.with_suffix(".npz")) as data:
+            labels[name] = data["labels"]
 
-    for _label, _device, predictor in runs:  # warm-up: lazy init, allocator, ORT session
-        predictor.predict(volume.array[:4], spacing)
-    per_slice: dict[str, list[float]] = {label: [] for label, _d, _p in runs}
-    for _round in range(args.rounds):
-        for label, device, predictor in runs:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            predictor.predict(volume.array, spacing)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            per_slice[label].append(1000 * (time.perf_counter() - started) / volume.shape[0])
-    # The network alone on the same slices at the model spacing (no resampling/argmax).
-    prepared = torch.from_numpy(
-        stack_context(
-            normalise(volume.array, spec.input.window_center, spec.input.window_width),
-            spec.input.context_slices,
-        )
-    )
-    prepared = resample_inplane(prepared, size, antialias=True)
-    per_slice_net: dict[str, list[float]] = {label: [] for label, _d, _p in runs}
-    with torch.inference_mode():
-        for _round in range(args.rounds):
-            for label, device, predictor in runs:
-                if device != "cpu":
-                    continue
-                started = time.perf_counter()
-                for batch in torch.split(prepared, predictor.batch_size):
-                    predictor.logits(batch)
-                per_slice_net[label].append(
-                    1000 * (time.perf_counter() - started) / volume.shape[0]
-                )
-    per_study: dict[str, float] = {}
-    for label, _device, predictor in runs:
-        started = time.perf_counter()
-        predictor.predict(study, spacing)
-        per_study[label] = 1000 * (time.perf_counter() - started)
+    classes = len(spec.labels) + 1
+    lut = {label.value: k for k, label in enumerate(spec.labels, start=1)}
 
-    reference = statistics.median(per_slice[REFERENCE_VARIANT])
-    reference_net = statistics.median(per_slice_net[REFERENCE_VARIANT])
+    def indices(array: np.ndarray) -> np.ndarray:
+        mapped = np.zeros(array.shape, dtype=np.int32)
+        for value, k in lut.items():
+            mapped[array == value] = k
+        return mapped
+
+    reference_ms = results[REFERENCE_VARIANT]["ms_per_slice"] if "fp32" in results else None
     label_names = [label.name for label in spec.labels]
-    header = ["variant", "device", "ms/slice", f"ms/{args.study_slices}-slice study", "x fp32"]
-    header += ["net ms/slice", "net x fp32"]
-    header += ["MFLOPs/slice"]
-    if not args.no_dice:
-        header += [f"Dice {n}" for n in label_names] + [f"HD95 {n} mm" for n in label_names]
-    rows: list[list[str]] = []
-    for label, device, _predictor in runs:
-        ms = statistics.median(per_slice[label])
-        name = label if device == "cpu" else REFERENCE_VARIANT
+    studies = [str(s) for s in args.study_slices]
+    header = ["variant", "ms/slice", *[f"ms/{s}-slice study" for s in studies], "x fp32"]
+    header += ["prepare", "resample in", "network", "labels", "network share"]
+    header += ["peak RSS MiB", "GOP/s", "% of peak"]
+    header += [f"agreement Dice {n} vs fp32" for n in label_names]
+    header += [f"agreement Dice {n} vs source" for n in label_names]
+    rows = []
+    for name in names:
+        figures = results[name]
+        stage = figures["stages_ms_per_slice"]
         flops = _flops(spec, name, size)
-        row = [
-            label,
-            device,
-            f"{ms:.1f}",
-            f"{per_study[label]:.0f}",
-            f"{reference / ms:.2f}",
-        ]
-        if per_slice_net[label]:
-            net_ms = statistics.median(per_slice_net[label])
-            row += [f"{net_ms:.1f}", f"{reference_net / net_ms:.2f}"]
-        else:
-            row += ["-", "-"]
-        row += [
-            "-" if flops is None else f"{flops / 1e6:.0f}",
-        ]
-        if not args.no_dice:
-            if device == "cpu":
-                scores = evaluate_series(
-                    model_dir,
-                    SUBJECT_B / "dicom",
-                    SUBJECT_B / "labels.nii.gz",
-                    variant=label,
-                    predictor=Predictor("cpu", threads=args.threads),
-                )
-                row += [f"{scores[f'dice_{n}']:.4f}" for n in label_names]
-                row += [f"{scores[f'hd95_mm_{n}']:.1f}" for n in label_names]
+        gops = flops / (stage["network"] / 1000) / 1e9 if stage["network"] else 0.0
+        peak = int8_peak if spec.variant(name).precision == "int8" else fp32_peak
+        row = [_row_label(spec, name), f"{figures['ms_per_slice']:.1f}"]
+        row += [f"{figures['ms_per_study'][s]:.0f}" for s in studies]
+        row.append(f"{reference_ms / figures['ms_per_slice']:.2f}" if reference_ms else "-")
+        row += [f"{stage[k]:.1f}" for k in STAGES]
+        row.append(f"{100 * (figures['network_share'] or 0):.0f}%")
+        row += [f"{figures['peak_rss_mib']:.0f}", f"{gops:.1f}", f"{100 * gops / peak:.0f}%"]
+        for reference in (REFERENCE_VARIANT, _source(spec, name)):
+            if reference in labels:
+                dice = label_dice(indices(labels[reference]), indices(labels[name]), classes)
+                row += [f"{d:.4f}" for d in dice]
             else:
-                row += ["-"] * (2 * len(label_names))
+                row += ["-"] * len(label_names)
         rows.append(row)
 
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     out = sys.stdout
+    out.write(f"CPU: {model}; flags: {', '.join(present) or 'none of ' + ', '.join(FLAGS)}\n")
+    out.write(
+        f"GEMM peak ({args.threads} threads, 1536^3, best of 10): "
+        f"fp32 {fp32_peak:.1f} GOP/s (torch.mm), "
+        f"int8 {int8_peak:.1f} GOP/s (torch quantized linear, x86 engine)\n"
+    )
     out.write(
         f"model {spec.name} {spec.version}; subject B {volume.shape[0]} slices "
         f"{volume.shape[1]}x{volume.shape[2]} -> {size[0]}x{size[1]} at the model spacing; "
-        f"torch {torch.__version__}, {args.threads} CPU thread(s), {args.rounds} rounds "
-        f"interleaved, median; x fp32 = fp32 eager ms / variant ms; ms/slice is the whole "
-        f"predict() (resampling, softmax, argmax at 512x512 included), net = network only\n"
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds, median; "
+        f"stage columns in ms/slice; x fp32 = fp32 eager / variant (whole predict); "
+        f"GOP/s = the network's fp32-source FLOPs / network time\n\n"
     )
-    out.write("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + "\n")
+    out.write("| " + " | ".join(header) + " |\n")
+    out.write("|" + "---|" * len(header) + "\n")
     for row in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + "\n")
+        out.write("| " + " | ".join(row) + " |\n")
 
 
 if __name__ == "__main__":

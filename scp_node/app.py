@@ -30,6 +30,7 @@ from scp_node.errors import ModelError
 from scp_node.inference.pool import ModelPool
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import ModelSpec, load_model_spec
+from scp_node.inference.verify import select_variant, selection_summary
 from scp_node.metrics import NodeMetrics
 from scp_node.queue.admin import JobAdmin
 from scp_node.queue.db import make_engine, upgrade
@@ -179,12 +180,42 @@ def _load_predictor(settings: Settings, runtime: NodeRuntime) -> Callable[[Model
     """Loader of the worker's model pool: one predictor per model on the configured device."""
 
     def load(spec: ModelSpec) -> Predictor:
-        predictor = Predictor(settings.worker.device, threads=settings.worker.threads)
-        predictor.load(spec)
+        # Every variant the worker may run is verified on the card's reference case first.
+        predictor, selection = select_variant(
+            spec,
+            lambda: Predictor(settings.worker.device, threads=settings.worker.threads),
+            requested=settings.worker.variant or None,
+            cache_dir=settings.worker.variant_cache_dir,
+        )
         runtime.device = str(predictor.device)
+        runtime.variants[spec.name] = selection_summary(selection)
+        runtime.model_notes = (
+            *(n for n in runtime.model_notes if not n.startswith(f"{spec.name}: ")),
+            *(f"{spec.name}: {note}" for note in selection.notes),
+        )
+        logger.info(
+            "model loaded",
+            extra={
+                "model": spec.name,
+                "model_version": spec.version,
+                "device": predictor.device,
+                "variant": predictor.variant,
+            },
+        )
         return predictor
 
     return load
+
+
+def _verify_at_start(pool: ModelPool, max_loaded: int) -> None:
+    """Load (and so verify) the first models the pool can hold, so a variant this machine
+    computes wrongly is reported at start-up, not at the first study; a model that fails
+    is marked down by the pool and the others run on."""
+    for name in pool.served[:max_loaded]:
+        try:
+            pool.get(name)
+        except ModelError:
+            logger.exception("model not loaded at start-up", extra={"model": name})
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -246,6 +277,7 @@ def run_node(
         runtime.models = pool.status
         # Weights load on a model's first job; the device is known now.
         runtime.device = Predictor(settings.worker.device, threads=settings.worker.threads).device
+        _verify_at_start(pool, settings.worker.max_loaded_models)
         worker = Worker(
             db.work,
             pool,

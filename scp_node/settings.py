@@ -144,6 +144,12 @@ class WorkerSection(_Section):
     poll_s: float = Field(default=1.0, gt=0)
     #: CPU threads for torch; 0 lets torch decide.
     threads: int = Field(default=0, ge=0)
+    #: Model variant: "" follows the card's ``[runtime]``; ``"auto"`` runs the fastest
+    #: variant verified on this machine (CPU); or a variant name. Whatever is chosen is
+    #: verified on the card's reference case at start-up (fallback on failure).
+    variant: str = Field(default="", max_length=64)
+    #: Per-machine cache of the ``auto`` timings (one JSON file per model).
+    variant_cache_dir: Path = Path("var/variants")
 
     @model_validator(mode="before")
     @classmethod

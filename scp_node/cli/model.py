@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from scp_node.cli.common import console, err_console, on_error
+from scp_node.cli.common import ConfigOption, console, err_console, load, on_error
 
 __all__ = ["app"]
 
@@ -161,3 +161,117 @@ def model_export(
     with on_error(default=2):
         path = export_model(model_dir, variant, fmt, out_dir)
     console.print(f"wrote {path} (input padded to the network's size multiple)")
+
+
+@app.command("reference")
+def model_reference(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name>")],
+    dicom_dir: Annotated[Path, typer.Argument(help="A DICOM series the model accepts.")],
+    slices: Annotated[int, typer.Option(help="Slices kept in the reference case.")] = 6,
+    min_dice: Annotated[float, typer.Option(help="The card's verify.min_dice.")] = 0.99,
+) -> None:
+    """Store the reference case start-up verification uses (reference.npz + [verify])."""
+    from scp_node.training.reference import make_reference_case
+
+    with on_error(default=2):
+        case = make_reference_case(model_dir, dicom_dir, slices=slices, min_dice=min_dice)
+    console.print(
+        f"reference case: {case.inputs.shape[0]} slices, outputs of {', '.join(case.logits)}"
+    )
+
+
+@app.command("status")
+def model_status(
+    config: ConfigOption = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Model folder (default: the configured worker's).")
+    ] = None,
+    variant: Annotated[
+        str | None, typer.Option(help="Variant to ask for (auto, a name); default: config.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Which variant the worker runs on this machine: start-up verification and, for
+    ``auto``, the timings (from the per-machine cache when it is valid)."""
+    from scp_node.inference.predictor import Predictor
+    from scp_node.inference.registry import ModelSpec
+    from scp_node.inference.verify import select_variant
+
+    settings = load(config)
+    worker = settings.worker
+    folder = model_dir or worker.models_dir / worker.model
+    with on_error(default=2):
+        spec = ModelSpec.from_model_dir(folder)
+        _predictor, selection = select_variant(
+            spec,
+            lambda: Predictor(worker.device, threads=worker.threads),
+            requested=variant or worker.variant or None,
+            cache_dir=worker.variant_cache_dir,
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(selection.to_json(), indent=2) + "\n")
+        return
+    source = "timings from this machine's cache" if selection.cached else "measured now"
+    console.print(
+        f"model {spec.name} {spec.version} on {selection.device}: requested "
+        f"{selection.requested}, running [bold]{selection.chosen}[/bold]"
+        + (f" ({source})" if selection.timings_ms else "")
+        + f"; verification took {selection.seconds:.1f} s",
+        soft_wrap=True,
+    )
+    if not selection.verified:
+        console.print("not verified: the card has no reference case ([verify] file)")
+    for check in selection.checks:
+        timing = ""
+        if check.ms_per_slice is not None:
+            timing = f", {check.ms_per_slice:.1f} ms/slice"
+            timing += f" (best of {check.timed_runs})" if check.timed_runs else " (first run)"
+        console.print(f"  {check.describe()}{timing}", markup=False, soft_wrap=True)
+
+
+@app.command("optimize")
+def model_optimize(
+    model_dir: Annotated[Path, typer.Argument(help="models/<name> (our card, TorchScript, ONNX)")],
+    calibration: Annotated[
+        Path | None, typer.Option(help="Folder of DICOM series to calibrate int8 on.")
+    ] = None,
+    holdout: Annotated[
+        Path | None,
+        typer.Option(help="Folder of DICOM series for the gate (default: odd calibration slices)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Shared data (calibrate on train.toml's subject).")
+    ] = None,
+    source: Annotated[str, typer.Option(help="fp32 variant to quantise.")] = "fp32",
+    name: Annotated[str | None, typer.Option(help="Variant name written to the card.")] = None,
+    min_dice: Annotated[
+        float, typer.Option(help="Agreement gate: per-label Dice vs the fp32 source.")
+    ] = 0.98,
+    slices: Annotated[int, typer.Option(help="Calibration slices.")] = 32,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+) -> None:
+    """int8 ONNX Runtime variant (reduce_range, correct without VNNI) behind an agreement gate.
+
+    The variant is kept (recorded in model.toml) only if every label's Dice against the fp32
+    source on held-out slices is >= --min-dice; every label is reported. Exit status 1 when
+    the gate refuses it. nnU-Net folders and MONAI bundles are not handled yet.
+    """
+    import torch
+
+    from scp_node.training.optimize import optimize_model
+
+    torch.set_num_threads(threads)
+    with on_error(default=2):
+        result = optimize_model(
+            model_dir,
+            calibration=calibration,
+            holdout=holdout,
+            data_dir=data_dir,
+            source=source,
+            name=name,
+            min_dice=min_dice,
+            slices=slices,
+        )
+    console.print(result.describe(), markup=False, soft_wrap=True)
+    if not result.kept:
+        raise typer.Exit(1)

@@ -30,9 +30,19 @@ from scp_node.inference.preprocess import (
 )
 from scp_node.inference.registry import ModelSpec
 
-__all__ = ["OnnxModule", "Predictor", "autocast_dtype", "class_argmax"]
+__all__ = [
+    "OnnxModule",
+    "Predictor",
+    "autocast_dtype",
+    "class_argmax",
+    "labels_from_logits",
+    "model_input",
+]
 
 logger = logging.getLogger(__name__)
+
+#: The stages :attr:`Predictor.stage_s` times.
+STAGES = ("prepare", "resample_in", "network", "labels")
 
 
 class Predictor:
@@ -73,6 +83,10 @@ class Predictor:
         self._spec: ModelSpec | None = None
         self._pad_multiple = 1
         self._variant = ""
+        #: Seconds spent per stage of :meth:`predict` since construction (``prepare``:
+        #: windowing and 2.5-D stacking; ``resample_in``: to the model spacing;
+        #: ``network``; ``labels``: logits -> label map at the native size, label values).
+        self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
 
     @property
     def device(self) -> str:
@@ -224,6 +238,7 @@ class Predictor:
         )
         image = normalise(volume, spec.input.window_center, spec.input.window_width)
         stacked = stack_context(image, spec.input.context_slices)
+        self.stage_s["prepare"] += time.perf_counter() - started
         try:
             indices = self._run(stacked, model_size, native)
         except torch.OutOfMemoryError:
@@ -235,9 +250,11 @@ class Predictor:
             self._module = self._module.to(self._device)
             torch.cuda.empty_cache()
             indices = self._run(stacked, model_size, native)
+        mapped = time.perf_counter()
         labels: npt.NDArray[np.unsignedinteger] = lut[indices]
         if max(values) <= 255:
             labels = labels.astype(np.uint8)
+        self.stage_s["labels"] += time.perf_counter() - mapped
         elapsed = time.perf_counter() - started
         logger.info(
             "predicted %s on %d slices %dx%d in %.2f s (%.1f ms/slice, %s)",
@@ -261,13 +278,19 @@ class Predictor:
         assert self._module is not None
         # uint16 holds any class index a card allows and is 4x smaller than argmax's int64.
         out = np.empty((stacked.shape[0], *native), dtype=np.uint16)
+        stage = self.stage_s
         with torch.inference_mode(), self._autocast():
             for start in range(0, stacked.shape[0], self.batch_size):
+                began = time.perf_counter()
                 batch = torch.from_numpy(stacked[start : start + self.batch_size]).to(self._device)
                 batch = resample_inplane(batch, model_size, antialias=True)
+                resampled = time.perf_counter()
                 logits = self.logits(batch)
-                probs = resample_inplane(logits.softmax(dim=1), native)
-                out[start : start + len(batch)] = class_argmax(probs).cpu().numpy()
+                ran = time.perf_counter()
+                out[start : start + len(batch)] = labels_from_logits(logits, native).cpu().numpy()
+                stage["resample_in"] += resampled - began
+                stage["network"] += ran - resampled
+                stage["labels"] += time.perf_counter() - ran
         return out
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
@@ -313,6 +336,55 @@ class Predictor:
             return None
         setting = self._spec.runtime.cuda_autocast if self._spec is not None else "auto"
         return autocast_dtype(setting, bf16_supported=torch.cuda.is_bf16_supported())
+
+
+def model_input(
+    spec: ModelSpec,
+    volume: npt.NDArray[np.floating],
+    spacing_zyx: tuple[float, float, float],
+) -> torch.Tensor:
+    """A volume as the network's input: windowed, 2.5-D stacked, at the model spacing.
+
+    The same steps as :meth:`Predictor.predict` before the network (the reference case of
+    :mod:`scp_node.inference.verify` is made with it).
+
+    Returns
+    -------
+    torch.Tensor
+        (slices, 2 * context_slices + 1, rows, columns) float32 on the CPU.
+    """
+    native = (int(volume.shape[1]), int(volume.shape[2]))
+    size = resampled_shape(
+        native, (float(spacing_zyx[1]), float(spacing_zyx[2])), spec.input.spacing_mm
+    )
+    image = normalise(volume, spec.input.window_center, spec.input.window_width)
+    stacked = torch.from_numpy(stack_context(image, spec.input.context_slices))
+    return resample_inplane(stacked, size, antialias=True)
+
+
+def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class indices at ``size`` from logits at the model's resolution.
+
+    The argmax is taken on logits (softmax is monotonic, so it is skipped). Logits are
+    resampled bilinearly only when ``size`` differs from theirs; with two classes only
+    their difference is resampled (one channel instead of two) and thresholded at 0.
+
+    Parameters
+    ----------
+    logits
+        (N, K, rows, columns) float.
+    size
+        Output (rows, columns), the native slice size.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, rows, columns) int32; ties go to the lowest index as in :func:`class_argmax`.
+    """
+    if logits.shape[1] == 2:
+        margin = resample_inplane((logits[:, 1] - logits[:, 0]).float(), size)
+        return (margin > 0).to(torch.int32)
+    return class_argmax(resample_inplane(logits.float(), size))
 
 
 def class_argmax(scores: torch.Tensor) -> torch.Tensor:

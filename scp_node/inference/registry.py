@@ -107,6 +107,10 @@ class WeightsSpec(_Card):
     quantized_engine: str | None = None
     #: Numeric precision of the weights, for the record ("fp32", "int8", ...).
     precision: str = "fp32"
+    #: The ``state_dict`` variant this one was exported or quantised from ("fp32" for
+    #: ``[weights]``): start-up verification compares with that network's fp32 output.
+    #: ``None``: a ``state_dict`` variant is its own reference, anything else fp32's.
+    source: str | None = None
 
     @model_validator(mode="after")
     def _architecture_needed(self) -> WeightsSpec:
@@ -119,16 +123,39 @@ class WeightsSpec(_Card):
 REFERENCE_VARIANT = "fp32"
 
 
+#: ``[runtime] cpu`` value that lets the node time the verified variants and run the fastest.
+AUTO_VARIANT = "auto"
+
+
 class RuntimeSpec(_Card):
     """Which variant runs on which device (``[runtime]`` in the card)."""
 
-    #: Variant used on the CPU: ``"fp32"`` (``[weights]``) or a key of ``[variants]``.
+    #: Variant used on the CPU: ``"fp32"`` (``[weights]``), a key of ``[variants]``, or
+    #: ``"auto"`` (the fastest variant that passes start-up verification on this machine).
     cpu: str = REFERENCE_VARIANT
+    #: CPU variants in order of preference: when the chosen one fails start-up
+    #: verification the next one is tried, ``"fp32"`` always last; ``"auto"`` times these.
+    #: Empty: the ``[variants]`` in card order.
+    cpu_order: tuple[str, ...] = ()
     #: Variant used on CUDA.
     cuda: str = REFERENCE_VARIANT
     #: Autocast on CUDA: ``"auto"`` (bf16 when the GPU supports it, else fp16), ``"bf16"``,
     #: ``"fp16"`` or ``"none"`` (fp32).
     cuda_autocast: Literal["auto", "bf16", "fp16", "none"] = "auto"
+
+
+class VerifySpec(_Card):
+    """``[verify]``: the reference case every variant is checked against at start-up."""
+
+    #: ``.npz`` next to the card with ``input`` (N, C, rows, columns) float32 at the model
+    #: spacing and ``logits`` (N, classes, rows, columns) of the fp32 ``[weights]``;
+    #: ``None``: the card has no reference case and variants run unverified.
+    file: str | None = None
+    #: A variant whose per-label Dice (argmax vs the fp32 reference) is below this for any
+    #: label is not used on this machine.
+    min_dice: float = Field(default=0.99, ge=0.0, le=1.0)
+    #: Optional bound on the largest absolute logit difference; ``None``: reported only.
+    max_logit_error: float | None = Field(default=None, gt=0)
 
 
 class ModelSpec(_Card):
@@ -148,6 +175,7 @@ class ModelSpec(_Card):
     #: Alternative weights (pruned, int8, exported), by name; ``[weights]`` is ``"fp32"``.
     variants: dict[str, WeightsSpec] = Field(default_factory=dict)
     runtime: RuntimeSpec = RuntimeSpec()
+    verify: VerifySpec = VerifySpec()
     directory: Path = Path(".")
 
     @model_validator(mode="after")
@@ -159,8 +187,20 @@ class ModelSpec(_Card):
             raise ValueError(f"variant name {REFERENCE_VARIANT!r} is reserved for [weights]")
         for device in ("cpu", "cuda"):
             name = getattr(self.runtime, device)
+            if device == "cpu" and name == AUTO_VARIANT:
+                continue
             if name != REFERENCE_VARIANT and name not in self.variants:
                 raise ValueError(f"runtime.{device} names unknown variant {name!r}")
+        for name, weights in self.variants.items():
+            if weights.source is not None and weights.source != REFERENCE_VARIANT:
+                source = self.variants.get(weights.source)
+                if source is None or source.format != "state_dict":
+                    raise ValueError(
+                        f"variants.{name}.source must name a state_dict variant or 'fp32'"
+                    )
+        for name in self.runtime.cpu_order:
+            if name != REFERENCE_VARIANT and name not in self.variants:
+                raise ValueError(f"runtime.cpu_order names unknown variant {name!r}")
         return self
 
     def variant(self, name: str) -> WeightsSpec:
@@ -179,9 +219,32 @@ class ModelSpec(_Card):
             known = ", ".join([REFERENCE_VARIANT, *sorted(self.variants)])
             raise ModelError(f"{self.name}: no variant {name!r} (known: {known})") from None
 
+    def reference_of(self, name: str) -> str:
+        """The ``state_dict`` variant whose fp32 output variant ``name`` must reproduce."""
+        weights = self.variant(name)
+        if weights.source is not None:
+            return weights.source
+        return name if weights.format == "state_dict" else REFERENCE_VARIANT
+
     def variant_for(self, device_type: str) -> str:
-        """Name of the variant the card wants on ``device_type`` (``"cpu"`` or ``"cuda"``)."""
-        return self.runtime.cuda if device_type == "cuda" else self.runtime.cpu
+        """Name of the variant the card wants on ``device_type`` (``"cpu"`` or ``"cuda"``).
+
+        For ``cpu = "auto"`` this is the first of :meth:`cpu_candidates` (untimed,
+        unverified: :func:`scp_node.inference.verify.select_variant` does both).
+        """
+        if device_type == "cuda":
+            return self.runtime.cuda
+        return self.cpu_candidates()[0]
+
+    def cpu_candidates(self, first: str | None = None) -> list[str]:
+        """CPU variants in the order they are tried: ``first`` (default: ``runtime.cpu``
+        unless it is ``"auto"``), then ``runtime.cpu_order`` (or the ``[variants]`` in card
+        order), then ``"fp32"``; no duplicates."""
+        first = first if first is not None else self.runtime.cpu
+        order = list(self.runtime.cpu_order) or list(self.variants)
+        names = [first] if first != AUTO_VARIANT else []
+        names += [*order, REFERENCE_VARIANT]
+        return list(dict.fromkeys(names))
 
     @property
     def weights_path(self) -> Path:
@@ -215,6 +278,8 @@ class ModelSpec(_Card):
             raise ModelError(f"{card}: {problems}") from exc
         if not spec.weights_path.is_file():
             raise ModelError(f"{card}: weights file {spec.weights_path} not found")
+        if spec.verify.file is not None and not (directory / spec.verify.file).is_file():
+            raise ModelError(f"{card}: verify.file {directory / spec.verify.file} not found")
         for name, variant in spec.variants.items():
             if not (directory / variant.file).is_file():
                 raise ModelError(

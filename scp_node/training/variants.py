@@ -39,6 +39,7 @@ __all__ = [
     "load_network",
     "prune_model",
     "quantize_model",
+    "replace_table",
     "set_runtime",
     "write_variant",
 ]
@@ -60,7 +61,7 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
-def _replace_table(text: str, header: str, body: dict[str, Any]) -> str:
+def replace_table(text: str, header: str, body: dict[str, Any]) -> str:
     """``text`` with table ``[header]`` replaced (or appended) by ``body``."""
     block = f"[{header}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in body.items())
     pattern = re.compile(rf"^\[{re.escape(header)}\][^\n]*\n(?:(?!\[)[^\n]*\n?)*", re.MULTILINE)
@@ -83,15 +84,18 @@ def write_variant(model_dir: Path, name: str, weights: WeightsSpec) -> ModelSpec
     body = weights.model_dump(exclude_defaults=True)
     body.setdefault("format", weights.format)
     body.setdefault("file", weights.file)
-    card.write_text(_replace_table(card.read_text(), f"variants.{name}", body))
+    card.write_text(replace_table(card.read_text(), f"variants.{name}", body))
     return ModelSpec.from_model_dir(model_dir)
 
 
 def set_runtime(model_dir: Path, *, cpu: str, cuda: str, cuda_autocast: str = "auto") -> ModelSpec:
     """Set the card's ``[runtime]`` (variant per device) and return the re-read card."""
     card = model_dir / CARD_FILE
-    body = {"cpu": cpu, "cuda": cuda, "cuda_autocast": cuda_autocast}
-    card.write_text(_replace_table(card.read_text(), "runtime", body))
+    body: dict[str, Any] = {"cpu": cpu, "cuda": cuda, "cuda_autocast": cuda_autocast}
+    order = ModelSpec.from_model_dir(model_dir).runtime.cpu_order
+    if order:
+        body["cpu_order"] = list(order)  # the fallback order stays as the card had it
+    card.write_text(replace_table(card.read_text(), "runtime", body))
     return ModelSpec.from_model_dir(model_dir)
 
 
@@ -249,6 +253,7 @@ def quantize_model(
                 pad_multiple=multiple,
                 quantized_engine=engine,
                 precision="int8",
+                source=source,
             ),
         )
         written[f"{stem}-int8-fx"] = file
@@ -258,13 +263,19 @@ def quantize_model(
         write_variant(
             model_dir,
             f"{stem}-onnx",
-            WeightsSpec(format="onnx", file=fp32_file, pad_multiple=multiple),
+            WeightsSpec(format="onnx", file=fp32_file, pad_multiple=multiple, source=source),
         )
         quantize_onnx(model_dir / fp32_file, model_dir / int8_file, batches)
         write_variant(
             model_dir,
             f"{stem}-int8-ort",
-            WeightsSpec(format="onnx", file=int8_file, pad_multiple=multiple, precision="int8"),
+            WeightsSpec(
+                format="onnx",
+                file=int8_file,
+                pad_multiple=multiple,
+                precision="int8",
+                source=source,
+            ),
         )
         written[f"{stem}-onnx"] = fp32_file
         written[f"{stem}-int8-ort"] = int8_file

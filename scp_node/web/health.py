@@ -40,6 +40,12 @@ class NodeRuntime:
     models : callable or None
         Model name -> ``"loaded"``, ``"ready"`` or ``"down: <reason>"`` for this process's
         worker (None when it runs none); a model down fails the check ``model <name>``.
+    variants : dict of str to str
+        Model name -> the variant its worker runs and how it was chosen (start-up
+        verification), for each model loaded so far.
+    model_notes : tuple of str
+        One line per variant rejected on this machine, e.g. ``"ct-abdomen: variant
+        pruned-int8-ort rejected on this machine: Dice 0.68 < 0.99 (liver)"``.
     """
 
     stages: frozenset[str] = frozenset()
@@ -49,6 +55,13 @@ class NodeRuntime:
     threads: dict[str, threading.Thread] = field(default_factory=dict)
     receiving: Callable[[], bool] | None = None
     models: Callable[[], Mapping[str, str]] | None = None
+    variants: dict[str, str] = field(default_factory=dict)
+    model_notes: tuple[str, ...] = ()
+
+    @property
+    def model(self) -> str | None:
+        """The variants in use, one clause per loaded model; None before any is loaded."""
+        return "; ".join(self.variants.values()) or None
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,8 @@ class HealthReport:
     workers: tuple[WorkerLease, ...]
     #: Model name -> its state in this process's worker (see ``NodeRuntime.models``).
     models: Mapping[str, str] = field(default_factory=dict)
+    model: str | None = None
+    model_notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -88,6 +103,7 @@ class HealthReport:
             "device": self.device,
             "stages": sorted(self.stages),
             "models": dict(self.models),
+            "model": {"variant": self.model, "rejected": list(self.model_notes)},
         }
 
 
@@ -146,6 +162,8 @@ def check_health(jobs: JobViews, runtime: NodeRuntime) -> HealthReport:
         device=runtime.device,
         stages=runtime.stages,
         workers=workers,
+        model=runtime.model,
+        model_notes=runtime.model_notes,
     )
 
 
