@@ -133,8 +133,8 @@ def test_broken_variant_rejected_with_fallback_and_reason_shown(
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["model", "status", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    assert "running pruned-onnx" in result.stdout
-    assert note in result.stdout
+    assert "model ct-abdomen" in result.stdout and "running pruned-onnx" in result.stdout
+    assert note.removeprefix("ct-abdomen: ") in result.stdout
 
 
 def test_check_reports_every_label_and_the_logit_error(broken_model: Path) -> None:

@@ -20,7 +20,8 @@ def model_folder(
     replace: dict[str, str] | None = None,
     link_weights: bool = True,
 ) -> Path:
-    """``models_dir/name``: the shipped card renamed (``replace`` applied) and its weights.
+    """``models_dir/name``: the shipped card renamed (``replace`` applied), its weights and
+    its reference case.
 
     Every ``replace`` key must occur in the card, so a changed shipped card fails loudly
     instead of silently producing the shipped model.
@@ -29,7 +30,7 @@ def model_folder(
     folder.mkdir(parents=True)
     if link_weights:
         for item in SHIPPED.iterdir():
-            if item.suffix in (".pt", ".onnx"):
+            if item.suffix in (".pt", ".onnx", ".npz"):
                 (folder / item.name).symlink_to(item)
     text = card if card is not None else SHIPPED_CARD
     text = text.replace('name = "ct-abdomen"', f'name = "{name}"', 1)
