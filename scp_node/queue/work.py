@@ -16,7 +16,6 @@ from scp_node.queue import versions
 from scp_node.queue.models import (
     Delivery,
     DeliveryKind,
-    DeliveryState,
     Instance,
     Job,
     JobState,
@@ -28,7 +27,7 @@ from scp_node.queue.models import (
 )
 from scp_node.queue.records import ClaimedJob, DeliveryTarget, SegVersion, Supersession
 from scp_node.queue.retry import RetryPolicy
-from scp_node.queue.tx import Clock, Sessions, Tx, utcnow
+from scp_node.queue.tx import Clock, Sessions, utcnow
 
 __all__ = ["WorkQueue"]
 
@@ -296,7 +295,7 @@ class WorkQueue:
                 job.state = JobState.DELIVERING
                 job.delivering_at = now
                 for dest in destinations:
-                    seg_deliveries[dest.name] = self._new_delivery(
+                    seg_deliveries[dest.name] = versions.new_delivery(
                         tx, job, dest, DeliveryKind.SEG, seg_path, seg_sop_instance_uid
                     )
                 s.flush()
@@ -319,150 +318,12 @@ class WorkQueue:
                     data=data,
                 )
             if seg_sop_instance_uid is not None and job.seg_series_instance_uid is not None:
-                self._drop_stale(tx, job, job.seg_series_instance_uid, seg_sop_instance_uid)
+                versions.drop_stale(tx, job, job.seg_series_instance_uid, seg_sop_instance_uid)
             if supersedes is not None:
-                self._supersede(tx, job, study_uid, destinations, seg_deliveries, supersedes)
-            return job.state
-
-    @staticmethod
-    def _new_delivery(
-        tx: Tx,
-        job: Job,
-        dest: DeliveryTarget,
-        kind: DeliveryKind,
-        path: str,
-        sop_instance_uid: str,
-        depends_on_id: int | None = None,
-    ) -> Delivery:
-        delivery = Delivery(
-            job_id=job.id,
-            destination=dest.name,
-            ae_title=dest.ae_title,
-            host=dest.host,
-            port=dest.port,
-            url=dest.url,
-            kind=kind,
-            path=path,
-            sop_instance_uid=sop_instance_uid,
-            depends_on_id=depends_on_id,
-            state=DeliveryState.PENDING,
-            attempts=0,
-            next_attempt_at=tx.now,
-            created_at=tx.now,
-        )
-        tx.session.add(delivery)
-        return delivery
-
-    @staticmethod
-    def _drop_stale(tx: Tx, job: Job, seg_series_uid: str, seg_uid: str) -> None:
-        """Fail the waiting SEG deliveries of older versions of the series (lower
-        InstanceNumber, and the notes that wait for them); a delivery being sent right now
-        is left to finish. A re-run of an old version drops nothing newer."""
-        s, now = tx.session, tx.now
-        if job.seg_instance_number is None:
-            return
-        stale = s.scalars(
-            select(Delivery)
-            .join(Job, Job.id == Delivery.job_id)
-            .where(
-                Job.seg_series_instance_uid == seg_series_uid,
-                Job.id != job.id,
-                Job.seg_instance_number < job.seg_instance_number,
-                Delivery.kind == DeliveryKind.SEG,
-                Delivery.state == DeliveryState.PENDING,
-                Delivery.sop_instance_uid != seg_uid,
-            )
-            .order_by(Delivery.id)
-            .with_for_update()
-        ).all()
-        reason = f"superseded by {seg_uid} (job {job.id}) before delivery"
-        for delivery in stale:
-            if versions.in_flight(delivery, now):
-                continue
-            old = q.lock_job(s, delivery.job_id)
-            assert old is not None  # foreign key
-            old_study = q.study_uid(s, old.study_id)
-            delivery.state = DeliveryState.FAILED
-            delivery.last_error = reason
-            q.clear_lease(delivery)
-            data = {"destination": delivery.destination, "superseded_by_job": job.id}
-            tx.event(
-                old,
-                old_study,
-                Stage.SUPERSEDE,
-                f"delivery to {delivery.destination} dropped: {reason}",
-                data=data,
-            )
-            q.fail_dependents(tx, old, old_study, delivery)
-            q.finish_if_delivered(tx, old, old_study)
-
-    @staticmethod
-    def _supersede(
-        tx: Tx,
-        job: Job,
-        study_uid: str,
-        destinations: Sequence[DeliveryTarget],
-        seg_deliveries: dict[str, Delivery],
-        supersedes: Supersession,
-    ) -> None:
-        """Record which SEG replaced which on both jobs and queue the rejection notes."""
-        s, now = tx.session, tx.now
-        prev = supersedes.previous
-        new_uid = job.seg_sop_instance_uid
-        tx.event(
-            job,
-            study_uid,
-            Stage.SUPERSEDE,
-            f"SEG {new_uid} (instance {job.seg_instance_number}) supersedes "
-            f"{prev.sop_instance_uid} (job {prev.job_id})",
-            data={"supersedes": prev.to_json()},
-        )
-        old = q.lock_job(s, prev.job_id)
-        if old is not None and old.id != job.id:
-            tx.event(
-                old,
-                q.study_uid(s, old.study_id),
-                Stage.SUPERSEDE,
-                f"superseded by {new_uid} (job {job.id})",
-                data={"superseded_by_job": job.id, "sop_instance_uid": new_uid},
-            )
-        assert new_uid is not None and job.seg_series_instance_uid is not None  # complete()
-        current = versions.seg_versions(s, job.seg_series_instance_uid, now)
-        by_name = {d.name: d for d in destinations}
-        for name, note in sorted(supersedes.notes.items()):
-            dest, seg_delivery = by_name.get(name), seg_deliveries.get(name)
-            if dest is None or seg_delivery is None or dest.supersede != "iocm":
-                continue
-            held = versions.newest_held(current, name, new_uid)
-            if held is None or held.sop_instance_uid != note.rejects.sop_instance_uid:
-                now_held = "nothing" if held is None else held.sop_instance_uid
-                tx.event(
-                    job,
-                    study_uid,
-                    Stage.SUPERSEDE,
-                    f"rejection note to {name} skipped: it was made for "
-                    f"{note.rejects.sop_instance_uid}, {name} now holds {now_held}",
-                    level=Level.WARNING,
-                    data={"destination": name},
+                versions.record_supersession(
+                    tx, job, study_uid, destinations, seg_deliveries, supersedes
                 )
-                continue
-            WorkQueue._new_delivery(
-                tx,
-                job,
-                dest,
-                DeliveryKind.KOS,
-                note.path,
-                note.sop_instance_uid,
-                depends_on_id=seg_delivery.id,
-            )
-            tx.event(
-                job,
-                study_uid,
-                Stage.SUPERSEDE,
-                f"rejection note {note.sop_instance_uid} for {note.rejects.sop_instance_uid} "
-                f"(job {note.rejects.job_id}) goes to {name} once {new_uid} is there",
-                data={"destination": name, "rejects": note.rejects.to_json()},
-            )
+            return job.state
 
     def fail(self, job_id: int, token: str, error: str, retryable: bool = True) -> JobState:
         """Record a failed attempt; requeue with backoff or fail for good.
