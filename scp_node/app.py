@@ -25,8 +25,8 @@ from scp_node.dicom.handlers import StoreContext
 from scp_node.dicom.scp import StorageServer, build_storage_ae
 from scp_node.dicom.tls import client_context_from_settings, server_context_from_settings
 from scp_node.dispatch import Dispatcher
-from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import load_model_spec
+from scp_node.inference.runtime import load_runtime
 from scp_node.metrics import NodeMetrics
 from scp_node.queue.admin import JobAdmin
 from scp_node.queue.db import make_engine, upgrade
@@ -192,8 +192,7 @@ def run_node(
 
     if Stage.WORK in stages:
         spec = load_model_spec(settings.worker.models_dir, settings.worker.model)
-        predictor = Predictor(settings.worker.device, threads=settings.worker.threads)
-        predictor.load(spec)
+        predictor = load_runtime(spec, settings.worker.device, threads=settings.worker.threads)
         runtime.device = str(predictor.device)
         worker = Worker(
             db.work,

@@ -16,8 +16,8 @@ from typing import Any
 from scp_node.dicom.selection import choose_stack
 from scp_node.dicom.volume import describe, load_stack, read_stacks
 from scp_node.errors import JobLeaseLostError, ModelError, SeriesError
-from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import ModelSpec
+from scp_node.inference.runtime import Runtime
 from scp_node.output.preview import preview_path_for, render_preview, write_preview
 from scp_node.output.seg import build_segmentation, write_segmentation
 from scp_node.queue.models import JobState, Level, Outcome, Stage
@@ -75,7 +75,7 @@ class Worker:
         self,
         jobs: WorkQueue,
         spec: ModelSpec,
-        predictor: Predictor,
+        predictor: Runtime,
         config: WorkerConfig,
         *,
         wake_dispatch: threading.Event | None = None,
