@@ -56,7 +56,9 @@ def _raw_dataset(raw: Path, data: Path) -> None:
     image = image[: shape[0], : shape[1], : shape[2]]
     coarse = image.reshape(shape[0] // d, d, shape[1] // d, d, shape[2] // d, d).mean((1, 3, 5))
     nib.save(nib.Nifti1Image(coarse, affine), folder / "imagesTr" / "A_000_0000.nii.gz")
-    total = np.asarray(source.dataobj).astype(np.int16)[: shape[0] : d, : shape[1] : d, : shape[2] : d]
+    total = np.asarray(source.dataobj).astype(np.int16)[
+        : shape[0] : d, : shape[1] : d, : shape[2] : d
+    ]
     ours = np.zeros(total.shape, dtype=np.uint8)
     for value, (_name, total_value) in LABELS.items():
         ours[total == total_value] = value
@@ -138,11 +140,14 @@ def build(out: Path, data: Path) -> Path:
     losses: list[float] = []
     network.train()
     for _step in range(TRAIN_STEPS):
-        corner = [int(rng.integers(0, max(1, s - p + 1))) for s, p in zip(x_all.shape[1:], PATCH)]
-        window = tuple(slice(c, c + p) for c, p in zip(corner, PATCH))
+        corner = [
+            int(rng.integers(0, max(1, s - p + 1)))
+            for s, p in zip(x_all.shape[1:], PATCH, strict=True)
+        ]
+        window = tuple(slice(c, c + p) for c, p in zip(corner, PATCH, strict=True))
         x = x_all[(slice(None), *window)][None]
         y = y_all[window][None]
-        pad = [(0, p - s) for s, p in zip(x.shape[2:], PATCH)]
+        pad = [(0, p - s) for s, p in zip(x.shape[2:], PATCH, strict=True)]
         if any(after for _before, after in pad):
             flat = [v for before_after in reversed(pad) for v in before_after]
             x = torch.nn.functional.pad(x, flat)

@@ -37,20 +37,21 @@ def normalise_volume(
         low, high = np.percentile(data, [spec.low, spec.high]) if data.size else (0.0, 1.0)
         span = float(high - low) or 1.0
         out = np.clip((data - np.float32(low)) / np.float32(span), 0.0, 1.0)
-    return out.astype(np.float32, copy=False)
+    result: npt.NDArray[np.float32] = np.asarray(out, dtype=np.float32)
+    return result
 
 
 class NativeVolumeModel:
     """A card-described 3-D network; attributes follow ``VolumeModel``."""
 
     def __init__(self, network: nn.Module, spec: ModelSpec) -> None:
-        self.networks = (network,)
+        self.networks: tuple[nn.Module, ...] = (network,)
         self._spec = spec
         self.patch_size = spec.volume.patch_size
         self.tile_step_size = max(1e-3, 1.0 - spec.volume.overlap)
         self.mirror_axes: tuple[int, ...] = ()
         self.class_values = (0, *(label.value for label in spec.labels))
-        self.orientation = spec.volume.orientation
+        self.orientation: str = spec.volume.orientation
 
     def prepare(
         self, volume: npt.NDArray[np.float32], spacing_zyx: tuple[float, float, float]

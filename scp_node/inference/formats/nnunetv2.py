@@ -259,7 +259,8 @@ class NnunetModel:
         self._configuration = configuration_manager
         self._dataset = dataset_json
         self._preprocessor = DefaultPreprocessor(verbose=False)
-        self.patch_size: tuple[int, int, int] = tuple(configuration_manager.patch_size)  # type: ignore[assignment]
+        patch = [int(p) for p in configuration_manager.patch_size]
+        self.patch_size: tuple[int, int, int] = (patch[0], patch[1], patch[2])
         self.tile_step_size = tile_step_size
         self.mirror_axes = mirror_axes
         self.orientation = orientation
@@ -290,15 +291,20 @@ class NnunetModel:
                 if len(axes) == 1:
                     nearest_axis = int(axes[0])
                 break
-        bbox = properties["bbox_used_for_cropping"]
+        (z0, z1), (y0, y1), (x0, x1) = properties["bbox_used_for_cropping"]
         return Prepared(
             data=np.ascontiguousarray(data, dtype=np.float32),
-            crop_shape=tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"]),  # type: ignore[arg-type]
-            bbox=tuple(slice(int(lo), int(hi)) for lo, hi in bbox),  # type: ignore[arg-type]
-            full_shape=tuple(int(s) for s in properties["shape_before_cropping"]),  # type: ignore[arg-type]
-            transpose_backward=tuple(int(a) for a in self._plans.transpose_backward),  # type: ignore[arg-type]
+            crop_shape=_triple(properties["shape_after_cropping_and_before_resampling"]),
+            bbox=(slice(int(z0), int(z1)), slice(int(y0), int(y1)), slice(int(x0), int(x1))),
+            full_shape=_triple(properties["shape_before_cropping"]),
+            transpose_backward=_triple(self._plans.transpose_backward),
             nearest_axis=nearest_axis,
         )
+
+
+def _triple(values: Any) -> tuple[int, int, int]:
+    first, second, third = (int(v) for v in values)
+    return first, second, third
 
 
 def _build_network(
@@ -334,9 +340,7 @@ def _build_network(
         kwargs[key] = LAYER_CLASSES[kwargs[key]]
     kwargs["deep_supervision"] = False
     try:
-        return classes[name](
-            input_channels=input_channels, num_classes=output_channels, **kwargs
-        )
+        return classes[name](input_channels=input_channels, num_classes=output_channels, **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ModelError(f"{where}: cannot build {name}: {exc}") from exc
 
@@ -395,7 +399,9 @@ def load_nnunet(
         try:
             configuration_manager = plans_manager.get_configuration(configuration)
         except (KeyError, RuntimeError) as exc:
-            raise ModelError(f"{folder / PLANS_JSON}: configurations.{configuration}: {exc}") from exc
+            raise ModelError(
+                f"{folder / PLANS_JSON}: configurations.{configuration}: {exc}"
+            ) from exc
     if len(configuration_manager.patch_size) != 3:
         raise ModelError(
             f"{folder / PLANS_JSON}: configuration {configuration!r} is not 3-D; "

@@ -56,7 +56,7 @@ def load_runtime(spec: ModelSpec, device: str = "auto", threads: int = 0) -> Run
         predictor.load(spec)
         return predictor
     from scp_node.errors import ModelError
-    from scp_node.inference.runtime.volume import VolumePredictor, VolumeModel
+    from scp_node.inference.runtime.volume import VolumeModel, VolumePredictor
 
     runtime = VolumePredictor(device, threads=threads)
     model: VolumeModel

@@ -64,7 +64,9 @@ def gaussian_weights(patch: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def _windows(shape: Sequence[int], patch: Sequence[int], step: float) -> Iterator[tuple[slice, ...]]:
+def _windows(
+    shape: Sequence[int], patch: Sequence[int], step: float
+) -> Iterator[tuple[slice, ...]]:
     starts = [window_starts(s, p, step) for s, p in zip(shape, patch, strict=True)]
     for corner in itertools.product(*starts):
         yield tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True))
