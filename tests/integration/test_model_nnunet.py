@@ -188,3 +188,18 @@ def test_an_incomplete_folder_is_refused_naming_the_file(
     (folder / remove).unlink()
     with pytest.raises(ModelError, match=message):
         ModelSpec.from_model_dir(_model_dir(tmp_path, folder))
+
+
+def test_a_folder_inside_the_model_directory_is_found_from_a_relative_path(
+    nnunet_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "models" / "totalseg-like"
+    shutil.copytree(nnunet_folder, directory / nnunet_folder.name)
+    (directory / "model.toml").write_text(
+        f'format = "nnunetv2"\n[nnunet]\nfolder = "{nnunet_folder.name}"\n', encoding="utf-8"
+    )
+    monkeypatch.chdir(tmp_path)
+    spec = ModelSpec.from_model_dir(Path("models") / "totalseg-like")
+    assert spec.weights_path.resolve() == (directory / nnunet_folder.name).resolve()
+    runtime = load_runtime(spec, "cpu")
+    assert runtime.device == "cpu"

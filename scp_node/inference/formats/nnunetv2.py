@@ -206,11 +206,14 @@ def complete_card(card: Path, raw: dict[str, Any]) -> dict[str, Any]:
     raw.setdefault("name", card.parent.name)
     raw.setdefault("version", "1")
     raw["kind"] = "volume"
-    raw["weights"] = {"format": "nnunetv2", "file": str(folder)}
+    # Relative to the model directory, as every card's weights file is.
+    raw["weights"] = {"format": "nnunetv2", "file": str(table.get("folder", "."))}
     channels = dataset.get("channel_names") or dataset.get("modality") or {}
     first = str(next(iter(channels.values()), "CT")) if isinstance(channels, dict) else "CT"
     modality = "CT" if first.upper() == "CT" else "MR"
-    raw.setdefault("input", {"modality": modality})
+    # [input] only feeds the dashboard preview here: a CT window, or min-max for MR.
+    preview = {} if modality == "CT" else {"window_center": None, "window_width": None}
+    raw.setdefault("input", {"modality": modality, **preview})
     raw.setdefault("series", {"modalities": [modality]})
     if "labels" not in raw:
         raw["labels"] = _coded_labels(_label_values(dataset, dataset_path), dataset_path, card)
