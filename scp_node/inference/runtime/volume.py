@@ -189,7 +189,8 @@ class VolumePredictor:
     device
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:<n>"``.
     batch_size
-        Windows per forward pass.
+        Windows per forward pass; ``None``: 1 on the CPU (a window's activations at full
+        resolution cost hundreds of MB, and batching gains nothing there), 4 on CUDA.
     threads
         When > 0, ``torch.set_num_threads(threads)`` (process-wide).
 
@@ -199,8 +200,10 @@ class VolumePredictor:
         Unknown device, CUDA asked for but unavailable, or ``batch_size`` < 1.
     """
 
-    def __init__(self, device: str = "auto", batch_size: int = 2, threads: int = 0) -> None:
-        if batch_size < 1:
+    def __init__(
+        self, device: str = "auto", batch_size: int | None = None, threads: int = 0
+    ) -> None:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -212,7 +215,7 @@ class VolumePredictor:
         if threads > 0:
             torch.set_num_threads(threads)
         self._device = torch.device(device)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (4 if self._device.type == "cuda" else 1)
         self._model: VolumeModel | None = None
         self.variant = "fp32"
 
@@ -269,9 +272,10 @@ class VolumePredictor:
             raise ValueError(f"spacing must be > 0, got {spacing_zyx}")
         started = time.perf_counter()
         flips = orientation_flips(model.orientation)
+        # A view: the format's preprocessing copies anyway, so no extra volume in memory.
         oriented = np.asarray(volume, dtype=np.float32)
         if flips:
-            oriented = np.ascontiguousarray(np.flip(oriented, flips))
+            oriented = np.flip(oriented, flips)
         prepared = model.prepare(oriented, spacing_zyx)
         logits = sliding_window_logits(
             prepared.data,
