@@ -27,9 +27,10 @@ from scp_node.dicom.selection import route_study
 from scp_node.dicom.tls import client_context_from_settings, server_context_from_settings
 from scp_node.dispatch import Dispatcher
 from scp_node.errors import ModelError
-from scp_node.inference.pool import ModelPool
+from scp_node.inference.pool import LoadedModel, ModelPool
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import ModelSpec, load_model_spec
+from scp_node.inference.runtime import load_runtime
 from scp_node.inference.verify import select_variant, selection_summary
 from scp_node.metrics import NodeMetrics
 from scp_node.queue.admin import JobAdmin
@@ -176,10 +177,20 @@ def _router(spec: ModelSpec) -> Router:
     return route
 
 
-def _load_predictor(settings: Settings, runtime: NodeRuntime) -> Callable[[ModelSpec], Predictor]:
+def _load_predictor(settings: Settings, runtime: NodeRuntime) -> Callable[[ModelSpec], LoadedModel]:
     """Loader of the worker's model pool: one predictor per model on the configured device."""
 
-    def load(spec: ModelSpec) -> Predictor:
+    def load(spec: ModelSpec) -> LoadedModel:
+        if spec.kind == "volume":
+            # One network, no variants: nothing to choose between or verify against.
+            volume = load_runtime(spec, settings.worker.device, threads=settings.worker.threads)
+            runtime.device = str(volume.device)
+            runtime.variants[spec.name] = f"{spec.name} volume runtime ({spec.format})"
+            logger.info(
+                "model loaded",
+                extra={"model": spec.name, "model_version": spec.version, "device": volume.device},
+            )
+            return volume
         # Every variant the worker may run is verified on the card's reference case first.
         predictor, selection = select_variant(
             spec,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,31 @@ def shared_data() -> Path:
     """``../shared/data``: real CT/MR images and labels (read its README)."""
     assert SHARED_DATA.is_dir(), f"shared data missing at {SHARED_DATA}"
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def nnunet_folder(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """A real nnU-Net v2 trained-model folder built from subject A by nnU-Net's planner.
+
+    Built once per session under the pytest temp dir, in its own process (the planner
+    spawns workers and reads ``nnUNet_*`` from the environment): see
+    ``tests/support/nnunet_folder.py``.
+    """
+    out = tmp_path_factory.mktemp("nnunet")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.support.nnunet_folder", str(out), str(shared_data)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,8 @@ class LabelSpec(_Card):
     category: CodeSpec
     type: CodeSpec
     color: tuple[int, int, int] = (255, 0, 0)
+    #: Segmented property type modifier, e.g. laterality (SCT 7771000 Left, 24028007 Right).
+    modifier: CodeSpec | None = None
 
 
 class SeriesSpec(_Card):
@@ -93,7 +95,9 @@ class InputSpec(_Card):
 class WeightsSpec(_Card):
     """Where the weights are and how to load them."""
 
-    format: Literal["state_dict", "torchscript", "onnx"] = "state_dict"
+    #: ``nnunetv2``: ``file`` is an nnU-Net v2 trained-model folder (set by the card's
+    #: ``format = "nnunetv2"``, see :mod:`scp_node.inference.formats.nnunetv2`).
+    format: Literal["state_dict", "torchscript", "onnx", "nnunetv2"] = "state_dict"
     file: str = "weights.pt"
     #: Architecture name from ``scp_node.inference.nets`` (``state_dict`` only).
     architecture: str | None = None
@@ -117,6 +121,58 @@ class WeightsSpec(_Card):
         if self.format == "state_dict" and not self.architecture:
             raise ValueError("weights.architecture is required when weights.format = 'state_dict'")
         return self
+
+
+class NormalisationSpec(_Card):
+    """Intensity normalisation of a volume model (``[volume.normalisation]``).
+
+    ``window``: clip to ``center -/+ width/2`` and scale to [0, 1]; ``zscore``: clip to
+    ``clip`` (when given), subtract ``mean``, divide by ``std``; ``percentile``: clip to the
+    volume's own ``low``/``high`` percentiles and scale to [0, 1].
+    """
+
+    kind: Literal["window", "zscore", "percentile"] = "window"
+    center: float = 50.0
+    width: float = Field(default=400.0, gt=0)
+    clip: tuple[float, float] | None = None
+    mean: float = 0.0
+    std: float = Field(default=1.0, gt=0)
+    low: float = Field(default=0.5, ge=0, le=100)
+    high: float = Field(default=99.5, ge=0, le=100)
+
+
+class VolumeSpec(_Card):
+    """The 3-D input contract of a ``kind = "volume"`` card in its own format (``[volume]``)."""
+
+    #: Voxel spacing (z, y, x) in mm the network works at.
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    #: Sliding-window patch (z, y, x) in voxels at ``spacing_mm``.
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    #: Fraction of a patch neighbouring windows share (nnU-Net's tile step = 1 - overlap).
+    overlap: float = Field(default=0.5, ge=0, lt=1)
+    #: Array orientation the network was trained in (see :mod:`scp_node.inference.runtime`).
+    orientation: Literal["LPS", "RAS"] = "LPS"
+    normalisation: NormalisationSpec = NormalisationSpec()
+
+
+class NnunetSpec(_Card):
+    """Which part of an nnU-Net v2 trained-model folder runs (``[nnunet]``)."""
+
+    #: The trainer folder (``<trainer>__<plans>__<configuration>``) holding ``dataset.json``,
+    #: ``plans.json`` and ``fold_N/``; relative to the model directory or absolute.
+    folder: str = "."
+    #: Configuration in ``plans.json``; default: the one the folder name ends with.
+    configuration: str | None = None
+    folds: tuple[int | Literal["all"], ...] = (0,)
+    checkpoint: str = "checkpoint_final.pth"
+    #: Test-time mirroring along the axes the checkpoint allows (8x slower in 3-D).
+    mirroring: bool = False
+    #: nnU-Net's tile step as a fraction of the patch.
+    tile_step_size: float = Field(default=0.5, gt=0, le=1)
+    #: Array orientation the folder was trained in: ``RAS`` for NIfTI datasets such as
+    #: TotalSegmentator's (voxel axes towards Right, Anterior, Superior); ``LPS`` for
+    #: datasets converted from DICOM pixel order.
+    orientation: Literal["LPS", "RAS"] = "RAS"
 
 
 #: Variant name that always means the card's ``[weights]`` table.
@@ -164,6 +220,10 @@ class ModelSpec(_Card):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     version: str = Field(min_length=1, max_length=16)
     description: str = ""
+    #: ``slice``: a 2-D network slice by slice; ``volume``: 3-D sliding window.
+    kind: Literal["slice", "volume"] = "slice"
+    #: ``card``: weights described by ``[weights]``; ``nnunetv2``: an nnU-Net v2 folder.
+    format: Literal["card", "nnunetv2"] = "card"
     #: Shown as SEG SeriesDescription (max 64 characters).
     series_description: str = Field(default="AI segmentation", max_length=64)
     weights: WeightsSpec
@@ -176,6 +236,8 @@ class ModelSpec(_Card):
     variants: dict[str, WeightsSpec] = Field(default_factory=dict)
     runtime: RuntimeSpec = RuntimeSpec()
     verify: VerifySpec = VerifySpec()
+    volume: VolumeSpec = VolumeSpec()
+    nnunet: NnunetSpec | None = None
     directory: Path = Path(".")
 
     @model_validator(mode="after")
@@ -201,6 +263,8 @@ class ModelSpec(_Card):
         for name in self.runtime.cpu_order:
             if name != REFERENCE_VARIANT and name not in self.variants:
                 raise ValueError(f"runtime.cpu_order names unknown variant {name!r}")
+        if self.format == "nnunetv2" and self.kind != "volume":
+            raise ValueError("format = 'nnunetv2' needs kind = 'volume'")
         return self
 
     def variant(self, name: str) -> WeightsSpec:
@@ -269,6 +333,11 @@ class ModelSpec(_Card):
         except tomllib.TOMLDecodeError as exc:
             raise ModelError(f"{card}: not valid TOML: {exc}") from exc
         raw["directory"] = directory
+        if raw.get("format") == "nnunetv2":
+            # Imported here: the format module needs nnunetv2, which slice-only nodes lack.
+            from scp_node.inference.formats.nnunetv2 import complete_card
+
+            raw = complete_card(card, raw)
         try:
             spec = cls.model_validate(raw)
         except ValidationError as exc:
@@ -276,6 +345,8 @@ class ModelSpec(_Card):
                 ".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors()
             )
             raise ModelError(f"{card}: {problems}") from exc
+        if spec.format == "nnunetv2":
+            return spec  # complete_card checked the folder's files
         if not spec.weights_path.is_file():
             raise ModelError(f"{card}: weights file {spec.weights_path} not found")
         if spec.verify.file is not None and not (directory / spec.verify.file).is_file():

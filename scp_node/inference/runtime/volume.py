@@ -1,0 +1,309 @@
+"""The volume runtime: a 3-D network by sliding window, labels on the source grid.
+
+Path of one volume (``VolumePredictor.predict``): reorient the DICOM-order array to the
+model's orientation (axis flips), the format's ``prepare`` (transpose, crop, normalise,
+resample to the network's spacing), Gaussian-blended sliding windows
+(:func:`~scp_node.inference.runtime.window.sliding_window_logits`), logits resampled back
+onto the cropped source grid in slabs and per-class chunks with a running argmax (memory
+bounded whatever the study's length and the number of classes), the crop and transpose
+undone, orientation flipped back, class indices mapped to the card's label values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scp_node.errors import ModelError
+from scp_node.inference.runtime.window import sliding_window_logits
+
+__all__ = [
+    "Prepared",
+    "VolumeModel",
+    "VolumePredictor",
+    "orientation_flips",
+    "resample_argmax",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Largest float32 working set (bytes) of one resampling chunk.
+_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A volume prepared for the network, and how to put its result back.
+
+    Attributes
+    ----------
+    data
+        (channels, z, y, x) float32 at the network's spacing, in network axis order.
+    crop_shape
+        Shape of the grid the logits are resampled back onto (network axis order).
+    bbox
+        Where that grid lies inside ``full_shape``.
+    full_shape
+        The whole (transposed) source grid.
+    transpose_backward
+        Axis permutation from network order back to (z, y, x).
+    nearest_axis
+        Axis resampled by nearest neighbour (nnU-Net's "separate z" for anisotropic
+        spacing), or ``None`` for trilinear along all three.
+    """
+
+    data: npt.NDArray[np.float32]
+    crop_shape: tuple[int, int, int]
+    bbox: tuple[slice, slice, slice]
+    full_shape: tuple[int, int, int]
+    transpose_backward: tuple[int, int, int] = (0, 1, 2)
+    nearest_axis: int | None = None
+
+
+class VolumeModel(Protocol):
+    """What a format hands to the volume runtime."""
+
+    networks: tuple[nn.Module, ...]
+    patch_size: tuple[int, int, int]
+    tile_step_size: float
+    mirror_axes: tuple[int, ...]
+    #: Label value of each output channel (channel 0: background, value 0).
+    class_values: tuple[int, ...]
+    #: ``LPS`` (DICOM pixel order of an axial series) or ``RAS``.
+    orientation: str
+
+    def prepare(
+        self, volume: npt.NDArray[np.float32], spacing_zyx: tuple[float, float, float]
+    ) -> Prepared: ...
+
+
+def orientation_flips(orientation: str) -> tuple[int, ...]:
+    """Axes of a DICOM-order axial (z, y, x) array to flip for ``orientation``.
+
+    The worker's arrays are in DICOM pixel order: x towards patient Left, y towards
+    Posterior, z towards Superior (LPS). ``RAS`` (NIfTI-trained models read by SimpleITK:
+    x towards Right, y towards Anterior) flips y and x.
+
+    Raises
+    ------
+    ValueError
+        Unknown orientation.
+    """
+    if orientation == "LPS":
+        return ()
+    if orientation == "RAS":
+        return (1, 2)
+    raise ValueError(f"orientation must be 'LPS' or 'RAS', got {orientation!r}")
+
+
+def _axis_coordinates(n_out: int, n_in: int, nearest: bool) -> torch.Tensor:
+    """grid_sample coordinates (align_corners=False) of ``n_out`` cells over ``n_in``."""
+    centres = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    if nearest:
+        centres = torch.clamp(torch.round(centres), 0, n_in - 1)
+    return ((centres + 0.5) / n_in * 2 - 1).float()
+
+
+def resample_argmax(
+    logits: torch.Tensor,
+    shape: Sequence[int],
+    *,
+    nearest_axis: int | None = None,
+    slab: int = 0,
+) -> npt.NDArray[np.uint16]:
+    """Class index of the largest logit after resampling ``logits`` to ``shape``.
+
+    Trilinear with cell-centre alignment (as ``skimage.transform.resize`` order 1, which
+    nnU-Net uses), nearest along ``nearest_axis``; done in slabs of output slices and in
+    chunks of classes with a running maximum, so memory stays near ``_CHUNK_BYTES``.
+
+    Parameters
+    ----------
+    logits
+        (classes, z, y, x), any float dtype, CPU.
+    shape
+        Output (z, y, x).
+    nearest_axis
+        Axis sampled by nearest neighbour, or ``None``.
+    slab
+        Output slices along axis 0 per step; 0 chooses from the memory budget.
+
+    Returns
+    -------
+    numpy.ndarray
+        (z, y, x) uint16 class indices (ties: the lowest index).
+    """
+    classes = int(logits.shape[0])
+    out_shape = tuple(int(s) for s in shape)
+    if tuple(logits.shape[1:]) == out_shape:
+        best = torch.full(out_shape, -torch.inf)
+        index = torch.zeros(out_shape, dtype=torch.int32)
+        for k in range(classes):
+            plane = logits[k].float()
+            better = plane > best
+            index[better] = k
+            torch.maximum(best, plane, out=best)
+        return index.numpy().astype(np.uint16)
+    coords = [
+        _axis_coordinates(n_out, int(n_in), nearest_axis == axis)
+        for axis, (n_out, n_in) in enumerate(zip(out_shape, logits.shape[1:], strict=True))
+    ]
+    per_slice = out_shape[1] * out_shape[2] * 4
+    slab = slab or max(1, min(out_shape[0], _CHUNK_BYTES // (per_slice * 8)))
+    class_chunk = max(1, min(classes, _CHUNK_BYTES // max(1, per_slice * slab)))
+    result = np.empty(out_shape, dtype=np.uint16)
+    for z0 in range(0, out_shape[0], slab):
+        zc = coords[0][z0 : z0 + slab]
+        gz, gy, gx = torch.meshgrid(zc, coords[1], coords[2], indexing="ij")
+        # grid_sample takes (x, y, z) order in the last axis.
+        grid = torch.stack((gx, gy, gz), dim=-1)[None]
+        best = torch.full(grid.shape[1:4], -torch.inf)
+        index = torch.zeros(grid.shape[1:4], dtype=torch.int32)
+        for c0 in range(0, classes, class_chunk):
+            chunk = logits[c0 : c0 + class_chunk].float()[None]
+            sampled = F.grid_sample(
+                chunk, grid, mode="bilinear", padding_mode="border", align_corners=False
+            )[0]
+            for k in range(sampled.shape[0]):
+                better = sampled[k] > best
+                index[better] = c0 + k
+                torch.maximum(best, sampled[k], out=best)
+        result[z0 : z0 + slab] = index.numpy()
+    return result
+
+
+class VolumePredictor:
+    """Runs a :class:`VolumeModel` on (slices, rows, columns) volumes.
+
+    Parameters
+    ----------
+    device
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:<n>"``.
+    batch_size
+        Windows per forward pass; ``None``: 1 on the CPU (a window's activations at full
+        resolution cost hundreds of MB, and batching gains nothing there), 4 on CUDA.
+    threads
+        When > 0, ``torch.set_num_threads(threads)`` (process-wide).
+
+    Raises
+    ------
+    ValueError
+        Unknown device, CUDA asked for but unavailable, or ``batch_size`` < 1.
+    """
+
+    def __init__(
+        self, device: str = "auto", batch_size: int | None = None, threads: int = 0
+    ) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {device!r} asked for but CUDA is not available")
+        elif device != "cpu":
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {device!r}")
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self._device = torch.device(device)
+        self.batch_size = batch_size or (4 if self._device.type == "cuda" else 1)
+        self._model: VolumeModel | None = None
+        self.variant = "fp32"
+
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or ``"cuda"``."""
+        return self._device.type
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self._device
+
+    @property
+    def model(self) -> VolumeModel:
+        """The loaded model; raises :class:`ModelError` when none is."""
+        if self._model is None:
+            raise ModelError("no model loaded: call load_model() first")
+        return self._model
+
+    def load_model(self, model: VolumeModel) -> None:
+        """Use ``model`` (its networks already on this predictor's device)."""
+        self._model = model
+
+    def predict(
+        self, volume: npt.NDArray[np.floating], spacing_zyx: tuple[float, float, float]
+    ) -> npt.NDArray[np.unsignedinteger]:
+        """Segment a volume.
+
+        Parameters
+        ----------
+        volume
+            (slices, rows, columns) in modality units, DICOM pixel order of an axial
+            series (see :func:`orientation_flips`).
+        spacing_zyx
+            Slice distance, row spacing, column spacing in mm.
+
+        Returns
+        -------
+        numpy.ndarray
+            Label map of ``volume``'s shape: uint8 (uint16 when a value exceeds 255),
+            values 0 or the model's label values.
+
+        Raises
+        ------
+        ModelError
+            No model loaded.
+        ValueError
+            ``volume`` is not 3-D or a spacing is not positive.
+        """
+        model = self.model
+        if volume.ndim != 3:
+            raise ValueError(f"volume must be (slices, rows, columns), got shape {volume.shape}")
+        if min(spacing_zyx) <= 0:
+            raise ValueError(f"spacing must be > 0, got {spacing_zyx}")
+        started = time.perf_counter()
+        flips = orientation_flips(model.orientation)
+        # A view: the format's preprocessing copies anyway, so no extra volume in memory.
+        oriented = np.asarray(volume, dtype=np.float32)
+        if flips:
+            oriented = np.flip(oriented, flips)
+        prepared = model.prepare(oriented, spacing_zyx)
+        logits = sliding_window_logits(
+            prepared.data,
+            model.networks,
+            model.patch_size,
+            len(model.class_values),
+            step=model.tile_step_size,
+            batch_size=self.batch_size,
+            mirror_axes=model.mirror_axes,
+            device=self._device,
+        )
+        indices = resample_argmax(logits, prepared.crop_shape, nearest_axis=prepared.nearest_axis)
+        del logits
+        full = np.zeros(prepared.full_shape, dtype=np.uint16)
+        full[prepared.bbox] = indices
+        full = full.transpose(prepared.transpose_backward)
+        if flips:
+            full = np.flip(full, flips)
+        lut = np.asarray(model.class_values, dtype=np.uint16)
+        labels: npt.NDArray[np.unsignedinteger] = lut[full]
+        if max(model.class_values) <= 255:
+            labels = labels.astype(np.uint8)
+        logger.info(
+            "predicted volume of %d slices %dx%d in %.2f s (%s)",
+            volume.shape[0],
+            volume.shape[1],
+            volume.shape[2],
+            time.perf_counter() - started,
+            self.device,
+        )
+        return labels
