@@ -254,7 +254,7 @@ def _coded(code: CodeSpec) -> hd.sr.CodedConcept:
 def _segment_description(
     number: int, label: LabelSpec, algorithm: hd.AlgorithmIdentificationSequence
 ) -> hd.seg.SegmentDescription:
-    return hd.seg.SegmentDescription(
+    description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label.name,
         segmented_property_category=_coded(label.category),
@@ -263,6 +263,13 @@ def _segment_description(
         algorithm_identification=algorithm,
         display_color=hd.color.CIELabColor.from_rgb(*label.color),
     )
+    if label.modifier is not None:
+        # Laterality (left/right kidney, ...): highdicom's constructor has no argument for
+        # it; the modifier lives inside the property type item (C.8.20.2).
+        description.SegmentedPropertyTypeCodeSequence[
+            0
+        ].SegmentedPropertyTypeModifierCodeSequence = [_coded(label.modifier)]
+    return description
 
 
 def write_segmentation(seg: hd.seg.Segmentation, path: Path) -> None:

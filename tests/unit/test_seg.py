@@ -375,3 +375,37 @@ def test_write_into_missing_folder_fails_cleanly(
 def test_content_label_for() -> None:
     assert content_label_for("liver-unet.v1") == "LIVER_UNET_V1"
     assert content_label_for("a" * 40) == "A" * 16
+
+
+def test_laterality_modifier_is_written_inside_the_property_type(
+    volume: SourceVolume, tmp_path: Path
+) -> None:
+    kidney = {"code": "64033007", "scheme": "SCT", "meaning": "Kidney"}
+    left = {"code": "7771000", "scheme": "SCT", "meaning": "Left"}
+    card = ModelSpec.model_validate(
+        {
+            "name": "kidneys",
+            "version": "1",
+            "weights": {"architecture": "unet"},
+            "labels": [
+                {
+                    "value": 1,
+                    "name": "kidney_left",
+                    "category": ANATOMY,
+                    "type": kidney,
+                    "modifier": left,
+                    "color": [185, 102, 83],
+                }
+            ],
+        }
+    )
+    seg = build_segmentation(volume, _box_labelmap(volume), card, software_version="0.1.0")
+    assert seg is not None
+    path = tmp_path / "kidney.dcm"
+    write_segmentation(seg, path)
+    check_with_dciodvfy(path, "Segmentation")
+    (item,) = pydicom.dcmread(path).SegmentSequence
+    (prop,) = item.SegmentedPropertyTypeCodeSequence
+    assert prop.CodeValue == "64033007"
+    (modifier,) = prop.SegmentedPropertyTypeModifierCodeSequence
+    assert (modifier.CodeValue, modifier.CodingSchemeDesignator) == ("7771000", "SCT")
