@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scp_node.errors import ModelError
+from scp_node.inference.device import torch_device
 from scp_node.inference.nets import build_network
 from scp_node.inference.preprocess import (
     normalise,
@@ -68,16 +69,7 @@ class Predictor:
     def __init__(self, device: str = "auto", batch_size: int = 8, threads: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {device!r} asked for but CUDA is not available")
-        elif device != "cpu":
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {device!r}")
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self._device = torch.device(device)
+        self._device = torch_device(device, threads)
         self.batch_size = batch_size
         self._module: nn.Module | None = None
         self._spec: ModelSpec | None = None
