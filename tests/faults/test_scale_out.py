@@ -91,8 +91,11 @@ def test_receive_three_workers_dispatch_on_postgresql_exactly_once(
     )
     pacs = PacsStub(tmp_path / "pacs", pacs_port, delay_s=0.1).start()
     receiver = NodeProc("receive", config, root, "receive", port=port).start()
-    workers = [NodeProc("work", config, root, f"work{i}") for i in range(WORKERS)]
-    dispatcher = NodeProc("dispatch", config, root, "dispatch")
+    # One config for every process, as on a shared host: each dashboard on its own port (a
+    # taken web port stops start-up).
+    own_web = {"SCP_NODE_WEB__PORT": "0"}
+    workers = [NodeProc("work", config, root, f"work{i}", env=own_web) for i in range(WORKERS)]
+    dispatcher = NodeProc("dispatch", config, root, "dispatch", env=own_web)
     for proc in [*workers, dispatcher]:
         proc.start()
     acked: set[str] = set()

@@ -5,11 +5,11 @@ and C-FIND runs over TLS."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from scp_node.dicom.net import Peer, association
 from scp_node.dicom.query import series_instance_counts
-from scp_node.dicom.scu import echo, send_files
 from scp_node.dicom.tls import client_context, server_context
 from scp_node.errors import DeliveryError
 from tests.support.certs import Pki, make_pki
@@ -70,47 +69,88 @@ def strict_scp() -> Iterator[int]:
         proc.wait(timeout=30)
 
 
+# The client side of the refusal test, in a fresh process of its own: every socket it counts
+# is one its calls opened (threads that other tests left in the pytest process, or their
+# garbage, cannot open or close one meanwhile). Prints the counts and ResourceWarnings as JSON.
+_REFUSING_CLIENT = """
+import gc, json, os, sys, warnings
+from pydicom.uid import generate_uid
+from scp_node.dicom.net import Peer
+from scp_node.dicom.query import series_instance_counts
+from scp_node.dicom.scu import echo, send_files
+from scp_node.dicom.tls import client_context
+from scp_node.errors import DeliveryError
+
+def open_sockets():
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            continue
+    return count
+
+def refused(call, match):
+    try:
+        call()
+    except DeliveryError as exc:
+        assert match in str(exc), exc
+    else:
+        raise AssertionError("association established")
+
+path, scp_port, dead_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+right = Peer("PACS", "127.0.0.1", scp_port)
+wrong = Peer("NOTPACS", "127.0.0.1", scp_port)
+dead = Peer("PACS", "127.0.0.1", dead_port)
+tls = client_context()
+assert echo(right, timeout_s=10) == 0
+attempts = [
+    lambda peer: echo(peer, timeout_s=10),
+    lambda peer: send_files([path], peer, timeout_s=10),
+    lambda peer: series_instance_counts(peer, generate_uid(), calling_ae="SCPNODE", timeout_s=10),
+]
+gc.collect()
+before = open_sockets()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", ResourceWarning)
+    for _ in range(3):
+        for attempt in attempts:
+            for peer in (wrong, dead):
+                refused(lambda: attempt(peer), "not established")
+        refused(lambda: echo(dead, timeout_s=10, ssl_context=tls), "over TLS not established")
+        refused(
+            lambda: series_instance_counts(
+                right, generate_uid(), calling_ae="SCPNODE", timeout_s=10, ssl_context=tls
+            ),
+            "over TLS not established",
+        )
+    inside = open_sockets()
+    gc.collect()
+after = open_sockets()
+warned = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+print(json.dumps({"before": before, "inside": inside, "after": after, "warnings": warned}))
+"""
+
+
 def test_a_refused_association_leaves_no_socket_open(strict_scp: int, tmp_path: Path) -> None:
     path = tmp_path / "ct.dcm"
     ct_dataset().save_as(path, enforce_file_format=True)
-    right = Peer("PACS", "127.0.0.1", strict_scp)
-    # The SCP is reachable and answers for the right AE title: the rejections below are
-    # about the called AE.
-    assert echo(right, timeout_s=10) == 0
-    wrong = Peer("NOTPACS", "127.0.0.1", strict_scp)
-    dead = Peer("PACS", "127.0.0.1", free_port())  # nothing listens: connection refused
-    tls = client_context()
-    attempts: list[Callable[[Peer], object]] = [
-        lambda peer: echo(peer, timeout_s=10),
-        lambda peer: send_files([path], peer, timeout_s=10),
-        lambda peer: series_instance_counts(
-            peer, generate_uid(), calling_ae="SCPNODE", timeout_s=10
-        ),
-    ]
-    # Earlier tests in this process may have left sockets to the garbage collector: collect
-    # them now, so that neither the count nor the warnings below see anything but ours.
-    gc.collect()
-    before = _open_sockets()
-    with warnings.catch_warnings(record=True) as caught:
-        # pynetdicom leaves a refused connection's socket to the garbage collector, which
-        # closes it late and says so with a ResourceWarning: we must have closed it first.
-        warnings.simplefilter("always", ResourceWarning)
-        for _ in range(3):
-            for attempt in attempts:
-                for peer in (wrong, dead):
-                    with pytest.raises(DeliveryError, match="not established"):
-                        attempt(peer)
-            with pytest.raises(DeliveryError, match="over TLS not established"):
-                echo(dead, timeout_s=10, ssl_context=tls)
-            with pytest.raises(DeliveryError, match="over TLS not established"):
-                # A plain SCP: the TLS handshake fails on an open connection.
-                series_instance_counts(
-                    right, generate_uid(), calling_ae="SCPNODE", timeout_s=10, ssl_context=tls
-                )
-        assert _open_sockets() == before
-        gc.collect()
-    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
-    assert _open_sockets() == before
+    # The SCP is reachable and answers for the right AE title (the client checks with an
+    # echo first): the rejections are about the called AE; nothing listens on the dead port.
+    result = subprocess.run(
+        [sys.executable, "-c", _REFUSING_CLIENT, str(path), str(strict_scp), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    # pynetdicom leaves a refused connection's socket to the garbage collector, which closes
+    # it late and says so with a ResourceWarning: we must have closed it first.
+    assert counts["warnings"] == []
+    assert counts["inside"] == counts["before"]
+    assert counts["after"] == counts["before"]
 
 
 def test_the_helper_closes_the_socket_after_a_release(strict_scp: int) -> None:

@@ -41,6 +41,8 @@ class NodeProc:
     root: Path
     name: str
     port: int | None = None
+    #: Extra environment, e.g. ``SCP_NODE_WEB__PORT`` for processes that share one config.
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -55,7 +57,7 @@ class NodeProc:
                 cwd=self.root,
                 stdout=handle,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         if wait and self.port is not None:
             try:
