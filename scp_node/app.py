@@ -27,6 +27,7 @@ from scp_node.dicom.selection import route_study
 from scp_node.dicom.tls import client_context_from_settings, server_context_from_settings
 from scp_node.dispatch import Dispatcher
 from scp_node.errors import ModelError
+from scp_node.inference.device import torch_device
 from scp_node.inference.pool import LoadedModel, ModelPool
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import ModelSpec, load_model_spec
@@ -287,7 +288,7 @@ def run_node(
         )
         runtime.models = pool.status
         # Weights load on a model's first job; the device is known now.
-        runtime.device = Predictor(settings.worker.device, threads=settings.worker.threads).device
+        runtime.device = str(torch_device(settings.worker.device, settings.worker.threads))
         _verify_at_start(pool, settings.worker.max_loaded_models)
         worker = Worker(
             db.work,
