@@ -18,6 +18,7 @@ from enum import StrEnum
 from types import FrameType
 from typing import Any
 
+import requests
 from sqlalchemy import Engine
 
 from scp_node import __version__
@@ -25,6 +26,7 @@ from scp_node.dicom.handlers import StoreContext
 from scp_node.dicom.scp import StorageServer, build_storage_ae
 from scp_node.dicom.selection import route_study
 from scp_node.dicom.tls import client_context_from_settings, server_context_from_settings
+from scp_node.dicom.webauth import web_session
 from scp_node.dispatch import Dispatcher
 from scp_node.errors import ModelError
 from scp_node.inference.device import torch_device
@@ -259,8 +261,15 @@ def run_node(
     On stop the SCP closes its socket and finishes the instance in flight; the worker and
     the dispatcher finish or abandon their current item, which stays resumable (its lease
     expires and it is requeued).
+
+    Raises
+    ------
+    ConfigError
+        With the dispatch stage: a DICOMweb destination's secret cannot be read.
     """
     stop = stop or threading.Event()
+    # Secrets are read before anything starts: one that is missing stops start-up at once.
+    web_sessions = _web_sessions(settings) if Stage.DISPATCH in stages else {}
     if install_signals:
         _stop_on_signals(stop)
 
@@ -314,6 +323,7 @@ def run_node(
             lease_s=settings.worker.lease_s,
             metrics=metrics,
             verify_destinations=[d.name for d in settings.destinations if d.verify],
+            web_sessions=web_sessions,
             **_dispatch_tls(settings),
         )
         threads.append(
@@ -364,6 +374,21 @@ def _dispatch_tls(settings: Settings) -> dict[str, Any]:
     if not names:
         return {}
     return {"ssl_context": client_context_from_settings(settings.tls), "tls_destinations": names}
+
+
+def _web_sessions(settings: Settings) -> dict[str, requests.Session]:
+    """One HTTP session (credentials, TLS) per DICOMweb destination.
+
+    Raises
+    ------
+    ConfigError
+        A destination's secret cannot be read from its environment variable or file.
+    """
+    return {
+        d.name: web_session(d, settings.tls, os.environ)
+        for d in settings.destinations
+        if d.kind == "dicomweb"
+    }
 
 
 def _gpu_memory(device: str | None) -> int | None:

@@ -8,16 +8,21 @@ series, model, version and the set of source instances), so a resend or a re-run
 unchanged input offers the PACS the same instance again, never a second copy; a changed
 input is a new instance in the same SEG series. A PACS that answers success without keeping
 the object (Orthanc keeps the first instance of a UID) is caught only on destinations with
-``verify = true``: there the store counts once the PACS lists the instance."""
+``verify = true``: there the store counts once the PACS lists the instance.
+
+A DICOMweb destination's HTTP session (its credentials and TLS verification) is built once
+by the caller and reused for every delivery to it, so an OAuth2 token is fetched only when
+it is about to expire."""
 
 from __future__ import annotations
 
 import logging
 import ssl
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
+import requests
 from pydicom import dcmread
 
 from scp_node.dicom.reference import InstanceReference
@@ -48,6 +53,7 @@ class Dispatcher:
         ssl_context: ssl.SSLContext | None = None,
         tls_destinations: Collection[str] = (),
         verify_destinations: Collection[str] = (),
+        web_sessions: Mapping[str, requests.Session] | None = None,
     ) -> None:
         self.deliveries = deliveries
         self.owner = owner
@@ -62,6 +68,9 @@ class Dispatcher:
             raise ValueError("tls_destinations need an ssl_context")
         #: Destinations asked after each store whether they hold the instance.
         self.verify_destinations = frozenset(verify_destinations)
+        #: HTTP session by DICOMweb destination name (see ``webauth.web_session``); a
+        #: destination without one is sent to anonymously with the default CAs.
+        self.web_sessions = dict(web_sessions or {})
 
     def run(
         self, stop: threading.Event, poll_s: float = 1.0, wake: threading.Event | None = None
@@ -117,7 +126,12 @@ class Dispatcher:
     def _send(self, delivery: ClaimedDelivery) -> SendResult:
         """C-STORE to a DIMSE destination, or STOW-RS when the delivery has a DICOMweb URL."""
         if delivery.url is not None:
-            (result,) = stow_files([Path(delivery.path)], delivery.url, timeout_s=self.timeout_s)
+            (result,) = stow_files(
+                [Path(delivery.path)],
+                delivery.url,
+                timeout_s=self.timeout_s,
+                session=self.web_sessions.get(delivery.destination),
+            )
             return result
         peer = Peer(delivery.ae_title, delivery.host, delivery.port)
         tls = self.ssl_context if delivery.destination in self.tls_destinations else None
@@ -138,7 +152,12 @@ class Dispatcher:
         except (OSError, ValueError) as exc:
             return VerifyResult(VerifyOutcome.COULD_NOT_ASK, f"cannot read {delivery.path}: {exc}")
         if delivery.url is not None:
-            return verify_dicomweb(delivery.url, instance, timeout_s=self.timeout_s)
+            return verify_dicomweb(
+                delivery.url,
+                instance,
+                timeout_s=self.timeout_s,
+                session=self.web_sessions.get(delivery.destination),
+            )
         peer = Peer(delivery.ae_title, delivery.host, delivery.port)
         tls = self.ssl_context if delivery.destination in self.tls_destinations else None
         return verify_dimse(

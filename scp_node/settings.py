@@ -214,6 +214,75 @@ class TlsSection(_Section):
         return self
 
 
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+#: The keys each ``auth.kind`` takes; a secret ``X`` is given as ``X_env`` or ``X_file``.
+_AUTH_KEYS = {
+    "basic": ("username", "password"),
+    "bearer": ("token",),
+    "oauth2": ("token_url", "client_id", "client_secret", "scope", "client_auth"),
+}
+_AUTH_SECRETS = {"basic": "password", "bearer": "token", "oauth2": "client_secret"}
+
+
+class DestinationAuth(_Section):
+    """``[destinations.auth]``: credentials of a ``kind = "dicomweb"`` destination.
+
+    ``kind = "basic"`` (``username`` and a password), ``"bearer"`` (a static token) or
+    ``"oauth2"`` (client credentials grant at ``token_url``; the token is cached and renewed
+    before it expires). Secrets are never written here: each is named by an environment
+    variable (``password_env``) or a file holding it (``password_file``); they are read when
+    the dispatcher starts.
+    """
+
+    kind: Literal["basic", "bearer", "oauth2"]
+    username: str | None = Field(default=None, min_length=1)
+    password_env: str | None = Field(default=None, pattern=_ENV_NAME)
+    password_file: Path | None = None
+    token_env: str | None = Field(default=None, pattern=_ENV_NAME)
+    token_file: Path | None = None
+    #: OAuth2 token endpoint (``oauth2`` only).
+    token_url: str | None = Field(default=None, pattern=r"^https?://[^\s/@]+(/\S*)?$")
+    client_id: str | None = Field(default=None, min_length=1)
+    client_secret_env: str | None = Field(default=None, pattern=_ENV_NAME)
+    client_secret_file: Path | None = None
+    #: Space-separated scopes asked for (``oauth2``; none when unset).
+    scope: str | None = Field(default=None, min_length=1)
+    #: How the client authenticates to the token endpoint: ``"basic"`` (HTTP Basic, the
+    #: form RFC 6749 requires servers to support) or ``"body"`` (client_id/client_secret
+    #: in the form).
+    client_auth: Literal["basic", "body"] = "basic"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("password", "token", "client_secret"):
+                if key in data:
+                    raise _KeyValueError(
+                        key, f"inline secrets are not accepted: use {key}_env or {key}_file"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> DestinationAuth:
+        allowed = _AUTH_KEYS[self.kind]
+        for key in sorted(self.model_fields_set - {"kind"}):
+            if key.removesuffix("_env").removesuffix("_file") not in allowed:
+                raise _KeyValueError(key, f"{key} is not used with auth.kind = {self.kind!r}")
+        required = {"basic": ("username",), "oauth2": ("token_url", "client_id")}
+        for key in required.get(self.kind, ()):
+            if getattr(self, key) is None:
+                raise _KeyValueError(key, f"{key} is required for auth.kind = {self.kind!r}")
+        secret = _AUTH_SECRETS[self.kind]
+        given = [k for k in (f"{secret}_env", f"{secret}_file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise _KeyValueError(
+                f"{secret}_env", f"give exactly one of {secret}_env and {secret}_file"
+            )
+        return self
+
+
 class Destination(_Section):
     """``[[destinations]]``: where every SEG goes.
 
@@ -239,6 +308,8 @@ class Destination(_Section):
     #: After each store, ask the destination (C-FIND at IMAGE level, or QIDO-RS) whether it
     #: holds the instance; the delivery fails with the reason when it does not.
     verify: bool = False
+    #: Credentials for a DICOMweb destination (anonymous when unset).
+    auth: DestinationAuth | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -255,6 +326,10 @@ class Destination(_Section):
                 raise _KeyValueError("url", 'url is only used with kind = "dicomweb"')
         elif self.url is None:
             raise _KeyValueError("url", 'url is required for kind = "dicomweb"')
+        elif "@" in self.url.split("/")[2]:
+            raise _KeyValueError("url", "credentials do not go in url: use [destinations.auth]")
+        if self.auth is not None and self.kind != "dicomweb":
+            raise _KeyValueError("auth", 'auth is only used with kind = "dicomweb"')
         if self.tls and self.kind != "dimse":
             raise _KeyValueError("tls", 'tls is only used with kind = "dimse" (use https://)')
         return self

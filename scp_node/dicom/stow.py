@@ -3,13 +3,15 @@
 The statuses are DIMSE-style so the dispatcher treats both kinds of destination alike: a file
 listed in the response's ReferencedSOPSequence is stored (0x0000, or its WarningReason), one
 in FailedSOPSequence carries its FailureReason. Retries are the dispatcher's job, so the HTTP
-client's own retrying is switched off.
+client's own retrying is switched off; the one exception is a 401 with an OAuth2 token, which
+is renewed and the request sent once more (see :mod:`scp_node.dicom.webauth`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -18,6 +20,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from scp_node.dicom.scu import SendResult
+from scp_node.dicom.webauth import http_error_reason, renew_on_unauthorized
 from scp_node.errors import DeliveryError
 
 __all__ = ["stow_files"]
@@ -41,7 +44,13 @@ def _statuses(response: Dataset | None) -> tuple[dict[str, int], dict[str, int]]
     return stored, failed
 
 
-def stow_files(paths: Sequence[Path], url: str, *, timeout_s: float = 30.0) -> list[SendResult]:
+def stow_files(
+    paths: Sequence[Path],
+    url: str,
+    *,
+    timeout_s: float = 30.0,
+    session: requests.Session | None = None,
+) -> list[SendResult]:
     """Store ``paths`` with one STOW-RS request per study to the DICOMweb root ``url``.
 
     Parameters
@@ -52,6 +61,9 @@ def stow_files(paths: Sequence[Path], url: str, *, timeout_s: float = 30.0) -> l
         The DICOMweb root, e.g. ``http://pacs:8042/dicom-web`` (``/studies`` is appended).
     timeout_s
         Connect and read timeout of each HTTP request.
+    session
+        The destination's session (credentials, TLS verification; see
+        :func:`~scp_node.dicom.webauth.web_session`); a plain one when None.
 
     Returns
     -------
@@ -63,9 +75,10 @@ def stow_files(paths: Sequence[Path], url: str, *, timeout_s: float = 30.0) -> l
     ------
     DeliveryError
         The service is unreachable, timed out, or answered with an HTTP error (the status
-        code and the start of its body are in the message).
+        code and reason phrase are in the message; 401 even after an OAuth2 token was
+        renewed), or the OAuth2 token endpoint refused the client.
     """
-    client = DICOMwebClient(url=url, timeout=timeout_s)
+    client = DICOMwebClient(url=url, timeout=timeout_s, session=session)
     client.set_http_retry_params(retry=False)
     datasets = [dcmread(path) for path in paths]
     by_study: dict[str, list[int]] = {}
@@ -73,15 +86,13 @@ def stow_files(paths: Sequence[Path], url: str, *, timeout_s: float = 30.0) -> l
         by_study.setdefault(str(ds.StudyInstanceUID), []).append(index)
     results: list[SendResult | None] = [None] * len(paths)
     for study_uid, indexes in by_study.items():
+        study = [datasets[i] for i in indexes]
         try:
-            response = client.store_instances(
-                [datasets[i] for i in indexes], study_instance_uid=study_uid
+            response = renew_on_unauthorized(
+                session, partial(client.store_instances, study, study_instance_uid=study_uid)
             )
         except requests.HTTPError as exc:
-            # Status and reason phrase only: a body could echo patient data back.
-            code = exc.response.status_code if exc.response is not None else "?"
-            reason = exc.response.reason if exc.response is not None else ""
-            raise DeliveryError(f"STOW-RS to {url} answered HTTP {code} {reason}") from exc
+            raise DeliveryError(f"STOW-RS to {url} answered {http_error_reason(exc)}") from exc
         except requests.RequestException as exc:
             raise DeliveryError(f"STOW-RS to {url} failed: {exc}") from exc
         stored, failed = _statuses(response)

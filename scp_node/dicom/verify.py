@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from scp_node.dicom.net import Peer, association
 from scp_node.dicom.query import STUDY_ROOT_FIND
 from scp_node.dicom.reference import InstanceReference
+from scp_node.dicom.webauth import http_error_reason, renew_on_unauthorized
 from scp_node.errors import DeliveryError
 
 __all__ = ["VerifyOutcome", "VerifyResult", "verify_dicomweb", "verify_dimse"]
@@ -125,7 +126,11 @@ def verify_dimse(
 
 
 def verify_dicomweb(
-    url: str, instance: InstanceReference, *, timeout_s: float = 30.0
+    url: str,
+    instance: InstanceReference,
+    *,
+    timeout_s: float = 30.0,
+    session: requests.Session | None = None,
 ) -> VerifyResult:
     """Ask the DICOMweb service at ``url`` by QIDO-RS whether it holds ``instance``.
 
@@ -139,27 +144,31 @@ def verify_dicomweb(
         The instance that was stored.
     timeout_s : float, optional
         Connect and read timeout of the request.
+    session : requests.Session or None, optional
+        The destination's session (credentials, TLS verification); a plain one when None.
 
     Returns
     -------
     VerifyResult
         FOUND / NOT_FOUND from the search result; COULD_NOT_ASK when the service is
         unreachable, answered with an HTTP error (code and reason phrase in the reason),
-        or with something that is not a DICOM JSON list.
+        with something that is not a DICOM JSON list, or its token endpoint refused us.
     """
     try:
-        client = DICOMwebClient(url=url, timeout=timeout_s)
+        client = DICOMwebClient(url=url, timeout=timeout_s, session=session)
         client.set_http_retry_params(retry=False)
-        found = client.search_for_instances(
-            study_instance_uid=instance.study_instance_uid,
-            series_instance_uid=instance.series_instance_uid,
-            search_filters={"SOPInstanceUID": instance.sop_instance_uid},
+        found = renew_on_unauthorized(
+            session,
+            lambda: client.search_for_instances(
+                study_instance_uid=instance.study_instance_uid,
+                series_instance_uid=instance.series_instance_uid,
+                search_filters={"SOPInstanceUID": instance.sop_instance_uid},
+            ),
         )
     except requests.HTTPError as exc:
-        # Status and reason phrase only: a body could echo patient data back.
-        code = exc.response.status_code if exc.response is not None else "?"
-        reason = exc.response.reason if exc.response is not None else ""
-        return _could_not_ask(f"QIDO-RS at {url} answered HTTP {code} {reason}", instance)
+        return _could_not_ask(f"QIDO-RS at {url} answered {http_error_reason(exc)}", instance)
+    except DeliveryError as exc:  # the OAuth2 token endpoint
+        return _could_not_ask(f"QIDO-RS at {url}: {exc}", instance)
     except (requests.RequestException, ValueError) as exc:  # ValueError: bad URL, not JSON
         return _could_not_ask(f"QIDO-RS at {url} failed: {exc}", instance)
     if not isinstance(found, list):
