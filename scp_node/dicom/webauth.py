@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase, HTTPBasicAuth
 
 from scp_node.errors import ConfigError, DeliveryError
@@ -49,6 +50,38 @@ RENEW_MARGIN_S = 30.0
 
 #: An OAuth2 ``error`` code is an ASCII word (RFC 6749 5.2); anything else is not echoed.
 _OAUTH_ERROR = re.compile(r"^[\x21-\x7e]{1,64}$")
+
+
+class _PinnedTlsAdapter(HTTPAdapter):
+    """Verifies with the configured CA bundle and client certificate on every request.
+
+    requests lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` replace a session's ``verify``
+    (many images set them), so ``tls.ca_file`` is enforced here, where the connection is
+    made.
+    """
+
+    def __init__(self, verify: bool | str, cert: tuple[str, str] | None) -> None:
+        super().__init__()
+        self._verify = verify
+        self._cert = cert
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, **kwargs: Any
+    ) -> requests.Response:
+        kwargs["verify"] = self._verify
+        kwargs["cert"] = self._cert
+        return super().send(request, **kwargs)
+
+
+def _tls_session(verify: bool | str, cert: tuple[str, str] | None) -> requests.Session:
+    """A session whose HTTPS connections use ``verify`` and ``cert`` whatever the
+    environment says (with ``verify=True`` the default bundle, or the environment's)."""
+    session = requests.Session()
+    if verify is not True or cert is not None:
+        adapter = _PinnedTlsAdapter(verify, cert)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+    return session
 
 
 @runtime_checkable
@@ -121,9 +154,7 @@ class ClientCredentialsAuth(AuthBase):
         self._timeout_s = timeout_s
         self._clock = clock
         # Token requests get their own session: they must never pass through this auth.
-        self._session = requests.Session()
-        self._session.verify = verify
-        self._session.cert = cert
+        self._session = _tls_session(verify, cert)
         self._lock = threading.Lock()
         self._token: str | None = None
         self._renew_at = -math.inf
@@ -359,15 +390,13 @@ def web_session(
     ConfigError
         A secret cannot be read (the message names the key).
     """
-    session = requests.Session()
     verify: bool | str = str(tls.ca_file) if tls.ca_file is not None else True
     cert = (
         (str(tls.cert_file), str(tls.key_file))
         if tls.cert_file is not None and tls.key_file is not None
         else None
     )
-    session.verify = verify
-    session.cert = cert
+    session = _tls_session(verify, cert)
     section = destination.auth
     if section is not None:
         where = f"destinations.{destination.name}.auth"

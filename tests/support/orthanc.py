@@ -8,6 +8,7 @@ crashed here once).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ def orthanc_config(
     dicom_port: int,
     ae_title: str,
     modalities: Mapping[str, tuple[str, str, int]],
+    users: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The Orthanc configuration the tests use (also quoted in the README).
 
@@ -47,8 +49,11 @@ def orthanc_config(
     modalities
         Name -> (AE title, host, port) of DICOM nodes Orthanc may send to and that may
         query it (C-FIND is refused to AEs not listed here).
+    users
+        User name -> password: HTTP basic authentication is then required on every
+        REST and DICOMweb request, also from loopback.
     """
-    return {
+    config = {
         "Name": "scp-node-test",
         "HttpPort": http_port,
         "DicomPort": dicom_port,
@@ -65,6 +70,9 @@ def orthanc_config(
         "HttpTimeout": 120,
         "StableAge": 1,
     }
+    if users:
+        config |= {"AuthenticationEnabled": True, "RegisteredUsers": dict(users)}
+    return config
 
 
 @dataclass
@@ -77,6 +85,8 @@ class OrthancServer:
     http_port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    #: Registered users (name -> password); when set, this client logs in as the first.
+    users: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -103,6 +113,7 @@ class OrthancServer:
             dicom_port=self.dicom_port,
             ae_title=self.ae_title,
             modalities=self.modalities,
+            users=self.users,
         )
 
     def start(self, timeout_s: float = 60.0) -> OrthancServer:
@@ -150,6 +161,10 @@ class OrthancServer:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if content_type is not None:
             req.add_header("Content-Type", content_type)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {credentials}")
         with urllib.request.urlopen(req, timeout=180) as response:
             return bytes(response.read())
 
