@@ -19,9 +19,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import certifi
 import numpy as np
 import pytest
-import requests
 from pydicom import dcmread
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
@@ -423,7 +423,7 @@ def test_https_destination_is_verified_against_tls_ca_file(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Many images set this; requests would let it replace a session's CA bundle.
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
     gateway = TokenGateway(
         orthanc.url, "scp-node", CLIENT_SECRET, ticker, tls=(pki.server_cert, pki.server_key)
     ).start()
