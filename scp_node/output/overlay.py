@@ -304,9 +304,10 @@ def _image(
     for keyword in _ANATOMY:
         if header.get(keyword):
             image[keyword] = header[keyword]
-    if "BodyPartExamined" not in image and "Laterality" not in image:
-        # Laterality is required for paired body parts; without a body part it is
-        # unknown, which an empty value says (PS3.3 C.7.3.1, Type 2C).
+    if "Laterality" not in image:
+        # Type 2C, required for paired body parts (PS3.3 C.7.3.1). The source does not say,
+        # and BodyPartExamined is often a free term (PARTIALBODY) that tells no pairing:
+        # empty says "unknown", which validators accept for any body part.
         image.Laterality = ""
     if header.get("LossyImageCompression") == "01":
         for keyword in _LOSSY:
