@@ -112,10 +112,12 @@ def build_overlay_series(
         Explicit VR Little Endian, in increasing slice position; empty when no slice holds
         a segment (nothing to send). Each copies the patient and study modules of its
         source instance and the source plane's ImagePositionPatient,
-        ImageOrientationPatient, PixelSpacing, SliceThickness and FrameOfReferenceUID; its
-        InstanceNumber is the source's (a multi-frame source: the frame number); its
-        Source Image Sequence names the source instance (and frame). Modality OT,
-        ConversionType WSD, ImageType DERIVED\\SECONDARY, BurnedInAnnotation YES.
+        ImageOrientationPatient, PixelSpacing, SliceThickness and FrameOfReferenceUID,
+        BodyPartExamined and Laterality (empty, "unknown", when the source has none) and
+        the lossy compression attributes of a lossy source; its InstanceNumber is the
+        source's (a multi-frame source: the frame number); its Source Image Sequence names
+        the source instance (and frame). Modality OT, ConversionType WSD, ImageType
+        DERIVED\\SECONDARY, BurnedInAnnotation YES.
 
     Raises
     ------
@@ -141,6 +143,7 @@ def build_overlay_series(
     images: list[Dataset] = []
     for z in chosen:
         frame = volume.frames[z]
+        header = headers[frame.sop_instance_uid]
         pixels = _draw(volume.array[z], labelmap[z], spec, window)
         try:
             images.append(
@@ -148,12 +151,12 @@ def build_overlay_series(
                     pixels,
                     volume,
                     frame,
-                    headers[frame.sop_instance_uid],
+                    header,
                     spec,
                     uids=uids,
                     software_version=software_version,
                     series_number=series_number,
-                    instance_number=_source_order(frame, headers[frame.sop_instance_uid], z),
+                    instance_number=_source_order(frame, header, z),
                     created=created,
                 )
             )
