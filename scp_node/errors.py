@@ -49,3 +49,7 @@ class QueueError(NodeError):
 
 class BindError(NodeError):
     """A server cannot listen on its address (port in use, or not an address of this host)."""
+
+
+class OverlayError(NodeError):
+    """A burned-in overlay (Secondary Capture) series cannot be built from a label map."""

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 from scp_node.durable import write_durably
 from scp_node.inference.registry import LabelSpec
+from scp_node.output.drawing import outline, to_display
 
 __all__ = [
     "LEGEND_PX",
@@ -77,17 +77,6 @@ def choose_slices(labelmap: NDArray[np.integer], max_slices: int = 4) -> list[in
     return sorted(set(picks))
 
 
-def _window(image: NDArray[np.floating], window: tuple[float, float] | None) -> NDArray[np.uint8]:
-    if window is None:
-        low, high = (float(v) for v in np.percentile(image, [1.0, 99.0]))
-    else:
-        center, width = window
-        low, high = center - width / 2.0, center + width / 2.0
-    scaled = (image.astype(np.float32) - low) / max(high - low, 1e-6)
-    out: NDArray[np.uint8] = (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return out
-
-
 def _fit(shape: tuple[int, int], tile_px: int) -> tuple[int, int, int, int]:
     """(height, width, top, left) of a (rows, cols) image scaled into the tile."""
     rows, cols = shape
@@ -143,7 +132,7 @@ def render_preview(
     draw = ImageDraw.Draw(canvas)
     tile_h, tile_w, top, left = _fit((volume.shape[1], volume.shape[2]), tile_px)
     for n, z in enumerate(slices):
-        gray = Image.fromarray(_window(volume[z], window)).resize(
+        gray = Image.fromarray(to_display(volume[z], window)).resize(
             (tile_w, tile_h), Image.Resampling.BILINEAR
         )
         tile = np.asarray(gray.convert("RGB")).copy()
@@ -152,9 +141,7 @@ def render_preview(
             small = np.asarray(mask.resize((tile_w, tile_h), Image.Resampling.NEAREST)) > 0
             if not small.any():
                 continue
-            edge = small & ~ndimage.binary_erosion(small, border_value=0)
-            edge = ndimage.binary_dilation(edge) & small  # two pixels wide, inside the mask
-            tile[edge] = label.color
+            tile[outline(small)] = label.color
         x0 = n * tile_px
         canvas.paste(Image.fromarray(tile), (x0 + left, top))
         draw.text((x0 + 4, 2), f"slice {z + 1}/{volume.shape[0]}", fill=_TEXT)
