@@ -174,12 +174,15 @@ def _derived_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '/'.join(parts)).int}"
 
 
+_VALUE_NAMES: dict[str, Code] = {
+    "CT": codes.DCM.AttenuationCoefficient,
+    "MR": codes.DCM.MRSignalIntensity,
+}
+
+
 def _value_name(modality: str) -> Code:
-    if modality == "CT":
-        return codes.DCM.AttenuationCoefficient
-    if modality == "MR":
-        return codes.DCM.MRSignalIntensity
-    return Code("246205007", "SCT", "Quantity")
+    """What the mean and SD are of: attenuation (CT), MR signal, else a plain quantity."""
+    return _VALUE_NAMES.get(modality, Code("246205007", "SCT", "Quantity"))
 
 
 def build_measurement_report(
@@ -251,7 +254,10 @@ def build_measurement_report(
             site = hd.sr.FindingSite(_coded(label.type), laterality=_laterality(label.modifier))
             values = [
                 hd.sr.Measurement(
-                    name=codes.SCT.Volume, value=m.volume_ml, unit=MILLILITER, algorithm_id=algorithm
+                    name=codes.SCT.Volume,
+                    value=m.volume_ml,
+                    unit=MILLILITER,
+                    algorithm_id=algorithm,
                 ),
                 hd.sr.Measurement(
                     name=value_name,
@@ -278,9 +284,7 @@ def build_measurement_report(
                         sop_class_uid=str(seg.SOPClassUID),
                         sop_instance_uid=seg_uid,
                         segment_number=m.segment_number,
-                        source_series=hd.sr.SourceSeriesForSegmentation(
-                            volume.series_instance_uid
-                        ),
+                        source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid),
                     ),
                     finding_type=_coded(label.type),
                     finding_category=_coded(label.category),

@@ -1,5 +1,5 @@
-"""Deliveries: the dispatcher's side of the job table, one row per object (a SEG or a
-rejection note) and destination."""
+"""Deliveries: the dispatcher's side of the job table, one row per object (a SEG, an SR,
+an SC image or a rejection note) and destination."""
 
 from __future__ import annotations
 
@@ -167,7 +167,8 @@ class Deliveries:
                     job,
                     study_uid,
                     Stage.DELIVER,
-                    f"delivered to {delivery.destination} (attempt {delivery.attempts})",
+                    f"{_sent(delivery)}delivered to {delivery.destination} "
+                    f"(attempt {delivery.attempts})",
                     duration_s=sent_s,
                     data=_data(delivery),
                 )
@@ -241,8 +242,18 @@ class Deliveries:
             return delivery.state
 
 
+_WHAT = {DeliveryKind.KOS: "rejection note", DeliveryKind.SR: "SR", DeliveryKind.SC: "SC image"}
+
+
 def _what(delivery: Delivery) -> str:
-    return "rejection note" if delivery.kind == DeliveryKind.KOS else "delivery"
+    what = _WHAT.get(delivery.kind)
+    return "delivery" if what is None else what if what == "rejection note" else f"{what} delivery"
+
+
+def _sent(delivery: Delivery) -> str:
+    """``"SR "`` before "delivered" for the objects beside the SEG; nothing for a SEG."""
+    what = _WHAT.get(delivery.kind)
+    return "" if what is None else f"{what} "
 
 
 def _data(delivery: Delivery) -> dict[str, object]:
