@@ -1,4 +1,4 @@
-"""Dispatch: send each finished SEG (and each IOCM rejection note, once the SEG that
+"""Dispatch: send each finished SEG, SR (and each IOCM rejection note, once the SEG that
 supersedes lies at the destination) to every destination by C-STORE (or DICOMweb STOW-RS for
 ``kind = "dicomweb"`` destinations), retrying with backoff until it lands or the give-up age
 is reached.
@@ -108,6 +108,8 @@ class Dispatcher:
             self.metrics.record_delivery(delivery.destination, ok=result.ok)
         if result.ok:
             self.deliveries.succeeded(delivery.id, delivery.token)
+            if self.metrics is not None:
+                self.metrics.record_sent(delivery.kind.value)
             logger.info("delivered", extra={**ids, "status": result.status})
             return
         error = result.error or f"refused with status 0x{result.status or 0:04X}"
