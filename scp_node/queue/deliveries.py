@@ -175,7 +175,13 @@ class Deliveries:
             q.finish_if_delivered(tx, job, study_uid)
 
     def failed(
-        self, delivery_id: int, token: str, error: str, status: int | None = None
+        self,
+        delivery_id: int,
+        token: str,
+        error: str,
+        status: int | None = None,
+        *,
+        final: bool = False,
     ) -> DeliveryState:
         """Record a failed delivery attempt; retry with backoff or give up.
 
@@ -190,6 +196,9 @@ class Deliveries:
             Why it failed (no patient data).
         status : int or None
             The DIMSE (or HTTP) status the destination returned, if any.
+        final : bool, optional
+            Give up now whatever the delivery's age (the destination refuses this kind of
+            object); the job fails with the reason, its other deliveries go on.
 
         Returns
         -------
@@ -215,12 +224,10 @@ class Deliveries:
             first = delivery.first_attempt_at or now
             status_txt = f" (status 0x{status:04X})" if status is not None else ""
             data = {**_data(delivery), "status": status}
-            if q.seconds(now - first) >= self._retry.give_up_after_s:
+            if final or q.seconds(now - first) >= self._retry.give_up_after_s:
                 delivery.state = DeliveryState.FAILED
-                reason = (
-                    f"{_what(delivery)} to {delivery.destination} gave up after "
-                    f"{delivery.attempts} attempts: {error}{status_txt}"
-                )
+                how = "refused" if final else f"gave up after {delivery.attempts} attempts"
+                reason = f"{_what(delivery)} to {delivery.destination} {how}: {error}{status_txt}"
                 if job.state not in TERMINAL_STATES:
                     job.state = JobState.FAILED
                     job.finished_at = now
