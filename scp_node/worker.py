@@ -244,7 +244,9 @@ class Worker:
                     f"SEG {seg_uid} (instance {number}), {len(seg.SegmentSequence)} segment(s)"
                 )
                 measurements = measure_segments(volume, labelmap, spec)
-                outputs = _Outputs(volume, labelmap, spec, number, job_dir, self.config)
+                outputs = _Outputs(
+                    volume, labelmap, spec, measurements, number, job_dir, self.config
+                )
                 objects = outputs.for_destinations(seg, seg_path)
                 if outputs.notes:
                     note["message"] += "; " + "; ".join(outputs.notes)
@@ -391,11 +393,13 @@ class _Outputs:
         volume: SourceVolume,
         labelmap: np.ndarray,
         spec: ModelSpec,
+        measurements: tuple[SegmentMeasurement, ...],
         number: int,
         job_dir: Path,
         config: WorkerConfig,
     ) -> None:
         self._volume, self._labelmap, self._spec = volume, labelmap, spec
+        self._measurements = measurements
         self._number, self._dir, self._config = number, job_dir, config
         self._segs: dict[str, tuple[Dataset, OutputObject] | None] = {}
         self._built: dict[tuple[str, str], list[OutputObject]] = {}
@@ -460,7 +464,7 @@ class _Outputs:
             sr = build_measurement_report(
                 self._volume,
                 built[0],
-                measure_segments(self._volume, self._labelmap, self._spec),
+                self._measurements,
                 self._spec,
                 software_version=self._config.software_version,
                 instance_number=self._number,
