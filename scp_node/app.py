@@ -105,6 +105,8 @@ def delivery_target(destination: Destination) -> DeliveryTarget:
         tls=destination.tls,
         supersede=destination.supersede,
         verify=destination.verify,
+        outputs=tuple(destination.outputs),
+        seg_type=destination.seg_type,
     )
 
 

@@ -1,4 +1,4 @@
-"""Dispatch: send each finished SEG (and each IOCM rejection note, once the SEG that
+"""Dispatch: send each finished SEG, SR (and each IOCM rejection note, once the SEG that
 supersedes lies at the destination) to every destination by C-STORE (or DICOMweb STOW-RS for
 ``kind = "dicomweb"`` destinations), retrying with backoff until it lands or the give-up age
 is reached.
@@ -29,7 +29,7 @@ from scp_node.dicom.reference import InstanceReference
 from scp_node.dicom.scu import Peer, SendResult, send_files
 from scp_node.dicom.stow import stow_files
 from scp_node.dicom.verify import VerifyOutcome, VerifyResult, verify_dicomweb, verify_dimse
-from scp_node.errors import DeliveryError
+from scp_node.errors import DeliveryError, SopClassRefusedError
 from scp_node.metrics import NodeMetrics
 from scp_node.queue.deliveries import Deliveries
 from scp_node.queue.records import ClaimedDelivery
@@ -99,7 +99,11 @@ class Dispatcher:
         except (DeliveryError, OSError) as exc:
             if self.metrics is not None:
                 self.metrics.record_delivery(delivery.destination, ok=False)
-            state = self.deliveries.failed(delivery.id, delivery.token, str(exc))
+            # A SOP class the destination does not take fails this delivery (only this one)
+            # at once: retrying for a day would not change its configuration.
+            state = self.deliveries.failed(
+                delivery.id, delivery.token, str(exc), final=isinstance(exc, SopClassRefusedError)
+            )
             logger.warning("delivery failed", extra={**ids, "error": str(exc), "state": str(state)})
             return
         if result.ok and delivery.destination in self.verify_destinations:
@@ -117,6 +121,8 @@ class Dispatcher:
             self.metrics.record_delivery(delivery.destination, ok=result.ok)
         if result.ok:
             self.deliveries.succeeded(delivery.id, delivery.token)
+            if self.metrics is not None:
+                self.metrics.record_sent(delivery.kind.value)
             logger.info("delivered", extra={**ids, "status": result.status})
             return
         error = result.error or f"refused with status 0x{result.status or 0:04X}"

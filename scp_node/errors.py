@@ -31,6 +31,11 @@ class DeliveryError(NodeError):
     """A destination could not be reached or refused an instance."""
 
 
+class SopClassRefusedError(DeliveryError):
+    """The destination accepted the association but none of the SOP classes proposed: it
+    does not take that kind of object (e.g. SR), and asking again will not change that."""
+
+
 class JobLeaseLostError(NodeError):
     """The job's lease expired or was taken by another worker; its result must be dropped."""
 

@@ -2,10 +2,10 @@
 
 :class:`NodeMetrics` owns a private :class:`~prometheus_client.CollectorRegistry` (no global
 registry) and is passed to whoever counts: the C-STORE handler (instances and bytes), the
-dispatcher (delivery attempts and failures). What the job table already knows (jobs by
-state, queue depth, busy workers, stage latencies) is read from it when ``/metrics`` is
-scraped (:meth:`NodeMetrics.refresh`), so those figures cover every process sharing the
-database, not only this one.
+dispatcher (delivery attempts and failures, objects sent by kind). What the job table
+already knows (jobs by state, queue depth, busy workers, stage latencies) is read from it
+when ``/metrics`` is scraped (:meth:`NodeMetrics.refresh`), so those figures cover every
+process sharing the database, not only this one.
 """
 
 from __future__ import annotations
@@ -84,6 +84,13 @@ class NodeMetrics:
             ["destination"],
             registry=r,
         )
+        self.objects_sent = Counter(
+            "scp_node_objects_sent",
+            "Objects a destination accepted (and held, where verified), by this process, by "
+            "kind: seg, sr, sc, kos (rejection note).",
+            ["kind"],
+            registry=r,
+        )
         self.jobs = Gauge(
             "scp_node_jobs", "Jobs in the job table, by state.", ["state"], registry=r
         )
@@ -119,6 +126,10 @@ class NodeMetrics:
         self.delivery_attempts.labels(destination=destination).inc()
         if not ok:
             self.delivery_failures.labels(destination=destination).inc()
+
+    def record_sent(self, kind: str) -> None:
+        """Count one object of ``kind`` (a ``DeliveryKind`` value) that landed."""
+        self.objects_sent.labels(kind=kind).inc()
 
     def refresh(self, jobs: JobViews) -> None:
         """Bring the job-table figures up to date: states, queue, busy, stage latencies.

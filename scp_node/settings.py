@@ -284,7 +284,7 @@ class DestinationAuth(_Section):
 
 
 class Destination(_Section):
-    """``[[destinations]]``: where every SEG goes.
+    """``[[destinations]]``: where every result goes (its SEG, and SR where ``outputs`` say).
 
     ``kind = "dimse"`` (the default): a DICOM node reached by C-STORE at ``ae_title``,
     ``host`` and ``port`` (all three required). ``kind = "dicomweb"``: a DICOMweb STOW-RS
@@ -310,6 +310,13 @@ class Destination(_Section):
     verify: bool = False
     #: Credentials for a DICOMweb destination (anonymous when unset).
     auth: DestinationAuth | None = None
+    #: What the destination gets of each result, each its own delivery: ``"seg"`` the
+    #: SEG, ``"sr"`` its TID 1500 measurement report, ``"sc"`` burned-in overlay images.
+    outputs: tuple[Literal["seg", "sr", "sc"], ...] = ("seg",)
+    #: The SEG encoding: ``"binary"`` (one frame per slice and segment, read everywhere)
+    #: or ``"labelmap"`` (one frame per slice, Label Map Segmentation Storage, for viewers
+    #: that read it).
+    seg_type: Literal["binary", "labelmap"] = "binary"
 
     @field_validator("ae_title")
     @classmethod
@@ -332,6 +339,16 @@ class Destination(_Section):
             raise _KeyValueError("auth", 'auth is only used with kind = "dicomweb"')
         if self.tls and self.kind != "dimse":
             raise _KeyValueError("tls", 'tls is only used with kind = "dimse" (use https://)')
+        if not self.outputs or len(set(self.outputs)) != len(self.outputs):
+            raise _KeyValueError("outputs", "outputs must name each of seg, sr, sc at most once")
+        if "sc" in self.outputs:
+            raise _KeyValueError("outputs", "sc output is not available yet")
+        if self.seg_type == "labelmap" and self.supersede == "iocm":
+            # A rejection note names the BINARY SEG it retracts; the LABELMAP one a
+            # destination holds has another UID.
+            raise _KeyValueError(
+                "seg_type", 'seg_type = "labelmap" cannot be combined with supersede = "iocm" yet'
+            )
         return self
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "event_payload",
     "format_duration",
     "job_rows",
+    "measurement_rows",
     "seg_version",
     "series_summaries",
     "stage_durations",
@@ -203,3 +204,30 @@ def seg_version(version: SegVersion | None) -> str:
     if version is None:
         return ""
     return f"{version.sop_instance_uid} (instance {version.instance_number}, job {version.job_id})"
+
+
+#: How a measurement unit (UCUM code) is shown.
+_UNITS = {"[hnsf'U]": "HU", "{stored value}": "(stored values, no rescale)", "1": ""}
+
+
+def measurement_rows(view: JobView) -> list[tuple[str, str, str, str, str]]:
+    """Per segment of the job's SEG: (segment, label, volume, mean, SD) as shown.
+
+    Volume in mL with one decimal; mean and standard deviation with one decimal and the
+    unit (``HU`` for CT; "stored values" when the source had no rescale). Empty for a job
+    without measurements.
+    """
+    rows: list[tuple[str, str, str, str, str]] = []
+    for m in view.measurements:
+        unit = _UNITS.get(str(m.get("unit")), str(m.get("unit_meaning", "")))
+        suffix = f" {unit}" if unit else ""
+        rows.append(
+            (
+                str(m["segment_number"]),
+                str(m["label"]),
+                f"{float(m['volume_ml']):.1f} mL",
+                f"{float(m['mean']):.1f}{suffix}",
+                f"{float(m['standard_deviation']):.1f}{suffix}",
+            )
+        )
+    return rows

@@ -1,6 +1,6 @@
-"""The worker: claim a job -> select series -> volume -> predict -> SEG in the outbox -> hand
-over to dispatch. Every step is timed into the job's events; the lease is renewed by a
-heartbeat thread while the job runs."""
+"""The worker: claim a job -> select series -> volume -> predict -> SEG (and the SR, LABELMAP
+SEG the destinations want) in the outbox -> hand over to dispatch. Every step is timed into
+the job's events; the lease is renewed by a heartbeat thread while the job runs."""
 
 from __future__ import annotations
 
@@ -13,22 +13,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from scp_node.dicom.reference import InstanceReference
 from scp_node.dicom.selection import choose_stack
-from scp_node.dicom.volume import describe, load_stack, read_stacks
-from scp_node.errors import JobLeaseLostError, ModelError, SeriesError
+from scp_node.dicom.volume import SourceVolume, describe, load_stack, read_stacks
+from scp_node.errors import JobLeaseLostError, ModelError, SegmentationError, SeriesError
 from scp_node.inference.pool import LoadedModel, ModelPool
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.kos import build_rejection_note, write_rejection_note
 from scp_node.output.preview import preview_path_for, render_preview, write_preview
 from scp_node.output.seg import build_segmentation, write_segmentation
+from scp_node.output.sr import (
+    SegmentMeasurement,
+    build_measurement_report,
+    measure_segments,
+    write_measurement_report,
+)
 from scp_node.output.uids import output_uids
-from scp_node.queue.models import JobState, Level, Outcome, Stage
+from scp_node.queue.models import DeliveryKind, JobState, Level, Outcome, Stage
 from scp_node.queue.records import (
     ClaimedJob,
     DeliveryTarget,
+    OutputObject,
     RejectionNote,
     SegVersion,
     Supersession,
@@ -220,6 +228,8 @@ class Worker:
             seg_path: Path | None = None
             seg_uid: str | None = None
             supersedes: Supersession | None = None
+            objects: dict[str, list[OutputObject]] | None = None
+            measurements: tuple[SegmentMeasurement, ...] = ()
             if seg is None:
                 note["message"] = "no label found: no SEG built"
             else:
@@ -233,6 +243,19 @@ class Worker:
                 note["message"] = (
                     f"SEG {seg_uid} (instance {number}), {len(seg.SegmentSequence)} segment(s)"
                 )
+                measurements = measure_segments(volume, labelmap, spec)
+                outputs = _Outputs(
+                    volume, labelmap, spec, measurements, number, job_dir, self.config
+                )
+                objects = outputs.for_destinations(seg, seg_path)
+                if outputs.notes:
+                    note["message"] += "; " + "; ".join(outputs.notes)
+                if outputs.problems:
+                    # The SEG stands: an object that could not be built is left out (its
+                    # deliveries with it) and said so; a re-run of the job tries again.
+                    note["message"] += "; warning: " + "; ".join(outputs.problems)
+                    note["data"] = {"warnings": list(outputs.problems)}
+                    note["level"] = Level.WARNING
                 if previous is not None:
                     notes = self._rejection_notes(
                         spec, history, seg, job_dir, volume.series_instance_uid
@@ -251,6 +274,8 @@ class Worker:
             seg_series_uid=uids.series_instance_uid,
             seg_instance_number=number,
             supersedes=supersedes,
+            objects=objects,
+            measurements=[m.to_json() for m in measurements],
         )
 
     def _rejection_notes(
@@ -330,6 +355,8 @@ class Worker:
         seg_series_uid: str | None = None,
         seg_instance_number: int | None = None,
         supersedes: Supersession | None = None,
+        objects: dict[str, list[OutputObject]] | None = None,
+        measurements: list[dict[str, Any]] | None = None,
     ) -> None:
         state = self.jobs.complete(
             job.id,
@@ -342,11 +369,113 @@ class Worker:
             seg_series_instance_uid=seg_series_uid,
             seg_instance_number=seg_instance_number,
             supersedes=supersedes,
+            objects=objects,
+            measurements=measurements,
         )
         if state is JobState.DONE:
             logger.info("job done", extra={"job_id": job.id, "outcome": outcome.value})
         elif self._wake_dispatch is not None:
             self._wake_dispatch.set()
+
+
+class _Outputs:
+    """Builds what each destination gets of one result, each object once.
+
+    The BINARY SEG is the job's own (built by the caller); a LABELMAP SEG is built when a
+    destination wants one; an SR references the SEG its destination gets (of its
+    ``seg_type``). An object that cannot be built is left out and named in ``problems``.
+    Another kind is one more branch in :meth:`_build` (an object kind may give several
+    files: each is its own delivery).
+    """
+
+    def __init__(
+        self,
+        volume: SourceVolume,
+        labelmap: np.ndarray,
+        spec: ModelSpec,
+        measurements: tuple[SegmentMeasurement, ...],
+        number: int,
+        job_dir: Path,
+        config: WorkerConfig,
+    ) -> None:
+        self._volume, self._labelmap, self._spec = volume, labelmap, spec
+        self._measurements = measurements
+        self._number, self._dir, self._config = number, job_dir, config
+        self._segs: dict[str, tuple[Dataset, OutputObject] | None] = {}
+        self._built: dict[tuple[str, str], list[OutputObject]] = {}
+        #: What was built beside the BINARY SEG, and what could not be.
+        self.notes: list[str] = []
+        self.problems: list[str] = []
+
+    def for_destinations(self, seg: Dataset, seg_path: Path) -> dict[str, list[OutputObject]]:
+        """Per destination name, its objects in sending order (SEG first)."""
+        self._segs["binary"] = (
+            seg,
+            OutputObject(DeliveryKind.SEG, str(seg_path), str(seg.SOPInstanceUID)),
+        )
+        return {
+            dest.name: [obj for kind in dest.outputs for obj in self._build(kind, dest.seg_type)]
+            for dest in self._config.destinations
+        }
+
+    def _build(self, kind: str, seg_type: str) -> list[OutputObject]:
+        key = (kind, seg_type)
+        if key not in self._built:
+            if kind == "seg":
+                built = self._seg(seg_type)
+                self._built[key] = [] if built is None else [built[1]]
+            elif kind == "sr":
+                self._built[key] = self._sr(seg_type)
+            else:  # pragma: no cover - settings refuse other kinds
+                raise ValueError(f"unknown output kind {kind!r}")
+        return self._built[key]
+
+    def _seg(self, seg_type: str) -> tuple[Dataset, OutputObject] | None:
+        if seg_type not in self._segs:
+            if seg_type != "labelmap":  # pragma: no cover - settings allow binary|labelmap
+                raise ValueError(f"unknown seg_type {seg_type!r}")
+            try:
+                seg = build_segmentation(
+                    self._volume,
+                    self._labelmap,
+                    self._spec,
+                    software_version=self._config.software_version,
+                    instance_number=self._number,
+                    seg_type="labelmap",
+                )
+                assert seg is not None  # the BINARY SEG of the same labelmap has segments
+                path = self._dir / f"{seg.SOPInstanceUID}.dcm"
+                write_segmentation(seg, path)
+            except SegmentationError as exc:
+                self.problems.append(f"{seg_type.upper()} SEG not built: {exc}")
+                self._segs[seg_type] = None
+            else:
+                self.notes.append(f"{seg_type.upper()} SEG {seg.SOPInstanceUID}")
+                obj = OutputObject(DeliveryKind.SEG, str(path), str(seg.SOPInstanceUID))
+                self._segs[seg_type] = (seg, obj)
+        return self._segs[seg_type]
+
+    def _sr(self, seg_type: str) -> list[OutputObject]:
+        built = self._seg(seg_type)
+        if built is None:
+            self.problems.append(f"SR not built: its {seg_type.upper()} SEG is missing")
+            return []
+        try:
+            sr = build_measurement_report(
+                self._volume,
+                built[0],
+                self._measurements,
+                self._spec,
+                software_version=self._config.software_version,
+                instance_number=self._number,
+            )
+            path = self._dir / f"{sr.SOPInstanceUID}.dcm"
+            write_measurement_report(sr, path)
+        except SegmentationError as exc:
+            self.problems.append(f"SR not built: {exc}")
+            return []
+        self.notes.append(f"SR {sr.SOPInstanceUID} of SEG {built[1].sop_instance_uid}")
+        return [OutputObject(DeliveryKind.SR, str(path), str(sr.SOPInstanceUID))]
 
 
 def _number(history: list[SegVersion], sop_instance_uid: str) -> tuple[int, SegVersion | None]:

@@ -24,6 +24,7 @@ from scp_node.views import (
     JobRow,
     format_duration,
     job_rows,
+    measurement_rows,
     seg_version,
     stage_durations,
 )
@@ -169,7 +170,7 @@ def jobs_show(
         return
     console.print(f"[bold]job {view.id}[/] {_state(view.state.value)}")
     for key, value in view.to_json().items():
-        if key not in ("deliveries", "durations", "supersedes", "superseded_by"):
+        if key not in ("deliveries", "durations", "supersedes", "superseded_by", "measurements"):
             console.print(f"  {key}: {escape(str(value))}")
     if view.supersedes is not None:
         console.print(f"  supersedes: {seg_version(view.supersedes)}")
@@ -178,15 +179,21 @@ def jobs_show(
     console.print(
         "  durations: " + ", ".join(f"{name} {value}" for name, value in stage_durations(view))
     )
+    for number, label, volume, mean, sd in measurement_rows(view):
+        console.print(f"  segment {number} {escape(label)}: volume {volume}, mean {mean}, SD {sd}")
     for d in view.deliveries:
         console.print(
-            f"  {'rejection note' if d.kind == 'kos' else 'delivery'} {d.destination} "
+            f"  {_DELIVERY_NAMES.get(d.kind.value, 'delivery')} {d.destination} "
             f"({d.ae_title}@{d.host}:{d.port}): {d.state}, "
             f"{d.attempts} attempt(s)"
             + (f", last error: {escape(d.last_error)}" if d.last_error else "")
         )
     for event in events:
         console.print(event_line(event))
+
+
+#: How ``jobs show`` names a delivery of each kind (a SEG delivery is plain "delivery").
+_DELIVERY_NAMES = {"kos": "rejection note", "sr": "SR delivery", "sc": "SC delivery"}
 
 
 @app.command("retry")

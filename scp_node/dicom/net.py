@@ -17,12 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
-from scp_node.errors import DeliveryError
+from scp_node.errors import DeliveryError, SopClassRefusedError
 
 __all__ = ["MAX_CONTEXTS", "Peer", "association", "set_tcp_nodelay"]
 
@@ -114,6 +115,10 @@ class _ClosingAE(AE):
         return created
 
 
+def _sop_class_name(uid: UID | None) -> str:
+    return "?" if uid is None else str(uid.name)
+
+
 @contextmanager
 def association(
     peer: Peer,
@@ -149,6 +154,8 @@ def association(
     DeliveryError
         More than :data:`MAX_CONTEXTS` contexts, or the association was not established
         (connection refused, unreachable, association rejected, TLS handshake failed).
+        :class:`~scp_node.errors.SopClassRefusedError` when the peer accepted none of the
+        proposed SOP classes.
     """
     if not contexts:
         raise DeliveryError("no presentation context to propose")
@@ -171,6 +178,14 @@ def association(
         tls_args=(ssl_context, peer.host) if ssl_context is not None else None,
     )
     try:
+        if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+            # The peer answered, but takes none of these SOP classes (pynetdicom aborts).
+            names = sorted(
+                {_sop_class_name(context.abstract_syntax) for context in assoc.rejected_contexts}
+            )
+            raise SopClassRefusedError(
+                f"{peer} accepts none of the proposed SOP classes: {', '.join(names)}"
+            )
         if not assoc.is_established:
             how = " over TLS" if ssl_context is not None else ""
             raise DeliveryError(

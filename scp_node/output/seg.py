@@ -16,6 +16,7 @@ import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import highdicom as hd
 import numpy as np
@@ -60,8 +61,9 @@ def build_segmentation(
     software_version: str,
     series_number: int = 9901,
     instance_number: int = 1,
+    seg_type: Literal["binary", "labelmap"] = "binary",
 ) -> hd.seg.Segmentation | None:
-    """Build a BINARY SEG of ``labelmap`` on the geometry of ``volume``.
+    """Build a BINARY (or LABELMAP) SEG of ``labelmap`` on the geometry of ``volume``.
 
     One segment per label of ``spec`` that has at least one voxel, numbered 1..n in the
     card's label order (segment label = label name, category/type codes and display
@@ -90,6 +92,10 @@ def build_segmentation(
         InstanceNumber of the SEG (>= 1): the caller numbers the successive SEGs of one
         series 1, 2, ... so viewers show the newest first. ContentDate and ContentTime
         are the time of the build (UTC).
+    seg_type : {"binary", "labelmap"}, optional
+        ``"labelmap"`` writes one frame per source slice holding every segment (Label Map
+        Segmentation Storage, much smaller); it is another instance of the same SEG series
+        (``output_uids(..., variant="labelmap")``), with the same segments and numbers.
 
     Returns
     -------
@@ -146,6 +152,7 @@ def build_segmentation(
         model_name=spec.name,
         model_version=spec.version,
         source_sop_instance_uids=(str(ds.SOPInstanceUID) for ds in volume.datasets),
+        variant=None if seg_type == "binary" else seg_type,
     )
     series_instance_uid, sop_instance_uid = uids.series_instance_uid, uids.sop_instance_uid
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -164,7 +171,7 @@ def build_segmentation(
             source_images=list(volume.datasets),
             pixel_array=segments,
             plane_positions=_plane_positions(volume),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segmentation_type=hd.seg.SegmentationTypeValues[seg_type.upper()],
             segment_descriptions=descriptions,
             series_instance_uid=series_instance_uid,
             series_number=series_number,

@@ -40,6 +40,7 @@ def output_uids(
     model_name: str,
     model_version: str,
     source_sop_instance_uids: Iterable[str],
+    variant: str | None = None,
 ) -> OutputUids:
     """Series and SOP Instance UID of a derived object, the same every time for the same inputs.
 
@@ -79,9 +80,12 @@ def output_uids(
         raise ValueError("source_sop_instance_uids is empty")
     series_key = [source_series_instance_uid, model_name, model_version]
     label = kind.upper()
+    instance_key: list[str | list[str]] = [f"scp-node {label} instance", *series_key, instances]
+    if variant is not None:
+        instance_key.append(variant)
     return OutputUids(
         series_instance_uid=_uuid_uid([f"scp-node {label} series", *series_key]),
-        sop_instance_uid=_uuid_uid([f"scp-node {label} instance", *series_key, instances]),
+        sop_instance_uid=_uuid_uid(instance_key),
     )
 
 

@@ -1,5 +1,5 @@
-"""Deliveries: the dispatcher's side of the job table, one row per object (a SEG or a
-rejection note) and destination."""
+"""Deliveries: the dispatcher's side of the job table, one row per object (a SEG, an SR,
+an SC image or a rejection note) and destination."""
 
 from __future__ import annotations
 
@@ -167,14 +167,21 @@ class Deliveries:
                     job,
                     study_uid,
                     Stage.DELIVER,
-                    f"delivered to {delivery.destination} (attempt {delivery.attempts})",
+                    f"{_sent(delivery)}delivered to {delivery.destination} "
+                    f"(attempt {delivery.attempts})",
                     duration_s=sent_s,
                     data=_data(delivery),
                 )
             q.finish_if_delivered(tx, job, study_uid)
 
     def failed(
-        self, delivery_id: int, token: str, error: str, status: int | None = None
+        self,
+        delivery_id: int,
+        token: str,
+        error: str,
+        status: int | None = None,
+        *,
+        final: bool = False,
     ) -> DeliveryState:
         """Record a failed delivery attempt; retry with backoff or give up.
 
@@ -189,6 +196,9 @@ class Deliveries:
             Why it failed (no patient data).
         status : int or None
             The DIMSE (or HTTP) status the destination returned, if any.
+        final : bool, optional
+            Give up now whatever the delivery's age (the destination refuses this kind of
+            object); the job fails with the reason, its other deliveries go on.
 
         Returns
         -------
@@ -214,12 +224,10 @@ class Deliveries:
             first = delivery.first_attempt_at or now
             status_txt = f" (status 0x{status:04X})" if status is not None else ""
             data = {**_data(delivery), "status": status}
-            if q.seconds(now - first) >= self._retry.give_up_after_s:
+            if final or q.seconds(now - first) >= self._retry.give_up_after_s:
                 delivery.state = DeliveryState.FAILED
-                reason = (
-                    f"{_what(delivery)} to {delivery.destination} gave up after "
-                    f"{delivery.attempts} attempts: {error}{status_txt}"
-                )
+                how = "refused" if final else f"gave up after {delivery.attempts} attempts"
+                reason = f"{_what(delivery)} to {delivery.destination} {how}: {error}{status_txt}"
                 if job.state not in TERMINAL_STATES:
                     job.state = JobState.FAILED
                     job.finished_at = now
@@ -241,8 +249,18 @@ class Deliveries:
             return delivery.state
 
 
+_WHAT = {DeliveryKind.KOS: "rejection note", DeliveryKind.SR: "SR", DeliveryKind.SC: "SC image"}
+
+
 def _what(delivery: Delivery) -> str:
-    return "rejection note" if delivery.kind == DeliveryKind.KOS else "delivery"
+    what = _WHAT.get(delivery.kind)
+    return "delivery" if what is None else what if what == "rejection note" else f"{what} delivery"
+
+
+def _sent(delivery: Delivery) -> str:
+    """``"SR "`` before "delivered" for the objects beside the SEG; nothing for a SEG."""
+    what = _WHAT.get(delivery.kind)
+    return "" if what is None else f"{what} "
 
 
 def _data(delivery: Delivery) -> dict[str, object]:

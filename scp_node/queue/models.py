@@ -111,8 +111,12 @@ class DeliveryState(StrEnum):
 class DeliveryKind(StrEnum):
     """What a delivery sends; stored as its string value in ``deliveries.kind``."""
 
-    #: The job's SEG.
+    #: The job's SEG (BINARY, or the LABELMAP one for a destination that wants it).
     SEG = "seg"
+    #: The TID 1500 measurement report (SR) of the job's SEG.
+    SR = "sr"
+    #: One Secondary Capture image of the overlay series.
+    SC = "sc"
     #: An IHE IOCM rejection note (KOS) retracting the SEG the job's SEG superseded.
     KOS = "kos"
 
@@ -321,6 +325,9 @@ class Job(Base):
     outcome: Mapped[Outcome | None] = mapped_column(_state_enum(Outcome, length=32))
     #: Stage name -> seconds.
     durations: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Per segment of the SEG: number, label, voxels, volume_ml, mean, standard_deviation,
+    #: unit (see ``scp_node.output.sr.SegmentMeasurement``); None without a SEG.
+    measurements: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
 
 class JobEvent(Base):
@@ -342,7 +349,8 @@ class JobEvent(Base):
 
 
 class Delivery(Base):
-    """Delivery of one object of a job (its SEG, or a rejection note) to one destination."""
+    """Delivery of one object of a job (its SEG, SR, an SC image, or a rejection note) to one
+    destination."""
 
     __tablename__ = "deliveries"
     __table_args__ = (Index("ix_deliveries_state_next_attempt_at", "state", "next_attempt_at"),)

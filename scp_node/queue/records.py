@@ -20,6 +20,7 @@ __all__ = [
     "InstanceRecord",
     "JobEventView",
     "JobView",
+    "OutputObject",
     "RejectionNote",
     "SegVersion",
     "SeriesFacts",
@@ -122,6 +123,19 @@ class DeliveryTarget:
     supersede: str = "none"
     #: Ask the destination after each store whether it holds the instance.
     verify: bool = False
+    #: What the destination gets of each result: ``"seg"``, ``"sr"``, ``"sc"``.
+    outputs: tuple[str, ...] = ("seg",)
+    #: ``"binary"`` or ``"labelmap"``: the SEG encoding it gets.
+    seg_type: str = "binary"
+
+
+@dataclass(frozen=True)
+class OutputObject:
+    """One file in the outbox a delivery sends (a SEG, an SR, one SC image)."""
+
+    kind: DeliveryKind
+    path: str
+    sop_instance_uid: str
 
 
 @dataclass(frozen=True)
@@ -256,6 +270,8 @@ class JobView:
     supersedes: SegVersion | None = None
     #: The next SEG of the series, which replaced this job's.
     superseded_by: SegVersion | None = None
+    #: Per segment of the SEG: what ``scp_node.output.sr.SegmentMeasurement.to_json`` gives.
+    measurements: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict (ISO 8601 timestamps, enum values as strings)."""
@@ -281,6 +297,7 @@ class JobView:
             "seg_instance_number": self.seg_instance_number,
             "supersedes": None if self.supersedes is None else self.supersedes.to_json(),
             "superseded_by": None if self.superseded_by is None else self.superseded_by.to_json(),
+            "measurements": [dict(m) for m in self.measurements],
         }
 
 

@@ -12,6 +12,7 @@ the same transaction and logs one line with ``job_id``, ``study_instance_uid``, 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -292,12 +293,15 @@ def finish_if_delivered(tx: Tx, job: Job, study_uid: str) -> None:
     if job.delivering_at is not None:
         durations["delivery"] = seconds(now - job.delivering_at)
     add_durations(job, **durations)
-    segs = sum(st == DeliveryState.DONE and kind == DeliveryKind.SEG for st, kind in rows)
-    notes = sum(st == DeliveryState.DONE and kind == DeliveryKind.KOS for st, kind in rows)
+    done = Counter(kind for st, kind in rows if st == DeliveryState.DONE)
     dropped = sum(st != DeliveryState.DONE for st, _kind in rows)
-    message = f"job done: SEG delivered to {segs} destination(s)"
-    if notes:
-        message += f", {notes} rejection note(s)"
+    message = f"job done: SEG delivered to {done[DeliveryKind.SEG]} destination(s)"
+    if done[DeliveryKind.SR]:
+        message += f", {done[DeliveryKind.SR]} SR(s)"
+    if done[DeliveryKind.SC]:
+        message += f", {done[DeliveryKind.SC]} SC image(s)"
+    if done[DeliveryKind.KOS]:
+        message += f", {done[DeliveryKind.KOS]} rejection note(s)"
     if dropped:
         message += f"; {dropped} delivery(ies) dropped as superseded"
     tx.event(

@@ -31,6 +31,10 @@ __all__ = [
 ]
 
 
+#: What a job's result sends (its notes, KOS, wait for their SEG and fail with it).
+_RESULT_KINDS = (DeliveryKind.SEG, DeliveryKind.SR, DeliveryKind.SC)
+
+
 def in_flight(delivery: Delivery, now: datetime) -> bool:
     """True when a PENDING delivery is being sent now (its lease is live)."""
     return (
@@ -129,7 +133,7 @@ def new_delivery(
 
 
 def drop_stale(tx: Tx, job: Job, seg_series_uid: str, seg_uid: str) -> None:
-    """Fail the waiting SEG deliveries of older versions of the series (lower
+    """Fail the waiting SEG (and SR, SC) deliveries of older versions of the series (lower
     InstanceNumber, and the notes that wait for them); a delivery being sent right now
     is left to finish. A re-run of an old version drops nothing newer."""
     s, now = tx.session, tx.now
@@ -142,7 +146,7 @@ def drop_stale(tx: Tx, job: Job, seg_series_uid: str, seg_uid: str) -> None:
             Job.seg_series_instance_uid == seg_series_uid,
             Job.id != job.id,
             Job.seg_instance_number < job.seg_instance_number,
-            Delivery.kind == DeliveryKind.SEG,
+            Delivery.kind.in_(_RESULT_KINDS),
             Delivery.state == DeliveryState.PENDING,
             Delivery.sop_instance_uid != seg_uid,
         )

@@ -269,6 +269,7 @@ def _job_views(
             seg_instance_number=job.seg_instance_number,
             supersedes=neighbours.get(job.id, (None, None))[0],
             superseded_by=neighbours.get(job.id, (None, None))[1],
+            measurements=tuple(job.measurements or ()),
         )
         for job, study_uid, study_date in rows
     ]

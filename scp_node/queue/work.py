@@ -4,7 +4,7 @@ one read it needs (a study's instance files by series)."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,13 @@ from scp_node.queue.models import (
     Stage,
     Study,
 )
-from scp_node.queue.records import ClaimedJob, DeliveryTarget, SegVersion, Supersession
+from scp_node.queue.records import (
+    ClaimedJob,
+    DeliveryTarget,
+    OutputObject,
+    SegVersion,
+    Supersession,
+)
 from scp_node.queue.retry import RetryPolicy
 from scp_node.queue.tx import Clock, Sessions, utcnow
 
@@ -216,12 +222,15 @@ class WorkQueue:
         seg_series_instance_uid: str | None = None,
         seg_instance_number: int | None = None,
         supersedes: Supersession | None = None,
+        objects: Mapping[str, Sequence[OutputObject]] | None = None,
+        measurements: Sequence[dict[str, Any]] | None = None,
     ) -> JobState:
         """Finish the inference of a claimed job.
 
         With a SEG and at least one destination the job becomes DELIVERING with one PENDING
-        SEG delivery per destination (due now); otherwise it is DONE. The lease is released.
-        Deliveries left from an earlier run of the same job are replaced.
+        delivery per destination and object (due now): the SEG, or what ``objects`` names
+        for that destination; otherwise (nothing to send) it is DONE. The lease is
+        released. Deliveries left from an earlier run of the same job are replaced.
 
         With ``seg_series_instance_uid``, earlier SEGs of that series (other SOP Instance
         UIDs) whose delivery is still waiting for an attempt are dropped: they would only
@@ -250,6 +259,11 @@ class WorkQueue:
             The SEG's InstanceNumber in that series.
         supersedes : Supersession or None, optional
             The previous SEG of the series and the rejection notes to send.
+        objects : Mapping of str to Sequence of OutputObject, optional
+            Per destination name, the objects it gets, in sending order (its SEG, SR, SC
+            images); a destination not named gets nothing. None: each gets the SEG.
+        measurements : Sequence of dict, optional
+            Per-segment measurements of the SEG, kept on the job for the admin views.
 
         Returns
         -------
@@ -279,6 +293,7 @@ class WorkQueue:
             job.seg_instance_number = seg_instance_number if seg_path else None
             job.outcome = outcome
             job.error = None
+            job.measurements = list(measurements) if measurements and seg_path else None
             q.clear_lease(job)
             # Notes first: they reference the SEG deliveries of the same job.
             for old in s.scalars(
@@ -291,16 +306,27 @@ class WorkQueue:
             study_uid = q.study_uid(s, job.study_id)
             data = {"outcome": outcome.value, "series_instance_uid": series_instance_uid}
             seg_deliveries: dict[str, Delivery] = {}
-            if seg_path is not None and seg_sop_instance_uid is not None and destinations:
+            planned: list[tuple[DeliveryTarget, Sequence[OutputObject]]] = []
+            if seg_path is not None and seg_sop_instance_uid is not None:
+                seg = OutputObject(DeliveryKind.SEG, seg_path, seg_sop_instance_uid)
+                for dest in destinations:
+                    sent = (seg,) if objects is None else objects.get(dest.name, ())
+                    if sent:
+                        planned.append((dest, sent))
+            if planned:
                 job.state = JobState.DELIVERING
                 job.delivering_at = now
-                for dest in destinations:
-                    seg_deliveries[dest.name] = versions.new_delivery(
-                        tx, job, dest, DeliveryKind.SEG, seg_path, seg_sop_instance_uid
-                    )
+                for dest, sent in planned:
+                    for obj in sent:
+                        delivery = versions.new_delivery(
+                            tx, job, dest, obj.kind, obj.path, obj.sop_instance_uid
+                        )
+                        if obj.kind == DeliveryKind.SEG:
+                            seg_deliveries.setdefault(dest.name, delivery)
                 s.flush()
                 message = f"inference done ({outcome.value}); delivering to " + ", ".join(
-                    d.name for d in destinations
+                    f"{dest.name} ({', '.join(obj.kind.value for obj in sent)})"
+                    for dest, sent in planned
                 )
                 tx.event(job, study_uid, Stage.INFERENCE, message, data=data)
             else:
@@ -308,7 +334,12 @@ class WorkQueue:
                 job.finished_at = now
                 total = q.total_s(job, now)
                 q.add_durations(job, total=total)
-                reason = "no SEG" if seg_path is None else "no destinations"
+                if seg_path is None:
+                    reason = "no SEG"
+                elif destinations:
+                    reason = "no destination takes its outputs"
+                else:
+                    reason = "no destinations"
                 tx.event(
                     job,
                     study_uid,

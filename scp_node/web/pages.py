@@ -16,6 +16,7 @@ from scp_node.views import (
     age,
     event_payload,
     job_rows,
+    measurement_rows,
     seg_version,
     series_summaries,
     stage_durations,
@@ -103,6 +104,7 @@ def job_page(request: Request) -> Response:
         has_preview=_preview_file(view.seg_path) is not None,
         token_needed=d.web.token is not None,
         stages=stage_durations(view),
+        measurements=measurement_rows(view),
         supersedes=seg_version(view.supersedes),
         superseded_by=seg_version(view.superseded_by),
     )

@@ -1,4 +1,5 @@
-"""A real PACS round trip: Orthanc pushes subject B to the node, the SEG comes back to Orthanc.
+"""A real PACS round trip: Orthanc pushes subject B to the node, the SEG and its measurement
+report (SR) come back to Orthanc.
 
 The node runs as a subprocess (``scp-node serve``); Orthanc (Debian package) is started per
 module on private loopback ports. The SEG that lands in Orthanc is then checked by readers
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -54,13 +56,15 @@ class RoundTrip:
     ct_series_id: str
     seg_series_id: str
     seg_path: Path
+    #: The TID 1500 SR that came back beside the SEG.
+    sr_path: Path
     send_s: float
     visible_s: float
 
 
-def _seg_series(orthanc: OrthancServer, study_id: str) -> str | None:
+def _seg_series(orthanc: OrthancServer, study_id: str, modality: str = "SEG") -> str | None:
     for series in orthanc.study_series(study_id):
-        if series["MainDicomTags"].get("Modality") == "SEG":
+        if series["MainDicomTags"].get("Modality") == modality:
             return str(series["ID"])
     return None
 
@@ -87,6 +91,7 @@ def roundtrip(
                 "ae_title": orthanc.ae_title,
                 "host": "127.0.0.1",
                 "port": orthanc.dicom_port,
+                "outputs": ["seg", "sr"],
             },
             {"name": "web", "kind": "dicomweb", "url": web.dicomweb_url},
         ],
@@ -113,8 +118,27 @@ def roundtrip(
         (seg_instance,) = orthanc.series_instances(seg_series_id)
         seg_path = root / "seg-from-orthanc.dcm"
         seg_path.write_bytes(orthanc.instance_file(seg_instance["ID"]))
+        sr_series_id = wait_until(
+            lambda: _seg_series(orthanc, study_id, "SR"), SEG_TIMEOUT_S, "an SR series in Orthanc"
+        )
+        (sr_instance,) = orthanc.series_instances(sr_series_id)
+        sr_path = root / "sr-from-orthanc.dcm"
+        sr_path.write_bytes(orthanc.instance_file(sr_instance["ID"]))
+        # Every delivery (SEG and SR to Orthanc, SEG by STOW-RS) done: the job is finished.
+        wait_until(
+            lambda: [j for j in node.jobs() if j["state"] == "done"], 60, "the job to finish"
+        )
         yield RoundTrip(
-            orthanc, web, node, study_id, ct_series_id, seg_series_id, seg_path, send_s, visible_s
+            orthanc,
+            web,
+            node,
+            study_id,
+            ct_series_id,
+            seg_series_id,
+            seg_path,
+            sr_path,
+            send_s,
+            visible_s,
         )
     finally:
         node.stop()
@@ -155,8 +179,39 @@ def test_seg_lands_in_the_same_study_and_references_orthancs_instances(
     (job,) = roundtrip.node.jobs()
     assert (job["state"], job["outcome"]) == ("done", "seg"), job
     assert job["seg_sop_instance_uid"] == seg.SOPInstanceUID
-    # Exactly one SEG instance in Orthanc's study (the CT and the SEG series, nothing else).
-    assert len(orthanc.study_series(roundtrip.study_id)) == 2
+    # Exactly one SEG instance in Orthanc's study: the CT, the SEG and the SR series (this
+    # destination asks for the SR too), nothing else.
+    modalities = sorted(
+        series["MainDicomTags"]["Modality"] for series in orthanc.study_series(roundtrip.study_id)
+    )
+    assert modalities == ["CT", "SEG", "SR"]
+    assert len(orthanc.series_instances(roundtrip.seg_series_id)) == 1
+
+
+def test_sr_in_orthanc_measures_the_segs_segments(roundtrip: RoundTrip) -> None:
+    seg = dcmread(roundtrip.seg_path, stop_before_pixels=True)
+    check_with_dciodvfy(roundtrip.sr_path, "Comprehensive3DSR")
+    report = hd.sr.srread(roundtrip.sr_path)
+    assert report.StudyInstanceUID == seg.StudyInstanceUID
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    segments = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
+    (job,) = roundtrip.node.jobs()
+    measured = {m["segment_number"]: m for m in job["measurements"]}
+    assert set(measured) == set(segments) == set(range(1, len(groups) + 1))
+    for number, group in enumerate(groups, start=1):
+        (segment_ref, *_rest) = group.referenced_segment
+        (item,) = segment_ref.ReferencedSOPSequence
+        assert (item.ReferencedSOPInstanceUID, int(item.ReferencedSegmentNumber)) == (
+            seg.SOPInstanceUID,
+            number,
+        )
+        assert group.tracking_identifier == f"{segments[number]} (segment {number})"
+        values = {
+            (m.name.meaning if m.derivation is None else m.derivation.meaning): float(m.value)
+            for m in group.get_measurements()
+        }
+        assert values["Volume"] == pytest.approx(measured[number]["volume_ml"])
+        assert values["Mean"] == pytest.approx(measured[number]["mean"])
 
 
 def test_dicomweb_destination_got_the_same_seg(roundtrip: RoundTrip) -> None:

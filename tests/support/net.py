@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,20 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
     KeyObjectSelectionDocumentStorage,
+    LabelMapSegmentationStorage,
     SegmentationStorage,
     Verification,
+)
+
+#: What a PacsStub stores unless told to refuse some: SEG (BINARY and LABELMAP), IOCM
+#: rejection notes, TID 1500 SRs.
+STUB_SOP_CLASSES = (
+    SegmentationStorage,
+    LabelMapSegmentationStorage,
+    KeyObjectSelectionDocumentStorage,
+    Comprehensive3DSRStorage,
 )
 
 
@@ -54,8 +65,9 @@ def wait_until(
 
 class PacsStub:
     """A real pynetdicom Storage SCP standing in for the PACS: stores every SEG (and IOCM
-    rejection note) it gets under ``directory`` (named by SOP Instance UID) and counts
-    receipts per UID."""
+    rejection note, SR) it gets under ``directory`` (named by SOP Instance UID) and counts
+    receipts per UID. SOP classes in ``refuse`` are not offered: their presentation
+    contexts are rejected, as a PACS that does not know them does."""
 
     def __init__(
         self,
@@ -64,6 +76,7 @@ class PacsStub:
         ae_title: str = "PACS",
         status: int = 0,
         delay_s: float = 0.0,
+        refuse: Collection[str] = (),
     ) -> None:
         self.directory = directory
         self.port = port
@@ -75,7 +88,9 @@ class PacsStub:
         self._lock = threading.Lock()
         self._ae = AE(ae_title=ae_title)
         self._ae.add_supported_context(Verification)
-        for sop_class in (SegmentationStorage, KeyObjectSelectionDocumentStorage):
+        for sop_class in STUB_SOP_CLASSES:
+            if sop_class in refuse:
+                continue
             self._ae.add_supported_context(
                 sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
             )

@@ -44,7 +44,7 @@ def test_upgrade_creates_tables_on_fresh_file_and_is_idempotent(tmp_path: Path) 
         assert set(inspect(engine).get_table_names()) >= TABLES
         with engine.connect() as conn:
             assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [
-                ("0005",)
+                ("0006",)
             ]
     finally:
         engine.dispose()

@@ -7,7 +7,14 @@ from collections.abc import Callable
 import pytest
 
 from scp_node.errors import JobLeaseLostError
-from scp_node.queue import DeliveryState, DeliveryTarget, JobState, Outcome
+from scp_node.queue import (
+    DeliveryKind,
+    DeliveryState,
+    DeliveryTarget,
+    JobState,
+    Outcome,
+    OutputObject,
+)
 from tests.unit.conftest import ARCHIVE, PACS, POLICY, SERIES, STUDY, FakeClock, Table, claim
 
 
@@ -102,3 +109,105 @@ def test_dicomweb_target_keeps_its_url(table: Table, job_factory: Callable[..., 
     d = table.deliveries.claim("d", 30)
     assert d is not None
     assert (d.url, d.ae_title, d.host, d.port) == ("http://pacs/dicom-web", "", "", 0)
+
+
+def test_each_destination_gets_its_objects_and_a_refused_sr_fails_only_its_delivery(
+    table: Table, clock: FakeClock, job_factory: Callable[..., int]
+) -> None:
+    job_id = job_factory()
+    claimed = claim(table)
+    seg = OutputObject(DeliveryKind.SEG, "/outbox/seg.dcm", "1.2.3.4.5")
+    sr = OutputObject(DeliveryKind.SR, "/outbox/sr.dcm", "1.2.3.4.6")
+    labelmap = OutputObject(DeliveryKind.SEG, "/outbox/labelmap.dcm", "1.2.3.4.7")
+    measured = [{"segment_number": 1, "label": "liver", "volume_ml": 691.7, "mean": 89.8}]
+    state = table.work.complete(
+        job_id,
+        claimed.token,
+        series_instance_uid=SERIES,
+        seg_path=seg.path,
+        seg_sop_instance_uid=seg.sop_instance_uid,
+        outcome=Outcome.SEG,
+        destinations=[PACS, ARCHIVE],
+        objects={PACS.name: [seg, sr], ARCHIVE.name: [labelmap]},
+        measurements=measured,
+    )
+    assert state is JobState.DELIVERING
+    view = table.views.get(job_id)
+    assert list(view.measurements) == measured
+    assert view.to_json()["measurements"] == measured
+    assert sorted((d.destination, d.kind, d.sop_instance_uid) for d in view.deliveries) == [
+        ("archive", DeliveryKind.SEG, "1.2.3.4.7"),
+        ("pacs", DeliveryKind.SEG, "1.2.3.4.5"),
+        ("pacs", DeliveryKind.SR, "1.2.3.4.6"),
+    ]
+    (inference,) = [e for e in table.views.events_after(0, job_id=job_id) if e.stage == "inference"]
+    assert "pacs (seg, sr)" in inference.message and "archive (seg)" in inference.message
+
+    # The PACS takes its SEG and refuses the SR until the SR delivery gives up.
+    claimed_all = [table.deliveries.claim("d", 30) for _ in range(3)]
+    by_kind = {(c.destination, c.kind): c for c in claimed_all if c is not None}
+    assert len(by_kind) == 3
+    table.deliveries.succeeded(
+        by_kind["pacs", DeliveryKind.SEG].id, by_kind["pacs", DeliveryKind.SEG].token
+    )
+    refused = by_kind["pacs", DeliveryKind.SR]
+    while True:
+        after = table.deliveries.failed(
+            refused.id, refused.token, "no presentation context", 0x0122
+        )
+        if after is DeliveryState.FAILED:
+            break
+        clock.advance(POLICY.give_up_after_s)
+        again = table.deliveries.claim("d", 30)
+        assert again is not None and again.kind is DeliveryKind.SR
+        refused = again
+    view = table.views.get(job_id)
+    assert view.state is JobState.FAILED
+    assert view.error is not None and view.error.startswith("SR delivery to pacs gave up")
+    states = {(d.destination, d.kind): d.state for d in view.deliveries}
+    assert states == {
+        ("pacs", DeliveryKind.SEG): DeliveryState.DONE,
+        ("pacs", DeliveryKind.SR): DeliveryState.FAILED,
+        ("archive", DeliveryKind.SEG): DeliveryState.PENDING,
+    }
+    # The archive's LABELMAP SEG goes on and lands.
+    archive = by_kind["archive", DeliveryKind.SEG]
+    table.deliveries.succeeded(archive.id, archive.token)
+    assert {d.state for d in table.views.get(job_id).deliveries if d.destination == "archive"} == {
+        DeliveryState.DONE
+    }
+    # An admin retry resends only the SR: the same file, the same SOP Instance UID.
+    table.admin.retry(job_id)
+    resent = table.deliveries.claim("d", 30)
+    assert resent is not None
+    assert (resent.kind, resent.path, resent.sop_instance_uid) == (
+        DeliveryKind.SR,
+        "/outbox/sr.dcm",
+        "1.2.3.4.6",
+    )
+    assert table.deliveries.claim("d", 30) is None
+    table.deliveries.succeeded(resent.id, resent.token)
+    view = table.views.get(job_id)
+    assert view.state is JobState.DONE
+    done = [e for e in table.views.events_after(0, job_id=job_id) if e.stage == "done"]
+    assert "SEG delivered to 2 destination(s), 1 SR(s)" in done[-1].message
+
+
+def test_a_destination_without_objects_gets_no_delivery(
+    table: Table, job_factory: Callable[..., int]
+) -> None:
+    job_id = job_factory()
+    claimed = claim(table)
+    state = table.work.complete(
+        job_id,
+        claimed.token,
+        series_instance_uid=SERIES,
+        seg_path="/outbox/seg.dcm",
+        seg_sop_instance_uid="1.2.3.4.5",
+        outcome=Outcome.SEG,
+        destinations=[PACS],
+        objects={},
+    )
+    assert state is JobState.DONE
+    (done,) = [e for e in table.views.events_after(0, job_id=job_id) if e.stage == "done"]
+    assert "no destination takes its outputs" in done.message

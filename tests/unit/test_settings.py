@@ -103,3 +103,25 @@ def test_destination_supersede_and_verify(tmp_path: Path) -> None:
     assert dest.verify
     with pytest.raises(ConfigError, match=r"destinations\.0\.supersede"):
         load_settings(_write(tmp_path, base + "supersede = 'delete'\n"))
+
+
+def test_destination_outputs_and_seg_type(tmp_path: Path) -> None:
+    base = "[[destinations]]\nname = 'x'\nae_title = 'A'\nhost = 'h'\nport = 104\n"
+    (dest,) = load_settings(_write(tmp_path, base)).destinations
+    assert (dest.outputs, dest.seg_type) == (("seg",), "binary")
+    text = base + "outputs = ['seg', 'sr']\nseg_type = 'labelmap'\n"
+    (dest,) = load_settings(_write(tmp_path, text)).destinations
+    assert (dest.outputs, dest.seg_type) == (("seg", "sr"), "labelmap")
+    (dest,) = load_settings(_write(tmp_path, base + "outputs = ['sr']\n")).destinations
+    assert dest.outputs == ("sr",)
+    refused = {
+        "outputs = ['sc']": "sc output is not available yet",
+        "outputs = ['seg', 'pdf']": r"destinations\.0\.outputs",
+        "outputs = []": "at most once",
+        "outputs = ['seg', 'seg']": "at most once",
+        "seg_type = 'fractional'": r"destinations\.0\.seg_type",
+        "seg_type = 'labelmap'\nsupersede = 'iocm'": "cannot be combined",
+    }
+    for line, message in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            load_settings(_write(tmp_path, base + line + "\n"))
