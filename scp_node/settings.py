@@ -341,8 +341,6 @@ class Destination(_Section):
             raise _KeyValueError("tls", 'tls is only used with kind = "dimse" (use https://)')
         if not self.outputs or len(set(self.outputs)) != len(self.outputs):
             raise _KeyValueError("outputs", "outputs must name each of seg, sr, sc at most once")
-        if "sc" in self.outputs:
-            raise _KeyValueError("outputs", "sc output is not available yet")
         if self.seg_type == "labelmap" and self.supersede == "iocm":
             # A rejection note names the BINARY SEG it retracts; the LABELMAP one a
             # destination holds has another UID.

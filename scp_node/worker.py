@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,18 @@ from pydicom.dataset import Dataset
 from scp_node.dicom.reference import InstanceReference
 from scp_node.dicom.selection import choose_stack
 from scp_node.dicom.volume import SourceVolume, describe, load_stack, read_stacks
-from scp_node.errors import JobLeaseLostError, ModelError, SegmentationError, SeriesError
+from scp_node.durable import write_durably
+from scp_node.errors import (
+    JobLeaseLostError,
+    ModelError,
+    OverlayError,
+    SegmentationError,
+    SeriesError,
+)
 from scp_node.inference.pool import LoadedModel, ModelPool
 from scp_node.inference.registry import ModelSpec
 from scp_node.output.kos import build_rejection_note, write_rejection_note
+from scp_node.output.overlay import build_overlay_series
 from scp_node.output.preview import preview_path_for, render_preview, write_preview
 from scp_node.output.seg import build_segmentation, write_segmentation
 from scp_node.output.sr import (
@@ -46,6 +55,8 @@ from scp_node.queue.work import WorkQueue
 from scp_node.stage_loop import run_stage
 
 logger = logging.getLogger(__name__)
+#: SeriesNumber of the overlay series (SEG 9901, KOS 9902, SR 9903).
+_SC_SERIES_NUMBER = 9904
 
 
 @dataclass(frozen=True)
@@ -333,9 +344,7 @@ class Worker:
         self, job: ClaimedJob, spec: ModelSpec, image: Any, labelmap: Any, seg_path: Path
     ) -> None:
         """PNG preview beside the SEG for the dashboard; a failure is logged, never fatal."""
-        window: tuple[float, float] | None = None
-        if spec.input.window_center is not None and spec.input.window_width:
-            window = (spec.input.window_center, spec.input.window_width)
+        window = _display_window(spec)
         try:
             write_preview(
                 render_preview(image, labelmap, spec.labels, window=window),
@@ -426,6 +435,11 @@ class _Outputs:
                 self._built[key] = [] if built is None else [built[1]]
             elif kind == "sr":
                 self._built[key] = self._sr(seg_type)
+            elif kind == "sc":
+                # The overlay does not depend on the SEG's encoding: one series for all.
+                key = ("sc", "")
+                if key not in self._built:
+                    self._built[key] = self._sc()
             else:  # pragma: no cover - settings refuse other kinds
                 raise ValueError(f"unknown output kind {kind!r}")
         return self._built[key]
@@ -476,6 +490,45 @@ class _Outputs:
             return []
         self.notes.append(f"SR {sr.SOPInstanceUID} of SEG {built[1].sop_instance_uid}")
         return [OutputObject(DeliveryKind.SR, str(path), str(sr.SOPInstanceUID))]
+
+    def _sc(self) -> list[OutputObject]:
+        """The overlay series: one Secondary Capture image per slice with a finding."""
+        spec = self._spec
+        window = _display_window(spec)
+        uids = output_uids(
+            "sc",
+            source_series_instance_uid=self._volume.series_instance_uid,
+            model_name=spec.name,
+            model_version=spec.version,
+            source_sop_instance_uids=(str(ds.SOPInstanceUID) for ds in self._volume.datasets),
+        )
+        objects: list[OutputObject] = []
+        try:
+            images = build_overlay_series(
+                self._volume,
+                self._labelmap,
+                spec,
+                uids=uids,
+                window=window,
+                software_version=self._config.software_version,
+                series_number=_SC_SERIES_NUMBER,
+            )
+            for image in images:
+                path = self._dir / f"{image.SOPInstanceUID}.dcm"
+                write_durably(path, partial(image.save_as, enforce_file_format=True))
+                objects.append(OutputObject(DeliveryKind.SC, str(path), str(image.SOPInstanceUID)))
+        except (OverlayError, OSError, ValueError) as exc:
+            self.problems.append(f"SC overlay not built: {exc}")
+            return []
+        self.notes.append(f"SC series {uids.series_instance_uid}, {len(objects)} image(s)")
+        return objects
+
+
+def _display_window(spec: ModelSpec) -> tuple[float, float] | None:
+    """The card's CT window (centre, width) for drawn images, or None (auto)."""
+    if spec.input.window_center is not None and spec.input.window_width:
+        return (spec.input.window_center, spec.input.window_width)
+    return None
 
 
 def _number(history: list[SegVersion], sop_instance_uid: str) -> tuple[int, SegVersion | None]:

@@ -1,5 +1,5 @@
 """Per-destination outputs end to end: storescu -> scp-node serve -> a PACS stand-in that
-wants a LABELMAP SEG and the SR, and one that takes SEG but not SR."""
+wants a LABELMAP SEG and the SR, one that takes SEG but not SR, one that wants overlays."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import pydicom
 import pytest
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     LabelMapSegmentationStorage,
+    SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
 
@@ -143,3 +145,69 @@ def test_labelmap_seg_and_sr_to_one_pacs_and_a_pacs_without_sr_fails_only_its_sr
     finally:
         pacs.stop()
         nosr.stop()
+
+
+def test_overlay_series_reaches_a_pacs_that_wants_sc(
+    node_factory: Any, ct_b_files: list[Path], tmp_path: Path
+) -> None:
+    """outputs = ["seg", "sc"]: the SEG plus one Secondary Capture image per source slice
+    the SEG marks, each drawn on that slice and sorted with it; a re-sent study gives the
+    same images under the same UIDs."""
+    port = free_port()
+    node = node_factory(
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": "PACS",
+                "host": "127.0.0.1",
+                "port": port,
+                "outputs": ["seg", "sc"],
+            }
+        ]
+    ).start()
+    pacs = PacsStub(tmp_path / "pacs", port).start()
+    try:
+        node.storescu(ct_b_files)
+        (job,) = wait_until(lambda: _finished(node, 1), JOB_TIMEOUT_S, "the job to finish")
+        assert job["state"] == "done", job.get("error")
+        received = pacs.datasets()
+        (seg,) = [ds for ds in received if ds.SOPClassUID == SegmentationStorage]
+        overlays = [ds for ds in received if ds.SOPClassUID == SecondaryCaptureImageStorage]
+
+        # The source slices the SEG marks, read from the SEG's own frames.
+        seg_pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+        marked = {
+            frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            for frame, pixels in zip(seg.PerFrameFunctionalGroupsSequence, seg_pixels, strict=True)
+            if pixels.any()
+        }
+        assert marked
+        drawn_on = {ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in overlays}
+        assert drawn_on == marked and len(overlays) == len(marked)
+
+        sources = {str(ds.SOPInstanceUID): ds for ds in map(_header, ct_b_files)}
+        for image in overlays:
+            source = sources[image.SourceImageSequence[0].ReferencedSOPInstanceUID]
+            assert image.StudyInstanceUID == source.StudyInstanceUID
+            assert image.SeriesInstanceUID not in (source.SeriesInstanceUID, seg.SeriesInstanceUID)
+            assert image.ImagePositionPatient == source.ImagePositionPatient
+            assert image.BurnedInAnnotation == "YES"
+            assert (image.Rows, image.Columns, image.SamplesPerPixel) == (
+                source.Rows,
+                source.Columns,
+                3,
+            )
+        assert len({ds.SeriesInstanceUID for ds in overlays}) == 1
+        states = {(d["destination"], d["kind"]) for d in job["deliveries"]}
+        assert states == {("pacs", "seg"), ("pacs", "sc")}
+
+        first = dict(pacs.received)
+        node.storescu(ct_b_files)
+        wait_until(lambda: _finished(node, 2), JOB_TIMEOUT_S, "the second job to finish")
+        assert set(pacs.received) == set(first)
+    finally:
+        pacs.stop()
+
+
+def _header(path: Path) -> Any:
+    return pydicom.dcmread(path, stop_before_pixels=True)

@@ -17,17 +17,19 @@ from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     KeyObjectSelectionDocumentStorage,
     LabelMapSegmentationStorage,
+    SecondaryCaptureImageStorage,
     SegmentationStorage,
     Verification,
 )
 
 #: What a PacsStub stores unless told to refuse some: SEG (BINARY and LABELMAP), IOCM
-#: rejection notes, TID 1500 SRs.
+#: rejection notes, TID 1500 SRs, Secondary Capture overlay images.
 STUB_SOP_CLASSES = (
     SegmentationStorage,
     LabelMapSegmentationStorage,
     KeyObjectSelectionDocumentStorage,
     Comprehensive3DSRStorage,
+    SecondaryCaptureImageStorage,
 )
 
 

@@ -114,8 +114,9 @@ def test_destination_outputs_and_seg_type(tmp_path: Path) -> None:
     assert (dest.outputs, dest.seg_type) == (("seg", "sr"), "labelmap")
     (dest,) = load_settings(_write(tmp_path, base + "outputs = ['sr']\n")).destinations
     assert dest.outputs == ("sr",)
+    (dest,) = load_settings(_write(tmp_path, base + "outputs = ['seg', 'sc']\n")).destinations
+    assert dest.outputs == ("seg", "sc")
     refused = {
-        "outputs = ['sc']": "sc output is not available yet",
         "outputs = ['seg', 'pdf']": r"destinations\.0\.outputs",
         "outputs = []": "at most once",
         "outputs = ['seg', 'seg']": "at most once",
