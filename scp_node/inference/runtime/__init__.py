@@ -25,7 +25,10 @@ class Runtime(Protocol):
     def device(self) -> str: ...
 
     def predict(
-        self, volume: npt.NDArray[np.floating], spacing_zyx: tuple[float, float, float]
+        self,
+        volume: npt.NDArray[np.floating],
+        spacing_zyx: tuple[float, float, float],
+        direction: npt.NDArray[np.float64] | None = None,
     ) -> npt.NDArray[np.unsignedinteger]: ...
 
 
