@@ -7,7 +7,7 @@ AsDiscreted, SaveImaged; a SupervisedEvaluator whose CheckpointLoader reads
 ``models/model.pt``. Its ``device`` is hard-coded to ``cuda:0`` as some Zoo bundles are: the
 node must override it. ``configs/metadata.json`` names the output channels. The network is
 a small ``monai.networks.nets.UNet`` trained for a few whole-volume steps on subject A at
-the bundle's 6 mm spacing (a 3 mm series is resampled both ways, and a study needs
+the bundle's 5 mm spacing (a 3 mm series is resampled both ways, and a study needs
 several windows), so its labels are blobs where the liver and spleen are, not noise.
 
 :func:`run_reference` runs the bundle's own config with ``python -m monai.bundle run``
@@ -28,7 +28,10 @@ import numpy as np
 
 #: Channel -> (structure name, TotalSegmentator 'total' value in labels.nii.gz).
 CHANNELS = {1: ("liver", 5), 2: ("spleen", 1)}
-PIXDIM = [6.0, 6.0, 6.0]
+#: Not a whole multiple of subject A's 3 mm: MONAI's Spacing rounds an output size that
+#: falls on exactly .5 by the float noise of the image's origin, which the node does not
+#: see (an axis of 112 slices at 3 mm would be 56.5 voxels at 6 mm).
+PIXDIM = [5.0, 5.0, 5.0]
 ROI = [32, 32, 32]
 TRAIN_STEPS = 40
 #: Cross-entropy class weights: background dominates a CT; spleen is small.

@@ -113,7 +113,7 @@ def _closest_axes(directions: npt.NDArray[np.float64]) -> list[tuple[int, float]
 
     affine = np.eye(4)
     affine[:3, :3] = directions.T  # columns: where each voxel axis points
-    ornt = io_orientation(affine)
+    ornt = io_orientation(affine)  # type: ignore[no-untyped-call]
     if np.isnan(ornt).any():
         raise ValueError(f"axis directions {directions.tolist()} are degenerate")
     return [(int(axis), float(sign)) for axis, sign in ornt]

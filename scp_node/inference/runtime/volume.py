@@ -136,10 +136,7 @@ def _axis_coordinates(
     ``None``: the two grids cover the same extent.
     """
     index = torch.arange(n_out, dtype=torch.float64)
-    if scale is None:
-        centres = (index + 0.5) * (n_in / n_out) - 0.5
-    else:
-        centres = index * scale
+    centres = (index + 0.5) * (n_in / n_out) - 0.5 if scale is None else index * scale
     if nearest:
         centres = torch.clamp(torch.round(centres), 0, n_in - 1)
     return ((centres + 0.5) / n_in * 2 - 1).float()
