@@ -239,7 +239,7 @@ def test_labels_without_a_known_code_need_the_cards_labels(
             "[[labels]]",
             "value = 2",
             'name = "lesion"',
-            'category = { code = "49755003", scheme = "SCT", meaning = "Morphologically Altered Structure" }',
+            'category = { code = "49755003", scheme = "SCT", meaning = "Morphologic abnormality" }',
             'type = { code = "52988006", scheme = "SCT", meaning = "Lesion" }',
         ]
     )
