@@ -22,8 +22,8 @@ key the node reads is refused with a :class:`~scp_node.errors.ModelError` that n
 file and the key. Keys the node does not read (datasets, evaluators, handlers,
 post-processing) are never looked at. The bundle's device is ignored (Zoo bundles may
 hard-code ``cuda``): the node's ``device`` setting decides. Post-processing is the
-argmax; the logits go back to the source grid through the inverse of ``Spacingd``'s grid,
-as ``Invertd`` does. Weights load with ``torch.load(weights_only=True)`` or
+softmax and argmax; the probabilities go back to the source grid through the inverse of
+``Spacingd``'s grid, as ``Invertd`` does. Weights load with ``torch.load(weights_only=True)`` or
 ``torch.jit.load``.
 """
 
@@ -685,7 +685,12 @@ class BundleModel:
     def sliding_window(
         self, data: npt.NDArray[np.float32], device: torch.device, batch_size: int
     ) -> torch.Tensor:
-        """Logits (classes, *spatial) on the CPU: the bundle's inferer, the node's device.
+        """Class probabilities (classes, *spatial) on the CPU: the bundle's inferer on the
+        node's device, then a softmax over the channels.
+
+        Zoo bundles post-process with ``Activationsd(softmax=True)`` before ``Invertd``:
+        resampling probabilities rather than logits back to the source grid is what makes
+        the labels agree with the bundle's own run at organ boundaries.
 
         Raises
         ------
@@ -717,7 +722,7 @@ class BundleModel:
                 f"{self._plan.weights}: the network gives {logits.shape[0]} channels, "
                 f"{self._plan.folder / METADATA} names {len(self.class_values)}"
             )
-        return logits
+        return torch.softmax(logits, dim=0)
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -104,7 +104,8 @@ class WindowedModel(Protocol):
     def sliding_window(
         self, data: npt.NDArray[np.float32], device: torch.device, batch_size: int
     ) -> torch.Tensor:
-        """(classes, z, y, x) logits of ``Prepared.data`` on the CPU."""
+        """(classes, z, y, x) class scores (logits or probabilities) of ``Prepared.data``, on
+        the CPU; the runtime resamples them back and takes the argmax."""
         ...
 
 
