@@ -205,16 +205,29 @@ def _training_data(data: Path) -> tuple[Any, Any]:
     return image.as_tensor().float(), labels.as_tensor().long()
 
 
+def write_bundle(bundle: Path, config: dict[str, Any] | None = None) -> Path:
+    """The bundle's configs under ``bundle`` and untrained weights: enough for reading it,
+    in a fraction of a second (tests of what is refused)."""
+    import torch
+    from monai.networks.nets import UNet
+
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    text = json.dumps(INFERENCE if config is None else config, indent=2)
+    (bundle / "configs" / "inference.json").write_text(text)
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(METADATA, indent=2))
+    torch.manual_seed(0)
+    network = UNet(**{k: v for k, v in NETWORK.items() if k != "_target_"})
+    torch.save(network.state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
 def build(out: Path, data: Path) -> Path:
     """Write the bundle under ``out/subject_a_bundle`` from the shared data; returns it."""
     import torch
     from monai.networks.nets import UNet
 
-    bundle = out / "subject_a_bundle"
-    (bundle / "configs").mkdir(parents=True)
-    (bundle / "models").mkdir()
-    (bundle / "configs" / "inference.json").write_text(json.dumps(INFERENCE, indent=2))
-    (bundle / "configs" / "metadata.json").write_text(json.dumps(METADATA, indent=2))
+    bundle = write_bundle(out / "subject_a_bundle")
 
     image, labels = _training_data(data)
     # Whole volume per step, padded to the network's downsampling factor (4).

@@ -16,15 +16,14 @@ config is code. The node reads it as data instead, and only these keys:
 * the output channels' names from ``metadata.json``'s ``network_data_format``, coded with
   :func:`~scp_node.inference.formats.codes.structure_codes` (the card's ``[[labels]]`` win).
 
-No ``$`` expression is evaluated: the few the node understands (:data:`KNOWN_EXPRESSIONS`:
-a device, ``@network_def.to(@device)``) are recognised by their text, anything else in a
-key the node reads is refused with a :class:`~scp_node.errors.ModelError` that names the
-file and the key. Keys the node does not read (datasets, evaluators, handlers,
-post-processing) are never looked at. The bundle's device is ignored (Zoo bundles may
-hard-code ``cuda``): the node's ``device`` setting decides. Post-processing is the
-softmax and argmax; the probabilities go back to the source grid through the inverse of
-``Spacingd``'s grid, as ``Invertd`` does. Weights load with ``torch.load(weights_only=True)`` or
-``torch.jit.load``.
+No ``$`` expression is evaluated: a device (:data:`KNOWN_EXPRESSIONS`) is recognised by
+its text and replaced by the node's device; anything else in a key the node reads is
+refused with a :class:`~scp_node.errors.ModelError` that names the file and the key. Keys
+the node does not read (datasets, evaluators, handlers, post-processing) are never looked
+at. The bundle's device is ignored (Zoo bundles may hard-code ``cuda``): the node's
+``device`` setting decides. Post-processing is softmax and argmax; the probabilities go
+back to the source grid through the inverse of ``Spacingd``'s grid, as ``Invertd`` does.
+Weights load with ``torch.load(weights_only=True)`` or ``torch.jit.load``.
 """
 
 from __future__ import annotations
@@ -133,12 +132,14 @@ _DEVICE = re.compile(
     r"""^\$torch\.device\((['"])(cuda(:\d+)?|cpu)\1"""
     r"""( if torch\.cuda\.is_available\(\) else (['"])(cuda(:\d+)?|cpu)\5)?\)$"""
 )
-_NETWORK = re.compile(r"^\$@network_def(\.to\(@device\))?$")
-
-#: What a ``$`` string may say in a key the node reads (recognised, never evaluated).
+#: What a ``$`` string may say in a key the node reads (recognised, never evaluated): a
+#: device, which the node's own device setting replaces. The ``network`` key
+#: (``$@network_def.to(@device)`` in Zoo bundles) is not read: the node builds
+#: ``network_def`` itself and puts it on its device.
 KNOWN_EXPRESSIONS = (
-    "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu') (any device: ignored)",
-    "$@network_def.to(@device)",
+    "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+    "$torch.device('cuda')",
+    "$torch.device('cpu')",
 )
 
 _RESERVED = frozenset({"_target_", "_desc_", "_requires_", "_disabled_", "_mode_"})
