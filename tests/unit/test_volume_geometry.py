@@ -18,7 +18,7 @@ from torch import nn
 from scp_node.inference.formats.native import NativeVolumeModel
 from scp_node.inference.registry import ModelSpec
 from scp_node.inference.runtime.geometry import AXIAL, axis_directions, reorientation
-from scp_node.inference.runtime.volume import VolumePredictor
+from scp_node.inference.runtime.volume import VolumePredictor, resample_argmax
 
 
 class _PlusXFace(nn.Module):
@@ -173,3 +173,16 @@ def test_an_oblique_series_takes_its_closest_axes() -> None:
     image_orientation = (1, 0, 0, 0, np.cos(tilt), -np.sin(tilt))
     turn = reorientation(axis_directions(image_orientation), "LPS")
     assert turn.is_identity
+
+
+def test_resampling_back_from_a_corner_aligned_grid_hits_its_voxels() -> None:
+    """MONAI's Spacing puts the first voxel centres of both grids on one point: at half the
+    resolution, every second source voxel is exactly a logits voxel."""
+    logits = torch.randn((3, 6, 7, 8), generator=torch.Generator().manual_seed(0))
+    shape = (11, 13, 15)  # (n - 1) / 0.5 + 1
+    labels = resample_argmax(logits, shape, scale=(0.5, 0.5, 0.5))
+    assert labels.shape == shape
+    assert np.array_equal(labels[::2, ::2, ::2], logits.argmax(0).numpy())
+    # Between them, trilinear: a class that wins both neighbours wins the midpoint.
+    both = (labels[:-2:2] == labels[2::2])[:, ::2, ::2]
+    assert np.array_equal(labels[1::2, ::2, ::2][both], labels[:-2:2, ::2, ::2][both])
