@@ -133,7 +133,19 @@ def _unknown_argument(config: dict[str, Any]) -> str:
     return "preprocessing::transforms::3::scale_extent"
 
 
+def _device_argument(config: dict[str, Any]) -> str:
+    config["preprocessing"]["transforms"][3]["pixdim"] = "@device"
+    return "preprocessing::transforms::3::pixdim"
+
+
+def _network_mode(config: dict[str, Any]) -> str:
+    config["network_def"]["_mode_"] = "callable"
+    return "network_def::_mode_"
+
+
 REFUSALS = [
+    _device_argument,
+    _network_mode,
     _network_arg,
     _network_target,
     _network_not_allowed,

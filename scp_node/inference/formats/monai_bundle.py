@@ -315,7 +315,17 @@ class _Config:
                     f"argument not understood by the node (it reads {', '.join(sorted(allowed))})",
                 )
             out[name] = self.literal(raw, f"{key}::{name}")
+            if _has_device(out[name]):
+                raise self.error(f"{key}::{name}", "a device is not an argument the node passes")
         return out
+
+
+def _has_device(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_has_device(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_device(v) for v in value.values())
+    return value is DEVICE
 
 
 def _class_name(target: Any, module: str) -> str | None:
@@ -353,12 +363,15 @@ def _network(config: _Config) -> tuple[str, dict[str, Any]]:
             f"{value['_target_']!r} refused: not an allowed network "
             f"({', '.join(sorted(NETWORKS))})",
         )
+    mode = value.get("_mode_", "default")
+    if mode != "default":
+        raise config.error(f"{key}::_mode_", f"{mode!r} refused: only 'default' is read")
     arguments: dict[str, Any] = {}
     for arg, raw in value.items():
         if arg in _RESERVED:
             continue
         literal = config.literal(raw, f"{key}::{arg}")
-        if literal is DEVICE:
+        if _has_device(literal):
             raise config.error(f"{key}::{arg}", "a device is not a network argument")
         arguments[arg] = literal
     return name, arguments

@@ -2,13 +2,13 @@
 
 Path of one volume (``VolumePredictor.predict``): reorient the source array to the model's
 orientation (an axis permutation and flips from the source's direction cosines, see
-:mod:`~scp_node.inference.runtime.geometry`), the format's ``prepare`` (transpose, crop, normalise,
-resample to the network's spacing), Gaussian-blended sliding windows
+:mod:`~scp_node.inference.runtime.geometry`), the format's ``prepare`` (transpose, crop,
+normalise, resample to the network's spacing), Gaussian-blended sliding windows
 (:func:`~scp_node.inference.runtime.window.sliding_window_logits`, or the format's own
-inferer), logits resampled back
-onto the cropped source grid in slabs and per-class chunks with a running argmax (memory
-bounded whatever the study's length and the number of classes), the crop and transpose
-undone, the reorientation undone, class indices mapped to the card's label values.
+inferer), logits resampled back onto the cropped source grid in slabs and per-class chunks
+with a running argmax (memory bounded whatever the study's length and the number of
+classes), the crop and transpose undone, the reorientation undone, class indices mapped to
+the card's label values.
 """
 
 from __future__ import annotations
