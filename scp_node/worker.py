@@ -30,6 +30,7 @@ from scp_node.errors import (
 )
 from scp_node.inference.pool import LoadedModel, ModelPool
 from scp_node.inference.registry import ModelSpec
+from scp_node.inference.runtime.geometry import axis_directions
 from scp_node.output.kos import build_rejection_note, write_rejection_note
 from scp_node.output.overlay import build_overlay_series
 from scp_node.output.preview import preview_path_for, render_preview, write_preview
@@ -217,7 +218,9 @@ class Worker:
             note["message"] = describe(selection.stack)
         with self._stage(job, Stage.INFERENCE) as note:
             predictor = self._predictor(job)
-            labelmap = predictor.predict(volume.array, volume.spacing_zyx)
+            labelmap = predictor.predict(
+                volume.array, volume.spacing_zyx, axis_directions(volume.stack.orientation)
+            )
             note["message"] = f"model {spec.name} {spec.version}, device {predictor.device}"
         with self._stage(job, Stage.SEG) as note:
             uids = output_uids(

@@ -49,6 +49,44 @@ def nnunet_folder(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -
 
 
 @pytest.fixture(scope="session")
+def monai_bundle(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """A real MONAI bundle (Model Zoo layout) with a small UNet trained briefly on subject A.
+
+    Built once per session in its own process (it trains with its own torch threads):
+    see ``tests/support/monai_bundle.py``.
+    """
+    out = tmp_path_factory.mktemp("monai")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.support.monai_bundle", str(out), str(shared_data)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    bundle = Path(done.stdout.strip().splitlines()[-1])
+    assert (bundle / "models" / "model.pt").is_file()
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def monai_reference(
+    monai_bundle: Path, tmp_path_factory: pytest.TempPathFactory, shared_data: Path
+) -> Path:
+    """The label NIfTI of ``python -m monai.bundle run`` of that bundle on subject A."""
+    from tests.support.monai_bundle import run_reference
+
+    return run_reference(
+        monai_bundle,
+        shared_data / "ct-abdomen-a" / "ct.nii.gz",
+        tmp_path_factory.mktemp("monai-reference"),
+    )
+
+
+@pytest.fixture(scope="session")
 def ct_b_files(shared_data: Path) -> list[Path]:
     """Subject B: 20 real CT slices, JPEG 2000 lossless, 512x512."""
     files = sorted((shared_data / "ct-abdomen-b" / "dicom").glob("*.dcm"))

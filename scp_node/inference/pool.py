@@ -31,7 +31,9 @@ class LoadedModel(Protocol):
     @property
     def device(self) -> str: ...
 
-    def predict(self, volume: Any, spacing_zyx: tuple[float, float, float]) -> Any: ...
+    def predict(
+        self, volume: Any, spacing_zyx: tuple[float, float, float], direction: Any = None
+    ) -> Any: ...
 
 
 #: Loads a model's weights; raises :class:`ModelError` (or anything) when it cannot.

@@ -187,7 +187,10 @@ class Predictor:
         self._variant = "module"
 
     def predict(
-        self, volume: npt.NDArray[np.floating], spacing_zyx: tuple[float, float, float]
+        self,
+        volume: npt.NDArray[np.floating],
+        spacing_zyx: tuple[float, float, float],
+        direction: npt.NDArray[np.float64] | None = None,
     ) -> npt.NDArray[np.unsignedinteger]:
         """Segment a volume.
 
@@ -202,6 +205,10 @@ class Predictor:
             Slice distance, row spacing and column spacing in mm (DICOM PixelSpacing is
             (row, column)). Only the in-plane spacings are used: slices are processed
             one by one and the 2.5-D context takes neighbours by index.
+        direction
+            Patient directions of the array axes (as the volume runtime takes them); not
+            used: a slice model runs on the stored planes, and its card's series rules
+            decide which orientations reach it.
 
         Returns
         -------

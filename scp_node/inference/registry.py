@@ -96,8 +96,9 @@ class WeightsSpec(_Card):
     """Where the weights are and how to load them."""
 
     #: ``nnunetv2``: ``file`` is an nnU-Net v2 trained-model folder (set by the card's
-    #: ``format = "nnunetv2"``, see :mod:`scp_node.inference.formats.nnunetv2`).
-    format: Literal["state_dict", "torchscript", "onnx", "nnunetv2"] = "state_dict"
+    #: ``format = "nnunetv2"``, see :mod:`scp_node.inference.formats.nnunetv2`);
+    #: ``monai_bundle``: a MONAI bundle (:mod:`scp_node.inference.formats.monai_bundle`).
+    format: Literal["state_dict", "torchscript", "onnx", "nnunetv2", "monai_bundle"] = "state_dict"
     file: str = "weights.pt"
     #: Architecture name from ``scp_node.inference.nets`` (``state_dict`` only).
     architecture: str | None = None
@@ -175,6 +176,19 @@ class NnunetSpec(_Card):
     orientation: Literal["LPS", "RAS"] = "RAS"
 
 
+class BundleSpec(_Card):
+    """Where a MONAI bundle is and how to read it (``[bundle]``)."""
+
+    #: The bundle root (``configs/``, ``models/``); relative to the model directory.
+    folder: str = "."
+    #: Inference config relative to the bundle root; default ``configs/inference.json``
+    #: (or ``.yaml``).
+    config: str | None = None
+    #: Axes the network was trained in, for a bundle whose preprocessing has no
+    #: ``Orientationd`` (three letters as ``Orientationd``'s axcodes, e.g. ``RAS``).
+    orientation: str | None = Field(default=None, pattern=r"^[LRPAISlrpais]{3}$")
+
+
 #: Variant name that always means the card's ``[weights]`` table.
 REFERENCE_VARIANT = "fp32"
 
@@ -222,8 +236,9 @@ class ModelSpec(_Card):
     description: str = ""
     #: ``slice``: a 2-D network slice by slice; ``volume``: 3-D sliding window.
     kind: Literal["slice", "volume"] = "slice"
-    #: ``card``: weights described by ``[weights]``; ``nnunetv2``: an nnU-Net v2 folder.
-    format: Literal["card", "nnunetv2"] = "card"
+    #: ``card``: weights described by ``[weights]``; ``nnunetv2``: an nnU-Net v2 folder;
+    #: ``monai_bundle``: a MONAI bundle.
+    format: Literal["card", "nnunetv2", "monai_bundle"] = "card"
     #: Shown as SEG SeriesDescription (max 64 characters).
     series_description: str = Field(default="AI segmentation", max_length=64)
     weights: WeightsSpec
@@ -238,6 +253,7 @@ class ModelSpec(_Card):
     verify: VerifySpec = VerifySpec()
     volume: VolumeSpec = VolumeSpec()
     nnunet: NnunetSpec | None = None
+    bundle: BundleSpec | None = None
     directory: Path = Path(".")
 
     @model_validator(mode="after")
@@ -263,8 +279,8 @@ class ModelSpec(_Card):
         for name in self.runtime.cpu_order:
             if name != REFERENCE_VARIANT and name not in self.variants:
                 raise ValueError(f"runtime.cpu_order names unknown variant {name!r}")
-        if self.format == "nnunetv2" and self.kind != "volume":
-            raise ValueError("format = 'nnunetv2' needs kind = 'volume'")
+        if self.format in ("nnunetv2", "monai_bundle") and self.kind != "volume":
+            raise ValueError(f"format = {self.format!r} needs kind = 'volume'")
         return self
 
     def variant(self, name: str) -> WeightsSpec:
@@ -338,6 +354,11 @@ class ModelSpec(_Card):
             from scp_node.inference.formats.nnunetv2 import complete_card
 
             raw = complete_card(card, raw)
+        elif raw.get("format") == "monai_bundle":
+            # Imported here: reading a bundle needs monai only when a node serves one.
+            from scp_node.inference.formats.monai_bundle import complete_card as bundle_card
+
+            raw = bundle_card(card, raw)
         try:
             spec = cls.model_validate(raw)
         except ValidationError as exc:
@@ -345,7 +366,7 @@ class ModelSpec(_Card):
                 ".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors()
             )
             raise ModelError(f"{card}: {problems}") from exc
-        if spec.format == "nnunetv2":
+        if spec.format in ("nnunetv2", "monai_bundle"):
             return spec  # complete_card checked the folder's files
         if not spec.weights_path.is_file():
             raise ModelError(f"{card}: weights file {spec.weights_path} not found")

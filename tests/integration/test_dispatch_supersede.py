@@ -59,7 +59,7 @@ class BoxModel:
 
     device = "cpu"
 
-    def predict(self, image: np.ndarray, spacing_zyx: Any) -> np.ndarray:
+    def predict(self, image: np.ndarray, spacing_zyx: Any, direction: Any = None) -> np.ndarray:
         labels = np.zeros(image.shape, dtype=np.uint8)
         labels[:, 200:300, 200:300] = 1
         return labels

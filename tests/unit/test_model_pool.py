@@ -25,7 +25,9 @@ class FakeModel:
     def __init__(self, spec: ModelSpec) -> None:
         self.name = spec.name
 
-    def predict(self, volume: Any, spacing_zyx: tuple[float, float, float]) -> Any:
+    def predict(
+        self, volume: Any, spacing_zyx: tuple[float, float, float], direction: Any = None
+    ) -> Any:
         return volume
 
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from scp_node.inference.registry import ModelSpec
+from scp_node.inference.registry import BundleSpec, ModelSpec
 
 __all__ = ["Runtime", "load_runtime"]
 
@@ -25,7 +25,10 @@ class Runtime(Protocol):
     def device(self) -> str: ...
 
     def predict(
-        self, volume: npt.NDArray[np.floating], spacing_zyx: tuple[float, float, float]
+        self,
+        volume: npt.NDArray[np.floating],
+        spacing_zyx: tuple[float, float, float],
+        direction: npt.NDArray[np.float64] | None = None,
     ) -> npt.NDArray[np.unsignedinteger]: ...
 
 
@@ -78,6 +81,22 @@ def load_runtime(spec: ModelSpec, device: str = "auto", threads: int = 0) -> Run
             mirroring=nnunet.mirroring,
             tile_step_size=nnunet.tile_step_size,
             orientation=nnunet.orientation,
+            device=runtime.torch_device,
+        )
+    elif spec.format == "monai_bundle":
+        try:
+            from scp_node.inference.formats.monai_bundle import load_bundle
+        except ImportError as exc:
+            raise ModelError(
+                f"{spec.directory / 'model.toml'}: format 'monai_bundle' needs the monai "
+                f"package: {exc}"
+            ) from exc
+        bundle = spec.bundle or BundleSpec()
+        model = load_bundle(
+            spec.weights_path,
+            {label.value for label in spec.labels},
+            config=bundle.config,
+            orientation=bundle.orientation,
             device=runtime.torch_device,
         )
     else:

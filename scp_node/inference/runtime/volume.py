@@ -1,12 +1,14 @@
 """The volume runtime: a 3-D network by sliding window, labels on the source grid.
 
-Path of one volume (``VolumePredictor.predict``): reorient the DICOM-order array to the
-model's orientation (axis flips), the format's ``prepare`` (transpose, crop, normalise,
-resample to the network's spacing), Gaussian-blended sliding windows
-(:func:`~scp_node.inference.runtime.window.sliding_window_logits`), logits resampled back
-onto the cropped source grid in slabs and per-class chunks with a running argmax (memory
-bounded whatever the study's length and the number of classes), the crop and transpose
-undone, orientation flipped back, class indices mapped to the card's label values.
+Path of one volume (``VolumePredictor.predict``): reorient the source array to the model's
+orientation (an axis permutation and flips from the source's direction cosines, see
+:mod:`~scp_node.inference.runtime.geometry`), the format's ``prepare`` (transpose, crop,
+normalise, resample to the network's spacing), Gaussian-blended sliding windows
+(:func:`~scp_node.inference.runtime.window.sliding_window_logits`, or the format's own
+inferer), logits resampled back onto the cropped source grid in slabs and per-class chunks
+with a running argmax (memory bounded whatever the study's length and the number of
+classes), the crop and transpose undone, the reorientation undone, class indices mapped to
+the card's label values.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -25,12 +27,14 @@ from torch import nn
 
 from scp_node.errors import ModelError
 from scp_node.inference.device import torch_device
+from scp_node.inference.runtime.geometry import AXIAL, reorientation
 from scp_node.inference.runtime.window import sliding_window_logits
 
 __all__ = [
     "Prepared",
     "VolumeModel",
     "VolumePredictor",
+    "WindowedModel",
     "orientation_flips",
     "resample_argmax",
 ]
@@ -60,6 +64,10 @@ class Prepared:
     nearest_axis
         Axis resampled by nearest neighbour (nnU-Net's "separate z" for anisotropic
         spacing), or ``None`` for trilinear along all three.
+    scale
+        Logits voxels per ``crop_shape`` voxel along each axis with the first voxel centres
+        of both grids on one point (MONAI's ``Spacing``); ``None``: both grids span the same
+        extent, voxel edges on edges (nnU-Net's and skimage's resize).
     """
 
     data: npt.NDArray[np.float32]
@@ -68,6 +76,7 @@ class Prepared:
     full_shape: tuple[int, int, int]
     transpose_backward: tuple[int, int, int] = (0, 1, 2)
     nearest_axis: int | None = None
+    scale: tuple[float, float, float] | None = None
 
 
 class VolumeModel(Protocol):
@@ -79,7 +88,8 @@ class VolumeModel(Protocol):
     mirror_axes: tuple[int, ...]
     #: Label value of each output channel (channel 0: background, value 0).
     class_values: tuple[int, ...]
-    #: ``LPS`` (DICOM pixel order of an axial series) or ``RAS``.
+    #: Where the network's x, y, z axes point: ``LPS`` (DICOM pixel order of an axial
+    #: series), ``RAS``, ... (see :func:`~scp_node.inference.runtime.geometry.reorientation`).
     orientation: str
 
     def prepare(
@@ -87,28 +97,47 @@ class VolumeModel(Protocol):
     ) -> Prepared: ...
 
 
+@runtime_checkable
+class WindowedModel(Protocol):
+    """A :class:`VolumeModel` that runs its own sliding window (a MONAI bundle's inferer)."""
+
+    def sliding_window(
+        self, data: npt.NDArray[np.float32], device: torch.device, batch_size: int
+    ) -> torch.Tensor:
+        """(classes, z, y, x) class scores (logits or probabilities) of ``Prepared.data``, on
+        the CPU; the runtime resamples them back and takes the argmax."""
+        ...
+
+
 def orientation_flips(orientation: str) -> tuple[int, ...]:
     """Axes of a DICOM-order axial (z, y, x) array to flip for ``orientation``.
 
-    The worker's arrays are in DICOM pixel order: x towards patient Left, y towards
-    Posterior, z towards Superior (LPS). ``RAS`` (NIfTI-trained models read by SimpleITK:
-    x towards Right, y towards Anterior) flips y and x.
+    The shorthand of :func:`~scp_node.inference.runtime.geometry.reorientation` for an
+    axial source: x towards patient Left, y towards Posterior, z towards Superior (LPS).
+    ``RAS`` (NIfTI-trained models read by SimpleITK: x towards Right, y towards Anterior)
+    flips y and x.
 
     Raises
     ------
     ValueError
-        Unknown orientation.
+        Not an orientation code, or one that needs more than flips (an axis permutation).
     """
-    if orientation == "LPS":
-        return ()
-    if orientation == "RAS":
-        return (1, 2)
-    raise ValueError(f"orientation must be 'LPS' or 'RAS', got {orientation!r}")
+    turn = reorientation(AXIAL, orientation)
+    if turn.permutation != (0, 1, 2):
+        raise ValueError(f"orientation {orientation!r} permutes an axial volume's axes")
+    return turn.flips
 
 
-def _axis_coordinates(n_out: int, n_in: int, nearest: bool) -> torch.Tensor:
-    """grid_sample coordinates (align_corners=False) of ``n_out`` cells over ``n_in``."""
-    centres = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+def _axis_coordinates(
+    n_out: int, n_in: int, nearest: bool, scale: float | None = None
+) -> torch.Tensor:
+    """grid_sample coordinates (align_corners=False) of ``n_out`` cells over ``n_in``.
+
+    ``scale``: input voxels per output voxel with the first centres on one point;
+    ``None``: the two grids cover the same extent.
+    """
+    index = torch.arange(n_out, dtype=torch.float64)
+    centres = (index + 0.5) * (n_in / n_out) - 0.5 if scale is None else index * scale
     if nearest:
         centres = torch.clamp(torch.round(centres), 0, n_in - 1)
     return ((centres + 0.5) / n_in * 2 - 1).float()
@@ -120,6 +149,7 @@ def resample_argmax(
     *,
     nearest_axis: int | None = None,
     slab: int = 0,
+    scale: Sequence[float] | None = None,
 ) -> npt.NDArray[np.uint16]:
     """Class index of the largest logit after resampling ``logits`` to ``shape``.
 
@@ -137,6 +167,10 @@ def resample_argmax(
         Axis sampled by nearest neighbour, or ``None``.
     slab
         Output slices along axis 0 per step; 0 chooses from the memory budget.
+    scale
+        Per axis, ``logits`` voxels per output voxel with the first voxel centres of the
+        two grids on one point (see :attr:`Prepared.scale`); ``None``: the two grids cover
+        the same extent.
 
     Returns
     -------
@@ -145,7 +179,7 @@ def resample_argmax(
     """
     classes = int(logits.shape[0])
     out_shape = tuple(int(s) for s in shape)
-    if tuple(logits.shape[1:]) == out_shape:
+    if tuple(logits.shape[1:]) == out_shape and (scale is None or all(s == 1 for s in scale)):
         best = torch.full(out_shape, -torch.inf)
         index = torch.zeros(out_shape, dtype=torch.int32)
         for k in range(classes):
@@ -155,7 +189,9 @@ def resample_argmax(
             torch.maximum(best, plane, out=best)
         return index.numpy().astype(np.uint16)
     coords = [
-        _axis_coordinates(n_out, int(n_in), nearest_axis == axis)
+        _axis_coordinates(
+            n_out, int(n_in), nearest_axis == axis, None if scale is None else float(scale[axis])
+        )
         for axis, (n_out, n_in) in enumerate(zip(out_shape, logits.shape[1:], strict=True))
     ]
     per_slice = out_shape[1] * out_shape[2] * 4
@@ -232,30 +268,37 @@ class VolumePredictor:
         self._model = model
 
     def predict(
-        self, volume: npt.NDArray[np.floating], spacing_zyx: tuple[float, float, float]
+        self,
+        volume: npt.NDArray[np.floating],
+        spacing_zyx: tuple[float, float, float],
+        direction: npt.NDArray[np.float64] | None = None,
     ) -> npt.NDArray[np.unsignedinteger]:
         """Segment a volume.
 
         Parameters
         ----------
         volume
-            (slices, rows, columns) in modality units, DICOM pixel order of an axial
-            series (see :func:`orientation_flips`).
+            (slices, rows, columns) in modality units, in the source's stored order.
         spacing_zyx
             Slice distance, row spacing, column spacing in mm.
+        direction
+            (3, 3): row ``i`` is the patient (LPS) direction array axis ``i`` points along
+            (:func:`~scp_node.inference.runtime.geometry.axis_directions` of the source's
+            ImageOrientationPatient); ``None``: an axial series in DICOM pixel order.
 
         Returns
         -------
         numpy.ndarray
-            Label map of ``volume``'s shape: uint8 (uint16 when a value exceeds 255),
-            values 0 or the model's label values.
+            Label map of ``volume``'s shape and order: uint8 (uint16 when a value exceeds
+            255), values 0 or the model's label values.
 
         Raises
         ------
         ModelError
             No model loaded.
         ValueError
-            ``volume`` is not 3-D or a spacing is not positive.
+            ``volume`` is not 3-D, a spacing is not positive, or ``direction`` is not three
+            independent directions.
         """
         model = self.model
         if volume.ndim != 3:
@@ -263,29 +306,30 @@ class VolumePredictor:
         if min(spacing_zyx) <= 0:
             raise ValueError(f"spacing must be > 0, got {spacing_zyx}")
         started = time.perf_counter()
-        flips = orientation_flips(model.orientation)
+        turn = reorientation(AXIAL if direction is None else direction, model.orientation)
         # A view: the format's preprocessing copies anyway, so no extra volume in memory.
-        oriented = np.asarray(volume, dtype=np.float32)
-        if flips:
-            oriented = np.flip(oriented, flips)
-        prepared = model.prepare(oriented, spacing_zyx)
-        logits = sliding_window_logits(
-            prepared.data,
-            model.networks,
-            model.patch_size,
-            len(model.class_values),
-            step=model.tile_step_size,
-            batch_size=self.batch_size,
-            mirror_axes=model.mirror_axes,
-            device=self._device,
+        oriented = turn.apply(np.asarray(volume, dtype=np.float32))
+        prepared = model.prepare(oriented, turn.spacing(spacing_zyx))
+        if isinstance(model, WindowedModel):
+            logits = model.sliding_window(prepared.data, self._device, self.batch_size)
+        else:
+            logits = sliding_window_logits(
+                prepared.data,
+                model.networks,
+                model.patch_size,
+                len(model.class_values),
+                step=model.tile_step_size,
+                batch_size=self.batch_size,
+                mirror_axes=model.mirror_axes,
+                device=self._device,
+            )
+        indices = resample_argmax(
+            logits, prepared.crop_shape, nearest_axis=prepared.nearest_axis, scale=prepared.scale
         )
-        indices = resample_argmax(logits, prepared.crop_shape, nearest_axis=prepared.nearest_axis)
         del logits
         full = np.zeros(prepared.full_shape, dtype=np.uint16)
         full[prepared.bbox] = indices
-        full = full.transpose(prepared.transpose_backward)
-        if flips:
-            full = np.flip(full, flips)
+        full = turn.undo(full.transpose(prepared.transpose_backward))
         lut = np.asarray(model.class_values, dtype=np.uint16)
         labels: npt.NDArray[np.unsignedinteger] = lut[full]
         if max(model.class_values) <= 255:
