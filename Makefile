@@ -2,6 +2,9 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+# Every install keeps torch at the CPU wheel's version: an ML package that asks for another
+# torch fails to resolve instead of pulling a multi-GB CUDA build.
+PIN    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
 CONFIG ?= config.toml
 APT_PEERS := dcmtk dicom3tools
 
@@ -9,18 +12,18 @@ APT_PEERS := dcmtk dicom3tools
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=25.1"
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e .
+	$(PIN) $(PIP) install -q torch==2.13.0
+	$(PIN) $(PIP) install -q -e .
 	touch $@
 
 run: install
 	$(VENV)/bin/scp-node serve --config $(CONFIG)
 
 $(VENV)/.test-installed: $(VENV)/.installed pyproject.toml
-	$(PIP) install -q --group dev
+	$(PIN) $(PIP) install -q --group dev
 	touch $@
 
 # Debian peers the tests talk to for real: dcmtk (storescu/echoscu), dicom3tools (dciodvfy),
