@@ -196,10 +196,22 @@ class Worker:
         with self._stage(job, Stage.LOAD) as note:
             volume = load_stack(selection.stack)
             note["message"] = describe(selection.stack)
+            note["data"] = {
+                "slices": volume.shape[0],
+                "dtype": str(volume.array.dtype),
+                "mib": round(volume.array.nbytes / 2**20, 1),
+            }
         with self._stage(job, Stage.INFERENCE) as note:
             predictor = self._predictor(job)
+            before = dict(getattr(predictor, "stage_s", {}))
             labelmap = predictor.predict(volume.array, volume.spacing_zyx)
             note["message"] = f"model {spec.name} {spec.version}, device {predictor.device}"
+            # The slice runtime times its own steps (prepare, resample, network, labels).
+            after: dict[str, float] = dict(getattr(predictor, "stage_s", {}))
+            note["data"] = {
+                "variant": str(getattr(predictor, "variant", "")),
+                "stages_s": {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()},
+            }
         with self._stage(job, Stage.SEG) as note:
             uids = output_uids(
                 "seg",
@@ -210,6 +222,7 @@ class Worker:
             )
             history = self.jobs.seg_history(uids.series_instance_uid)
             number, previous = _number(history, uids.sop_instance_uid)
+            began = time.perf_counter()
             seg = build_segmentation(
                 volume,
                 labelmap,
@@ -217,6 +230,7 @@ class Worker:
                 software_version=self.config.software_version,
                 instance_number=number,
             )
+            built_s = time.perf_counter() - began
             seg_path: Path | None = None
             seg_uid: str | None = None
             supersedes: Supersession | None = None
@@ -229,10 +243,21 @@ class Worker:
                 job_dir = self.config.outbox_dir / str(job.id)
                 seg_path = job_dir / f"{seg_uid}.dcm"
                 job_dir.mkdir(parents=True, exist_ok=True)
+                began = time.perf_counter()
                 write_segmentation(seg, seg_path)
+                written_s = time.perf_counter() - began
+                size = seg_path.stat().st_size
                 note["message"] = (
-                    f"SEG {seg_uid} (instance {number}), {len(seg.SegmentSequence)} segment(s)"
+                    f"SEG {seg_uid} (instance {number}), {len(seg.SegmentSequence)} segment(s), "
+                    f"{seg.SegmentationType}: built in {built_s:.2f} s, written in "
+                    f"{written_s:.2f} s ({size / 2**20:.1f} MiB)"
                 )
+                note["data"] = {
+                    "build_s": round(built_s, 3),
+                    "write_s": round(written_s, 3),
+                    "bytes": size,
+                    "seg_type": str(seg.SegmentationType),
+                }
                 if previous is not None:
                     notes = self._rejection_notes(
                         spec, history, seg, job_dir, volume.series_instance_uid
