@@ -420,11 +420,69 @@ def _write_labels(
     out: npt.NDArray[np.unsignedinteger],
 ) -> None:
     """Label values at ``size`` from (N, K, rows, columns) logits, written into ``out``."""
+    if logits.shape[1] == 2 and logits.device.type == "cpu":
+        margin = (logits[:, 1] - logits[:, 0]).float().numpy()
+        _foreground_into(margin, size, lut[1], out)
+        return
     indices = _class_index(logits, size).cpu().numpy()
     if indices.dtype == np.bool_ and lut[1] == 1:
         out[...] = indices
     else:
         np.take(lut, indices.astype(np.intp, copy=False), out=out)
+
+
+def _bilinear_taps(
+    size_in: int, size_out: int
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+    """Source indices and weight of the second one for each output index, as torch's
+    bilinear ``align_corners=False`` computes them (in float32, clamped at the edges)."""
+    scale = np.float32(size_in / size_out)
+    source = np.maximum((np.arange(size_out, dtype=np.float32) + 0.5) * scale - 0.5, 0)
+    first = np.minimum(np.floor(source).astype(np.intp), size_in - 1)
+    second = np.minimum(first + 1, size_in - 1)
+    weight = (source - first).astype(np.float32)
+    return first, second, weight
+
+
+def _foreground_into(
+    margin: npt.NDArray[np.float32],
+    size: tuple[int, int],
+    value: np.unsignedinteger,
+    out: npt.NDArray[np.unsignedinteger],
+) -> None:
+    """``value`` where the bilinearly upsampled ``margin`` is > 0, else 0, into ``out``.
+
+    The same decision as thresholding ``resample_inplane(margin, size)`` at 0, computed only
+    inside each slice's box of output pixels that can be positive: a bilinear value is a
+    weighted mean of four source values, so it is <= 0 wherever all four are. Organs fill a
+    small part of a slice (and none of many slices), so most of the upsampling is skipped.
+    """
+    rows = _bilinear_taps(margin.shape[1], size[0])
+    columns = _bilinear_taps(margin.shape[2], size[1])
+    out[...] = 0
+    for plane, target in zip(margin, out, strict=True):
+        positive = plane > 0
+        if not positive.any():
+            continue
+        box = []
+        for (first, second, _), hits in zip(
+            (rows, columns), (positive.any(axis=1), positive.any(axis=0)), strict=True
+        ):
+            needed = np.flatnonzero(hits[first] | hits[second])
+            box.append(slice(int(needed[0]), int(needed[-1]) + 1))
+        (r0, r1, rw), (c0, c1, cw) = (
+            tuple(tap[box[0]] for tap in rows),
+            tuple(tap[box[1]] for tap in columns),
+        )
+        low, high = int(r0[0]), int(r1[-1]) + 1
+        band = plane[low:high]
+        # Along the columns first, then the rows: the order of torch's kernel.
+        across = band[:, c0] * (1 - cw) + band[:, c1] * cw
+        upsampled = across[r0 - low] * (1 - rw)[:, None] + across[r1 - low] * rw[:, None]
+        if value == 1:
+            target[box[0], box[1]] = upsampled > 0
+        else:
+            np.multiply(upsampled > 0, value, out=target[box[0], box[1]], casting="unsafe")
 
 
 def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
