@@ -5,7 +5,8 @@ subject B's 20 real slices, decoded once and restacked 0.5 mm apart under fresh 
 pushed with dcmtk's storescu into a fresh `scp-node serve` (shipped model, CPU) that sends
 its SEG to dcmtk's storescp. Reported per size, in one table:
 
-* peak resident memory of the serve process (VmHWM from /proc),
+* peak resident memory of the serve process (VmHWM from /proc), at the end and when the
+  last instance was acknowledged (start-up and receiving only),
 * seconds per job stage from the job's events (`scp-node jobs show ID --json`): select,
   load, inference (and the network's share of it), SEG build, SEG write, delivery; their
   sum, and seconds from the last instance acknowledged to the SEG at the PACS minus the
@@ -244,6 +245,7 @@ def run_size(work: Path, slices: int, threads: int, variant: str) -> dict[str, A
             capture_output=True,
         )
         acknowledged = time.monotonic()
+        received_peak = peak_rss_mib(node.pid)
         wait_for(lambda: any(pacs_dir.iterdir()), 1800, "the SEG at the PACS")
         latency_s = time.monotonic() - acknowledged - QUIET_S
         peak = peak_rss_mib(node.pid)
@@ -266,6 +268,7 @@ def run_size(work: Path, slices: int, threads: int, variant: str) -> dict[str, A
     return {
         "slices": slices,
         "peak_mib": peak,
+        "received_peak_mib": received_peak,
         "durations": jobs[0]["durations"],
         "stages": stage_data(report.get("events", [])),
         "latency_s": latency_s,
@@ -279,6 +282,7 @@ def table(results: list[dict[str, Any]]) -> str:
     header = [
         "slices",
         "VmHWM MiB",
+        "VmHWM at receive end MiB",
         "select s",
         "load s",
         "inference s",
@@ -304,7 +308,7 @@ def table(results: list[dict[str, Any]]) -> str:
         # The seg stage is build + write + bookkeeping: count it whole in the sum.
         work_s = sum(stage_s) + float(durations.get("seg", math.nan)) + delivery
         kinds = r["seg_types"]
-        row = [str(r["slices"]), f"{r['peak_mib']:.0f}"]
+        row = [str(r["slices"]), f"{r['peak_mib']:.0f}", f"{r['received_peak_mib']:.0f}"]
         row += [f"{v:.2f}" for v in (*stage_s, network, build, write, delivery, work_s)]
         row.append(f"{r['latency_s']:.2f}")
         for kind in ("BINARY", "LABELMAP"):
