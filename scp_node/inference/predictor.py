@@ -225,7 +225,9 @@ class Predictor:
             raise ValueError(f"in-plane spacing must be > 0, got {spacing_zyx}")
         started = time.perf_counter()
         values = [label.value for label in spec.labels]
-        lut = np.asarray([0, *values], dtype=np.uint8 if max(values) <= 255 else np.uint16)
+        lut: npt.NDArray[np.unsignedinteger] = np.asarray(
+            [0, *values], dtype=np.uint8 if max(values) <= 255 else np.uint16
+        )
         native = (int(volume.shape[1]), int(volume.shape[2]))
         model_size = resampled_shape(
             native, (float(spacing_zyx[1]), float(spacing_zyx[2])), spec.input.spacing_mm
