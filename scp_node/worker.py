@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from pydicom.dataset import Dataset
 
 from scp_node.dicom.reference import InstanceReference
@@ -212,6 +213,10 @@ class Worker:
                 "variant": str(getattr(predictor, "variant", "")),
                 "stages_s": {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()},
             }
+        # The preview needs the pixels; render it now and free them before the SEG is built
+        # (the peak of a big study's memory was there).
+        preview = self._render_preview(job, spec, volume.array, labelmap)
+        volume = volume.without_pixels()
         with self._stage(job, Stage.SEG) as note:
             uids = output_uids(
                 "seg",
@@ -263,8 +268,8 @@ class Worker:
                         spec, history, seg, job_dir, volume.series_instance_uid
                     )
                     supersedes = Supersession(previous, notes)
-        if seg_path is not None:
-            self._write_preview(job, spec, volume.array, labelmap, seg_path)
+        if seg_path is not None and preview is not None:
+            self._write_preview(job, preview, seg_path)
         logger.info("inference done", extra={**ids, "series_instance_uid": series_uid})
         outcome = Outcome.SEG if seg_path else Outcome.NO_FINDINGS
         self._complete(
@@ -329,18 +334,23 @@ class Worker:
             raise _ModelDownError(str(exc)) from exc
         return predictor
 
-    def _write_preview(
-        self, job: ClaimedJob, spec: ModelSpec, image: Any, labelmap: Any, seg_path: Path
-    ) -> None:
-        """PNG preview beside the SEG for the dashboard; a failure is logged, never fatal."""
+    def _render_preview(
+        self, job: ClaimedJob, spec: ModelSpec, image: Any, labelmap: Any
+    ) -> Image.Image | None:
+        """PNG preview for the dashboard; a failure is logged, never fatal."""
         window: tuple[float, float] | None = None
         if spec.input.window_center is not None and spec.input.window_width:
             window = (spec.input.window_center, spec.input.window_width)
         try:
-            write_preview(
-                render_preview(image, labelmap, spec.labels, window=window),
-                preview_path_for(seg_path),
-            )
+            return render_preview(image, labelmap, spec.labels, window=window)
+        except Exception:
+            logger.warning("SEG preview not rendered", exc_info=True, extra={"job_id": job.id})
+            return None
+
+    def _write_preview(self, job: ClaimedJob, preview: Image.Image, seg_path: Path) -> None:
+        """Write the preview beside the SEG; a failure is logged, never fatal."""
+        try:
+            write_preview(preview, preview_path_for(seg_path))
         except Exception:
             logger.warning("SEG preview not written", exc_info=True, extra={"job_id": job.id})
 

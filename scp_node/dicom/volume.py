@@ -160,6 +160,15 @@ class SourceVolume:
         slices, rows, columns = self.array.shape
         return int(slices), int(rows), int(columns)
 
+    def without_pixels(self) -> SourceVolume:
+        """This volume with a placeholder array of the same shape and dtype (no memory).
+
+        For the stages after inference, which need the geometry and headers only: dropping
+        the last reference to the original frees its pixels before the SEG is built.
+        """
+        placeholder = np.broadcast_to(np.zeros((), dtype=self.array.dtype), self.array.shape)
+        return SourceVolume(array=placeholder, spacing_zyx=self.spacing_zyx, stack=self.stack)
+
     @property
     def datasets(self) -> tuple[Dataset, ...]:
         """Source instances without pixel data (one per slice for single-frame images)."""

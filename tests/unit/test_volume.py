@@ -222,6 +222,14 @@ def test_load_volume_subject_b(ct_b_files: list[Path]) -> None:
     assert volume.datasets[index].SOPInstanceUID == source.SOPInstanceUID
 
 
+def test_without_pixels_keeps_geometry_and_headers_only(ct_b_files: list[Path]) -> None:
+    volume = load_volume(ct_b_files)
+    light = volume.without_pixels()
+    assert light.shape == volume.shape and light.array.dtype == volume.array.dtype
+    assert light.array.strides == (0, 0, 0)  # one element behind the whole shape
+    assert light.datasets == volume.datasets and light.spacing_zyx == volume.spacing_zyx
+
+
 def test_load_volume_turns_float_for_a_fractional_rescale(
     ct_b_files: list[Path], copy_series: CopySeries
 ) -> None:
