@@ -5,22 +5,28 @@ subject B's 20 real slices, decoded once and restacked 0.5 mm apart under fresh 
 pushed with dcmtk's storescu into a fresh `scp-node serve` (shipped model, CPU) that sends
 its SEG to dcmtk's storescp. Reported per size, in one table:
 
-* peak resident memory of the serve process (VmHWM from /proc),
-* seconds per job stage (select, load, inference, seg, delivery) and their sum, from
-  `scp-node jobs --json`,
-* seconds from the last instance acknowledged to the SEG at the PACS, minus the settle wait,
-* the BINARY SEG's size, and the size of highdicom's LABELMAP SEG of the same labels on the
-  same source images (built here, outside the node, from the BINARY SEG read back).
+* peak resident memory of the serve process (VmHWM from /proc), at the end and when the
+  last instance was acknowledged (start-up and receiving only),
+* seconds per job stage from the job's events (`scp-node jobs show ID --json`): select,
+  load, inference (and the network's share of it), SEG build, SEG write, delivery; their
+  sum, and seconds from the last instance acknowledged to the SEG at the PACS minus the
+  settle wait,
+* the SEG's size as the node sent it (BINARY), and BINARY against LABELMAP (JPEG-LS
+  lossless) built here, outside the node, by the node's own ``build_segmentation`` from the
+  same labels on the same source files: size and build + write seconds of each.
 
-Run: .venv/bin/python bench/big_study.py [--sizes 200 600 1000] [--threads 2]
+The machine's CPU model and SIMD flags and its load average before and after are printed
+under the table: the numbers mean little without them.
+
+Run: .venv/bin/python bench/big_study.py [--sizes 200 600 1000] [--threads 2] [--variant auto]
 Needs dcmtk (storescu, storescp) on the PATH. Imports no test code.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -35,13 +41,18 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from scp_node.dicom.volume import load_volume
+from scp_node.inference.registry import ModelSpec
+from scp_node.output.seg import build_segmentation, write_segmentation
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "ct-abdomen-b" / "dicom"
 SCP_NODE = Path(sys.executable).parent / "scp-node"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 SLICE_MM = 0.5
+MODEL = "ct-abdomen"
 QUIET_S = 2.0
 
 
@@ -94,7 +105,7 @@ def make_series(out: Path, slices: int) -> list[Path]:
     return paths
 
 
-def write_config(root: Path, port: int, pacs_port: int, threads: int) -> Path:
+def write_config(root: Path, port: int, pacs_port: int, threads: int, variant: str) -> Path:
     sections: dict[str, dict[str, Any]] = {
         "node": {"ae_title": "SCPNODE", "host": "127.0.0.1", "port": port},
         "storage": {"spool_dir": str(root / "spool"), "min_free_bytes": 0},
@@ -102,13 +113,14 @@ def write_config(root: Path, port: int, pacs_port: int, threads: int) -> Path:
         "settle": {"quiet_s": QUIET_S, "poll_s": 0.2},
         "worker": {
             "device": "cpu",
-            "model": "ct-abdomen",
+            "model": MODEL,
             "models_dir": str(REPO / "models"),
             "outbox_dir": str(root / "outbox"),
             "lease_s": 120,
             "heartbeat_s": 5,
             "poll_s": 0.2,
             "threads": threads,
+            "variant": variant,
         },
         "log": {"level": "WARNING", "dir": str(root / "log")},
         "web": {"host": "127.0.0.1", "port": free_port()},
@@ -132,47 +144,85 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def labelmap_seg_bytes(
-    binary_path: Path, sources: list[Path], transfer_syntax_uid: str = ExplicitVRLittleEndian
-) -> int:
-    """Size of highdicom's LABELMAP SEG of the BINARY SEG's labels on the same sources."""
+def seg_types(binary_path: Path, sources: list[Path], work: Path) -> dict[str, dict[str, float]]:
+    """BINARY and LABELMAP SEGs of the node's labels, built and written by the node's code.
+
+    The labels are the node's BINARY SEG read back; the volume is the source files loaded
+    as the worker loads them. Returns seg type -> {"build_s", "write_s", "bytes"}.
+    """
+    spec = ModelSpec.from_model_dir(REPO / "models" / MODEL)
+    volume = load_volume(sources)
     binary = hd.seg.segread(binary_path)
-    headers = [dcmread(p, stop_before_pixels=True) for p in sources]
-    uids = [str(ds.SOPInstanceUID) for ds in headers]
-    labels = binary.get_pixels_by_source_instance(
-        uids, combine_segments=True, relabel=True, dtype=np.uint8
+    uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
+    segments = binary.get_pixels_by_source_instance(
+        uids, combine_segments=True, relabel=False, dtype=np.uint8
     )
-    seg = hd.seg.Segmentation(
-        source_images=headers,
-        pixel_array=labels,
-        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
-        segment_descriptions=[
-            hd.seg.SegmentDescription.from_dataset(item) for item in binary.SegmentSequence
-        ],
-        series_instance_uid=generate_uid(),
-        series_number=9902,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer="scp-node bench",
-        manufacturer_model_name="bench",
-        software_versions="bench",
-        device_serial_number="bench",
-        omit_empty_frames=False,
-        transfer_syntax_uid=transfer_syntax_uid,
-    )
-    buffer = io.BytesIO()
-    seg.save_as(buffer, enforce_file_format=True)
-    return len(buffer.getvalue())
+    value_of = {label.name: label.value for label in spec.labels}
+    lut = np.zeros(256, dtype=np.uint8)
+    for item in binary.SegmentSequence:
+        lut[int(item.SegmentNumber)] = value_of[str(item.SegmentLabel)]
+    labels = lut[segments]
+    del segments, binary
+    result: dict[str, dict[str, float]] = {}
+    for seg_type in ("BINARY", "LABELMAP"):
+        began = time.perf_counter()
+        seg = build_segmentation(volume, labels, spec, software_version="bench", seg_type=seg_type)
+        built = time.perf_counter()
+        assert seg is not None
+        path = work / f"{seg_type}.dcm"
+        write_segmentation(seg, path)
+        result[seg_type] = {
+            "build_s": built - began,
+            "write_s": time.perf_counter() - built,
+            "bytes": path.stat().st_size,
+        }
+        path.unlink()
+    return result
 
 
-def run_size(work: Path, slices: int, threads: int) -> dict[str, Any]:
+def job_report(config: Path, root: Path, job_id: int) -> dict[str, Any]:
+    """``scp-node jobs show ID --json``: the job with its events."""
+    out = subprocess.run(
+        [str(SCP_NODE), "jobs", "--config", str(config), "show", str(job_id), "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=root,
+    ).stdout
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+def stage_data(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Stage -> the data of its events, merged (later events win)."""
+    data: dict[str, dict[str, Any]] = {}
+    for event in events:
+        data.setdefault(event["stage"], {}).update(event.get("data") or {})
+    return data
+
+
+def cpu_summary() -> str:
+    """CPU model and the SIMD flags that decide int8 and fp32 kernel speed."""
+    model, flags = "unknown CPU", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    simd = sorted(f for f in flags if f.startswith(("avx", "fma", "amx", "sse4")) or "vnni" in f)
+    return f"{model}; flags: {' '.join(simd)}"
+
+
+def run_size(work: Path, slices: int, threads: int, variant: str) -> dict[str, Any]:
     files = make_series(work / f"series-{slices}", slices)
     root = work / f"node-{slices}"
     root.mkdir()
     pacs_dir = root / "pacs"
     pacs_dir.mkdir()
     port, pacs_port = free_port(), free_port()
-    config = write_config(root, port, pacs_port, threads)
+    config = write_config(root, port, pacs_port, threads, variant)
     pacs = subprocess.Popen(
         ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
         env=ENV,
@@ -187,7 +237,7 @@ def run_size(work: Path, slices: int, threads: int) -> dict[str, Any]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: port_open(port) and port_open(pacs_port), 120, "the node and PACS")
+        wait_for(lambda: port_open(port) and port_open(pacs_port), 300, "the node and PACS")
         subprocess.run(
             ["storescu", "-aec", "SCPNODE", "127.0.0.1", str(port), *map(str, files)],
             check=True,
@@ -195,6 +245,7 @@ def run_size(work: Path, slices: int, threads: int) -> dict[str, Any]:
             capture_output=True,
         )
         acknowledged = time.monotonic()
+        received_peak = peak_rss_mib(node.pid)
         wait_for(lambda: any(pacs_dir.iterdir()), 1800, "the SEG at the PACS")
         latency_s = time.monotonic() - acknowledged - QUIET_S
         peak = peak_rss_mib(node.pid)
@@ -207,53 +258,111 @@ def run_size(work: Path, slices: int, threads: int) -> dict[str, Any]:
                 cwd=root,
             ).stdout
         )
+        report = job_report(config, root, int(jobs[0]["id"]))
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=120)
         pacs.terminate()
         pacs.wait(timeout=30)
     (seg_file,) = list(pacs_dir.iterdir())
-    durations = jobs[0]["durations"]
     return {
         "slices": slices,
         "peak_mib": peak,
-        "durations": durations,
+        "received_peak_mib": received_peak,
+        "durations": jobs[0]["durations"],
+        "stages": stage_data(report.get("events", [])),
         "latency_s": latency_s,
-        "binary_bytes": seg_file.stat().st_size,
-        "labelmap_bytes": labelmap_seg_bytes(seg_file, files),
-        "labelmap_rle_bytes": labelmap_seg_bytes(seg_file, files, RLELossless),
+        "sent_bytes": seg_file.stat().st_size,
+        "seg_types": seg_types(seg_file, files, work),
     }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """One Markdown table, a row per study size."""
+    header = [
+        "slices",
+        "VmHWM MiB",
+        "VmHWM at receive end MiB",
+        "select s",
+        "load s",
+        "inference s",
+        "(network s)",
+        "SEG build s",
+        "SEG write s",
+        "delivery s",
+        "sum s",
+        "ack->SEG-settle s",
+        "BINARY MiB",
+        "BINARY build+write s",
+        "LABELMAP MiB",
+        "LABELMAP build+write s",
+    ]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in results:
+        durations, stages = r["durations"], r["stages"]
+        seg = stages.get("seg", {})
+        stage_s = [float(durations.get(s, float("nan"))) for s in ("select", "load", "inference")]
+        network = float(stages.get("inference", {}).get("stages_s", {}).get("network", math.nan))
+        build, write = float(seg.get("build_s", math.nan)), float(seg.get("write_s", math.nan))
+        delivery = float(durations.get("delivery", math.nan))
+        # The seg stage is build + write + bookkeeping: count it whole in the sum.
+        work_s = sum(stage_s) + float(durations.get("seg", math.nan)) + delivery
+        kinds = r["seg_types"]
+        row = [str(r["slices"]), f"{r['peak_mib']:.0f}", f"{r['received_peak_mib']:.0f}"]
+        row += [f"{v:.2f}" for v in (*stage_s, network, build, write, delivery, work_s)]
+        row.append(f"{r['latency_s']:.2f}")
+        for kind in ("BINARY", "LABELMAP"):
+            row.append(f"{kinds[kind]['bytes'] / 2**20:.1f}")
+            row.append(f"{kinds[kind]['build_s'] + kinds[kind]['write_s']:.2f}")
+        lines.append(" | ".join(row))
+    return "\n".join(lines) + "\n"
+
+
+def inference_table(results: list[dict[str, Any]]) -> str:
+    """The slice runtime's own steps per study size (issue 12: the whole predict)."""
+    steps = ("prepare", "resample_in", "network", "labels")
+    header = ["slices", *(f"{step} s" for step in steps), "ms/slice", "network share"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in results:
+        stage_s = r["stages"].get("inference", {}).get("stages_s", {})
+        values = [float(stage_s.get(step, math.nan)) for step in steps]
+        total = sum(values)
+        row = [str(r["slices"]), *(f"{v:.2f}" for v in values)]
+        row += [f"{1000 * total / r['slices']:.1f}", f"{values[2] / total:.0%}"]
+        lines.append(" | ".join(row))
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 600, 1000])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--variant",
+        default="auto",
+        help='[worker] variant: "auto" (fastest verified here), "" (the card\'s), or a name',
+    )
     args = parser.parse_args()
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="scp-node-big-study-"))
     try:
-        results = [run_size(work, slices, args.threads) for slices in args.sizes]
+        results = [run_size(work, slices, args.threads, args.variant) for slices in args.sizes]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    stages = ("select", "load", "inference", "seg", "delivery")
-    header = ["slices", "VmHWM MiB", *[f"{s} s" for s in stages], "sum s", "ack->SEG-settle s"]
-    header += ["BINARY MiB", "LABELMAP MiB", "LABELMAP RLE MiB"]
     out = sys.stdout
-    out.write(" | ".join(header) + "\n")
-    out.write(" | ".join("---" for _ in header) + "\n")
-    for r in results:
-        work_s = sum(float(r["durations"].get(s, 0.0)) for s in stages)
-        row = [str(r["slices"]), f"{r['peak_mib']:.0f}"]
-        row += [f"{float(r['durations'].get(s, float('nan'))):.2f}" for s in stages]
-        row += [f"{work_s:.2f}", f"{r['latency_s']:.2f}"]
-        row += [
-            f"{r[key] / 2**20:.1f}"
-            for key in ("binary_bytes", "labelmap_bytes", "labelmap_rle_bytes")
-        ]
-        out.write(" | ".join(row) + "\n")
+    out.write(table(results))
+    out.write("\nInside inference (the slice runtime's steps):\n\n")
+    out.write(inference_table(results))
+    sent = ", ".join(f"{r['sent_bytes'] / 2**20:.1f}" for r in results)
+    variants = sorted({str(r["stages"].get("inference", {}).get("variant", "?")) for r in results})
     out.write(
-        f"\n{os.cpu_count()} CPU(s), {args.threads} torch thread(s), settle wait {QUIET_S} s, "
-        f"{SLICE_MM} mm slices, uncompressed 512x512 CT, model ct-abdomen (card's CPU variant)\n"
+        f"\n{cpu_summary()}\n{os.cpu_count()} CPU(s), {args.threads} torch thread(s), "
+        f"variant {args.variant or 'card'} -> {', '.join(variants)}; settle wait {QUIET_S} s, "
+        f"{SLICE_MM} mm slices, uncompressed 512x512 CT, model {MODEL}; load average "
+        f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n"
+        "BINARY/LABELMAP columns: the node's build_segmentation run here on the node's "
+        "labels (LABELMAP written JPEG-LS lossless); the node itself sent BINARY "
+        f"({sent} MiB).\n"
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset
 
 from scp_node.dicom.reference import InstanceReference
@@ -216,12 +217,31 @@ class Worker:
         with self._stage(job, Stage.LOAD) as note:
             volume = load_stack(selection.stack)
             note["message"] = describe(selection.stack)
+            note["data"] = {
+                "slices": volume.shape[0],
+                "dtype": str(volume.array.dtype),
+                "mib": round(volume.array.nbytes / 2**20, 1),
+            }
         with self._stage(job, Stage.INFERENCE) as note:
             predictor = self._predictor(job)
+            before = dict(getattr(predictor, "stage_s", {}))
             labelmap = predictor.predict(
                 volume.array, volume.spacing_zyx, axis_directions(volume.stack.orientation)
             )
             note["message"] = f"model {spec.name} {spec.version}, device {predictor.device}"
+            # The slice runtime times its own steps (prepare, resample, network, labels).
+            after: dict[str, float] = dict(getattr(predictor, "stage_s", {}))
+            note["data"] = {
+                "variant": str(getattr(predictor, "variant", "")),
+                "stages_s": {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()},
+            }
+        # The preview needs the pixels; render it now and free them before the SEG is built
+        # (the peak of a big study's memory was there).
+        preview = self._render_preview(job, spec, volume.array, labelmap)
+        measurements = measure_segments(volume, labelmap, spec)  # also the SR's numbers
+        if not any("sc" in dest.outputs for dest in self.config.destinations):
+            # Only the overlay series draws on the source pixels after this point.
+            volume = volume.without_pixels()
         with self._stage(job, Stage.SEG) as note:
             uids = output_uids(
                 "seg",
@@ -232,6 +252,7 @@ class Worker:
             )
             history = self.jobs.seg_history(uids.series_instance_uid)
             number, previous = _number(history, uids.sop_instance_uid)
+            began = time.perf_counter()
             seg = build_segmentation(
                 volume,
                 labelmap,
@@ -239,11 +260,11 @@ class Worker:
                 software_version=self.config.software_version,
                 instance_number=number,
             )
+            built_s = time.perf_counter() - began
             seg_path: Path | None = None
             seg_uid: str | None = None
             supersedes: Supersession | None = None
             objects: dict[str, list[OutputObject]] | None = None
-            measurements: tuple[SegmentMeasurement, ...] = ()
             if seg is None:
                 note["message"] = "no label found: no SEG built"
             else:
@@ -253,11 +274,21 @@ class Worker:
                 job_dir = self.config.outbox_dir / str(job.id)
                 seg_path = job_dir / f"{seg_uid}.dcm"
                 job_dir.mkdir(parents=True, exist_ok=True)
+                began = time.perf_counter()
                 write_segmentation(seg, seg_path)
+                written_s = time.perf_counter() - began
+                size = seg_path.stat().st_size
                 note["message"] = (
-                    f"SEG {seg_uid} (instance {number}), {len(seg.SegmentSequence)} segment(s)"
+                    f"SEG {seg_uid} (instance {number}), {len(seg.SegmentSequence)} segment(s), "
+                    f"{seg.SegmentationType}: built in {built_s:.2f} s, written in "
+                    f"{written_s:.2f} s ({size / 2**20:.1f} MiB)"
                 )
-                measurements = measure_segments(volume, labelmap, spec)
+                note["data"] = {
+                    "build_s": round(built_s, 3),
+                    "write_s": round(written_s, 3),
+                    "bytes": size,
+                    "seg_type": str(seg.SegmentationType),
+                }
                 outputs = _Outputs(
                     volume, labelmap, spec, measurements, number, job_dir, self.config
                 )
@@ -268,15 +299,15 @@ class Worker:
                     # The SEG stands: an object that could not be built is left out (its
                     # deliveries with it) and said so; a re-run of the job tries again.
                     note["message"] += "; warning: " + "; ".join(outputs.problems)
-                    note["data"] = {"warnings": list(outputs.problems)}
+                    note["data"]["warnings"] = list(outputs.problems)
                     note["level"] = Level.WARNING
                 if previous is not None:
                     notes = self._rejection_notes(
                         spec, history, seg, job_dir, volume.series_instance_uid
                     )
                     supersedes = Supersession(previous, notes)
-        if seg_path is not None:
-            self._write_preview(job, spec, volume.array, labelmap, seg_path)
+        if seg_path is not None and preview is not None:
+            self._write_preview(job, preview, seg_path)
         logger.info("inference done", extra={**ids, "series_instance_uid": series_uid})
         outcome = Outcome.SEG if seg_path else Outcome.NO_FINDINGS
         self._complete(
@@ -343,16 +374,21 @@ class Worker:
             raise _ModelDownError(str(exc)) from exc
         return predictor
 
-    def _write_preview(
-        self, job: ClaimedJob, spec: ModelSpec, image: Any, labelmap: Any, seg_path: Path
-    ) -> None:
-        """PNG preview beside the SEG for the dashboard; a failure is logged, never fatal."""
+    def _render_preview(
+        self, job: ClaimedJob, spec: ModelSpec, image: Any, labelmap: Any
+    ) -> Image.Image | None:
+        """PNG preview for the dashboard; a failure is logged, never fatal."""
         window = _display_window(spec)
         try:
-            write_preview(
-                render_preview(image, labelmap, spec.labels, window=window),
-                preview_path_for(seg_path),
-            )
+            return render_preview(image, labelmap, spec.labels, window=window)
+        except Exception:
+            logger.warning("SEG preview not rendered", exc_info=True, extra={"job_id": job.id})
+            return None
+
+    def _write_preview(self, job: ClaimedJob, preview: Image.Image, seg_path: Path) -> None:
+        """Write the preview beside the SEG; a failure is logged, never fatal."""
+        try:
+            write_preview(preview, preview_path_for(seg_path))
         except Exception:
             logger.warning("SEG preview not written", exc_info=True, extra={"job_id": job.id})
 

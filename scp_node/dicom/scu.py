@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pynetdicom._config
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from scp_node.dicom.net import Peer, association
 from scp_node.dicom.status import is_success
@@ -87,12 +88,15 @@ def send_files(
     with association(
         peer, contexts, calling_ae=calling_ae, timeout_s=timeout_s, ssl_context=ssl_context
     ) as assoc:
+        accepted = {
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
+        }
         for path, (_cls, sop_uid, _ts) in zip(paths, headers, strict=True):
             if not assoc.is_established:
                 results.append(SendResult(path, sop_uid, None, "association lost"))
                 continue
             try:
-                status_ds = assoc.send_c_store(path)
+                status_ds = assoc.send_c_store(_as_accepted(path, _cls, _ts, accepted))
             except Exception as exc:  # pynetdicom raises ValueError when no context fits
                 results.append(SendResult(path, sop_uid, None, str(exc)))
                 continue
@@ -104,6 +108,22 @@ def send_files(
             if on_sent is not None:
                 on_sent(result)
     return results
+
+
+def _as_accepted(
+    path: Path, sop_class: str, syntax: str, accepted: set[tuple[str, str]]
+) -> Path | Dataset:
+    """The file as it is when the peer took its transfer syntax; decoded when the peer took
+    only uncompressed ones for its SOP class (a LABELMAP SEG is stored JPEG-LS lossless, and
+    not every PACS takes JPEG-LS). Otherwise the file as it is: pynetdicom then refuses it
+    with the reason."""
+    if (sop_class, syntax) in accepted or not UID(syntax).is_compressed:
+        return path
+    if not accepted & {(sop_class, ExplicitVRLittleEndian), (sop_class, ImplicitVRLittleEndian)}:
+        return path
+    dataset = dcmread(path)
+    dataset.decompress()
+    return dataset
 
 
 def echo(

@@ -11,9 +11,10 @@ Two steps, both plain functions of files on disk:
   about it (missing slices, uneven spacing, a gantry tilt) and, when it cannot be
   segmented honestly at all (mixed orientations, frames without geometry), why not.
   :mod:`scp_node.dicom.selection` then picks one.
-* :func:`load_stack` decodes one stack's frames straight into one preallocated float32
-  array (JPEG 2000 through pylibjpeg; multi-frame frames one at a time through highdicom)
-  and returns a :class:`SourceVolume`: the array plus the headers the SEG needs.
+* :func:`load_stack` decodes one stack's frames straight into one preallocated array
+  (int16 when the rescaled values are whole numbers that fit, else float32; JPEG 2000
+  through pylibjpeg; multi-frame frames one at a time through highdicom) and returns a
+  :class:`SourceVolume`: the array plus the headers the SEG needs.
 
 Spacing regularity and the volume geometry (affine) come from highdicom
 (:func:`highdicom.spatial.get_volume_positions`, :class:`highdicom.VolumeGeometry`).
@@ -137,8 +138,9 @@ class SourceVolume:
     Attributes
     ----------
     array : numpy.ndarray
-        Shape ``(slices, rows, columns)``, dtype ``float32``, the rescale of each frame
-        applied (Hounsfield units for CT). Axis 0 follows :attr:`frames` (increasing
+        Shape ``(slices, rows, columns)``, the rescale of each frame applied (Hounsfield
+        units for CT): ``int16`` when every value is a whole number that fits (most CT),
+        else ``float32``. Axis 0 follows :attr:`frames` (increasing
         position along the slice normal), axis 1 the column direction cosine (down the
         rows), axis 2 the row direction cosine, exactly as the pixels are stored.
     spacing_zyx : tuple of float
@@ -157,6 +159,15 @@ class SourceVolume:
         """``(slices, rows, columns)``."""
         slices, rows, columns = self.array.shape
         return int(slices), int(rows), int(columns)
+
+    def without_pixels(self) -> SourceVolume:
+        """This volume with a placeholder array of the same shape and dtype (no memory).
+
+        For the stages after inference, which need the geometry and headers only: dropping
+        the last reference to the original frees its pixels before the SEG is built.
+        """
+        placeholder = np.broadcast_to(np.zeros((), dtype=self.array.dtype), self.array.shape)
+        return SourceVolume(array=placeholder, spacing_zyx=self.spacing_zyx, stack=self.stack)
 
     @property
     def datasets(self) -> tuple[Dataset, ...]:
@@ -509,7 +520,15 @@ def _shear_deg(positions: Sequence[tuple[float, float, float]], normal: np.ndarr
 
 
 def load_stack(stack: Stack) -> SourceVolume:
-    """Decode one stack's frames into one preallocated ``float32`` array.
+    """Decode one stack's frames into one preallocated array, frame by frame.
+
+    The array is ``int16`` while every frame's modality values (stored value x
+    RescaleSlope + RescaleIntercept) are whole numbers that fit in it, as they are for
+    nearly every CT (slope 1, integer intercept): half the memory of ``float32``, and the
+    same values. A frame that does not fit (a fractional slope, MR scaled to floats) turns
+    the array into ``float32`` once, and the remaining frames are written as floats.
+    Decoded pixels are never kept in a dataset: each file is read, decoded into its place
+    and dropped; only ``stack.headers`` (without pixel data) stay.
 
     Parameters
     ----------
@@ -530,30 +549,78 @@ def load_stack(stack: Stack) -> SourceVolume:
     """
     if stack.refusal is not None:
         raise SeriesError(stack.refusal)
-    array = np.empty((stack.slices, stack.rows, stack.columns), dtype=np.float32)
+    target = _Target((stack.slices, stack.rows, stack.columns))
     by_path: dict[Path, list[int]] = defaultdict(list)
     for index, frame in enumerate(stack.frames):
         by_path[frame.path].append(index)
     for path, indices in by_path.items():
         if stack.frames[indices[0]].frame_number is None:
             for index in indices:
-                array[index] = _decode_single(path, stack.rows, stack.columns)
+                _decode_single(path, stack.rows, stack.columns, target, index)
         else:
-            _decode_frames(path, [(i, stack.frames[i].frame_number or 0) for i in indices], array)
+            _decode_frames(path, [(i, stack.frames[i].frame_number or 0) for i in indices], target)
     volume = SourceVolume(
-        array=array,
+        array=target.array,
         spacing_zyx=(stack.spacing_mm, stack.pixel_spacing[0], stack.pixel_spacing[1]),
         stack=stack,
     )
     logger.info(
-        "volume loaded: %d slices of %dx%d, spacing %.3f/%.3f/%.3f mm",
+        "volume loaded: %d slices of %dx%d (%s), spacing %.3f/%.3f/%.3f mm",
         stack.slices,
         stack.rows,
         stack.columns,
+        target.array.dtype,
         *volume.spacing_zyx,
         extra={"series_instance_uid": stack.series_instance_uid},
     )
     return volume
+
+
+class _Target:
+    """The preallocated volume frames are decoded into: int16 until a frame needs floats."""
+
+    _LOW, _HIGH = np.iinfo(np.int16).min, np.iinfo(np.int16).max
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.array: np.ndarray = np.empty(shape, dtype=np.int16)
+
+    def put_stored(
+        self, index: int, pixels: np.ndarray, slope: float | None, intercept: float | None
+    ) -> None:
+        """Write stored values ``pixels`` of frame ``index`` with their rescale applied."""
+        slope = 1.0 if slope is None else slope
+        intercept = intercept or 0.0
+        if self.array.dtype == np.int16 and slope == 1.0 and float(intercept).is_integer():
+            offset = int(intercept)
+            if pixels.size == 0 or (
+                int(pixels.min()) + offset >= self._LOW and int(pixels.max()) + offset <= self._HIGH
+            ):
+                np.add(pixels, offset, out=self.array[index], dtype=np.int32, casting="unsafe")
+                return
+        frame = self._float_frame(index)
+        frame[...] = pixels
+        if slope != 1.0:
+            frame *= np.float32(slope)
+        if intercept:
+            frame += np.float32(intercept)
+
+    def put_values(self, index: int, values: np.ndarray) -> None:
+        """Write frame ``index`` from float modality values (rescale already applied)."""
+        if self.array.dtype == np.int16:
+            whole = np.rint(values)
+            if np.array_equal(whole, values) and (
+                values.size == 0 or (whole.min() >= self._LOW and whole.max() <= self._HIGH)
+            ):
+                self.array[index] = whole
+                return
+        self._float_frame(index)[...] = values
+
+    def _float_frame(self, index: int) -> np.ndarray:
+        if self.array.dtype != np.float32:
+            # Once per volume at most: the frames so far hold whole numbers, exact in float32.
+            self.array = self.array.astype(np.float32)
+        frame: np.ndarray = self.array[index]
+        return frame
 
 
 def load_volume(paths: Sequence[Path]) -> SourceVolume:
@@ -594,7 +661,7 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
         )
 
 
-def _decode_single(path: Path, rows: int, columns: int) -> np.ndarray:
+def _decode_single(path: Path, rows: int, columns: int, target: _Target, index: int) -> None:
     ds = read_header(path, stop_before_pixels=False)
     if "PixelData" not in ds:
         raise SeriesError(f"{path.name}: PixelData is missing")
@@ -611,33 +678,31 @@ def _decode_single(path: Path, rows: int, columns: int) -> np.ndarray:
         raise SeriesError(
             f"{path.name}: decoded pixels have shape {pixels.shape}, expected ({rows}, {columns})"
         )
-    slope = to_float(ds.get("RescaleSlope"))
-    intercept = to_float(ds.get("RescaleIntercept"))
-    result = pixels.astype(np.float32)
-    if slope is not None and slope != 1.0:
-        result *= np.float32(slope)
-    if intercept:
-        result += np.float32(intercept)
-    return result
+    target.put_stored(
+        index, pixels, to_float(ds.get("RescaleSlope")), to_float(ds.get("RescaleIntercept"))
+    )
 
 
-def _decode_frames(path: Path, targets: list[tuple[int, int]], array: np.ndarray) -> None:
-    """Decode frames of one multi-frame file one at a time into ``array[index]``."""
+def _decode_frames(path: Path, targets: list[tuple[int, int]], target: _Target) -> None:
+    """Decode frames of one multi-frame file one at a time into ``target``."""
     try:
         image = hd.imread(path, lazy_frame_retrieval=True)
     except Exception as exc:  # highdicom raises ValueError, AttributeError, ...
         raise SeriesError(f"{path.name}: unreadable multi-frame image: {exc}") from exc
     try:
         for index, frame_number in targets:
-            array[index] = image.get_frame(
-                frame_number,
-                dtype=np.float32,
-                apply_real_world_transform=False,
-                apply_modality_transform=None,
-                apply_voi_transform=False,
-                apply_presentation_lut=False,
-                apply_palette_color_lut=False,
-                apply_icc_profile=False,
+            target.put_values(
+                index,
+                image.get_frame(
+                    frame_number,
+                    dtype=np.float32,
+                    apply_real_world_transform=False,
+                    apply_modality_transform=None,
+                    apply_voi_transform=False,
+                    apply_presentation_lut=False,
+                    apply_palette_color_lut=False,
+                    apply_icc_profile=False,
+                ),
             )
     except SeriesError:
         raise

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,7 @@ from torch import nn
 from scp_node.errors import ModelError
 from scp_node.inference.device import torch_device
 from scp_node.inference.nets import build_network
-from scp_node.inference.preprocess import (
-    normalise,
-    resample_inplane,
-    resampled_shape,
-    stack_context,
-)
+from scp_node.inference.preprocess import resample_inplane, resampled_shape
 from scp_node.inference.registry import ModelSpec
 
 __all__ = [
@@ -188,11 +184,16 @@ class Predictor:
 
     def predict(
         self,
-        volume: npt.NDArray[np.floating],
+        volume: npt.NDArray[np.number],
         spacing_zyx: tuple[float, float, float],
         direction: npt.NDArray[np.float64] | None = None,
     ) -> npt.NDArray[np.unsignedinteger]:
         """Segment a volume.
+
+        Works batch by batch: each batch of slices is normalised, stacked with its 2.5-D
+        context and resampled to the model spacing on its own, and its labels are written
+        straight into the one preallocated label map, so memory beyond ``volume`` and the
+        result stays at a few batches of slices whatever the number of slices.
 
         Parameters
         ----------
@@ -200,7 +201,8 @@ class Predictor:
             (slices, rows, columns) in modality units (HU for CT, rescale applied), in the
             DICOM pixel order of an axial series: axis 2 (columns) towards patient Left,
             axis 1 (rows) towards Posterior, axis 0 along the slice normal (increasing
-            index = Superior for orientation [1,0,0,0,1,0]). Any float dtype.
+            index = Superior for orientation [1,0,0,0,1,0]). Any float or integer dtype
+            (the loader gives int16 when the rescale is exact in it).
         spacing_zyx
             Slice distance, row spacing and column spacing in mm (DICOM PixelSpacing is
             (row, column)). Only the in-plane spacings are used: slices are processed
@@ -230,16 +232,18 @@ class Predictor:
             raise ValueError(f"in-plane spacing must be > 0, got {spacing_zyx}")
         started = time.perf_counter()
         values = [label.value for label in spec.labels]
-        lut = np.asarray([0, *values], dtype=np.uint16)
+        lut: npt.NDArray[np.unsignedinteger] = np.asarray(
+            [0, *values], dtype=np.uint8 if max(values) <= 255 else np.uint16
+        )
         native = (int(volume.shape[1]), int(volume.shape[2]))
         model_size = resampled_shape(
             native, (float(spacing_zyx[1]), float(spacing_zyx[2])), spec.input.spacing_mm
         )
-        image = normalise(volume, spec.input.window_center, spec.input.window_width)
-        stacked = stack_context(image, spec.input.context_slices)
+        intensity = _Intensity.of(volume, spec)
+        labels = np.empty(volume.shape, dtype=lut.dtype)
         self.stage_s["prepare"] += time.perf_counter() - started
         try:
-            indices = self._run(stacked, model_size, native)
+            self._run(volume, intensity, model_size, lut, labels)
         except torch.OutOfMemoryError:
             if self._device.type != "cuda":
                 raise
@@ -248,12 +252,7 @@ class Predictor:
             self._device = torch.device("cpu")
             self._module = self._module.to(self._device)
             torch.cuda.empty_cache()
-            indices = self._run(stacked, model_size, native)
-        mapped = time.perf_counter()
-        labels: npt.NDArray[np.unsignedinteger] = lut[indices]
-        if max(values) <= 255:
-            labels = labels.astype(np.uint8)
-        self.stage_s["labels"] += time.perf_counter() - mapped
+            self._run(volume, intensity, model_size, lut, labels)
         elapsed = time.perf_counter() - started
         logger.info(
             "predicted %s on %d slices %dx%d in %.2f s (%.1f ms/slice, %s)",
@@ -269,28 +268,37 @@ class Predictor:
 
     def _run(
         self,
-        stacked: npt.NDArray[np.float32],
+        volume: npt.NDArray[np.number],
+        intensity: _Intensity,
         model_size: tuple[int, int],
-        native: tuple[int, int],
-    ) -> npt.NDArray[np.uint16]:
-        """Class indices (slices, rows, columns) for (slices, C, rows, columns) input."""
+        lut: npt.NDArray[np.unsignedinteger],
+        labels: npt.NDArray[np.unsignedinteger],
+    ) -> None:
+        """Fill ``labels`` batch by batch from ``volume`` (same shape)."""
         assert self._module is not None
-        # uint16 holds any class index a card allows and is 4x smaller than argmax's int64.
-        out = np.empty((stacked.shape[0], *native), dtype=np.uint16)
+        native = (int(volume.shape[1]), int(volume.shape[2]))
+        context = self.spec.input.context_slices
         stage = self.stage_s
+        # One float buffer reused by every batch: fresh batch-sized arrays would each be
+        # page-faulted in again, which cost more than the windowing itself.
+        buffer = np.empty((self.batch_size, 2 * context + 1, *native), dtype=np.float32)
         with torch.inference_mode(), self._autocast():
-            for start in range(0, stacked.shape[0], self.batch_size):
+            for start in range(0, volume.shape[0], self.batch_size):
+                stop = min(start + self.batch_size, volume.shape[0])
                 began = time.perf_counter()
-                batch = torch.from_numpy(stacked[start : start + self.batch_size]).to(self._device)
-                batch = resample_inplane(batch, model_size, antialias=True)
+                prepared = _prepare(volume, start, stop, context, intensity, buffer)
+                prepared_at = time.perf_counter()
+                batch = resample_inplane(
+                    torch.from_numpy(prepared).to(self._device), model_size, antialias=True
+                )
                 resampled = time.perf_counter()
                 logits = self.logits(batch)
                 ran = time.perf_counter()
-                out[start : start + len(batch)] = labels_from_logits(logits, native).cpu().numpy()
-                stage["resample_in"] += resampled - began
+                _write_labels(logits, native, lut, labels[start:stop])
+                stage["prepare"] += prepared_at - began
+                stage["resample_in"] += resampled - prepared_at
                 stage["network"] += ran - resampled
                 stage["labels"] += time.perf_counter() - ran
-        return out
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """The network alone on a prepared batch (the innermost layer of :meth:`predict`).
@@ -339,13 +347,13 @@ class Predictor:
 
 def model_input(
     spec: ModelSpec,
-    volume: npt.NDArray[np.floating],
+    volume: npt.NDArray[np.number],
     spacing_zyx: tuple[float, float, float],
 ) -> torch.Tensor:
     """A volume as the network's input: windowed, 2.5-D stacked, at the model spacing.
 
     The same steps as :meth:`Predictor.predict` before the network (the reference case of
-    :mod:`scp_node.inference.verify` is made with it).
+    :mod:`scp_node.inference.verify` is made with it), on the whole volume at once.
 
     Returns
     -------
@@ -356,9 +364,134 @@ def model_input(
     size = resampled_shape(
         native, (float(spacing_zyx[1]), float(spacing_zyx[2])), spec.input.spacing_mm
     )
-    image = normalise(volume, spec.input.window_center, spec.input.window_width)
-    stacked = torch.from_numpy(stack_context(image, spec.input.context_slices))
-    return resample_inplane(stacked, size, antialias=True)
+    context = spec.input.context_slices
+    buffer = np.empty((volume.shape[0], 2 * context + 1, *native), dtype=np.float32)
+    prepared = _prepare(volume, 0, volume.shape[0], context, _Intensity.of(volume, spec), buffer)
+    return resample_inplane(torch.from_numpy(prepared), size, antialias=True)
+
+
+@dataclass(frozen=True)
+class _Intensity:
+    """The linear map of modality units to [0, 1]: ``clip((value - low) / span, 0, 1)``."""
+
+    low: np.float32
+    span: np.float32
+
+    @classmethod
+    def of(cls, volume: npt.NDArray[np.number], spec: ModelSpec) -> _Intensity:
+        """The card's window, else robust min-max (0.5 / 99.5 percentiles) of ``volume``.
+
+        Same numbers as :func:`~scp_node.inference.preprocess.normalise` on the whole
+        volume, so a batch normalised alone equals its slices of the whole normalised.
+        """
+        center, width = spec.input.window_center, spec.input.window_width
+        if center is not None and width is not None:
+            if width <= 0:
+                raise ValueError(f"window width must be > 0, got {width}")
+            return cls(np.float32(center - width / 2.0), np.float32(width))
+        if not volume.size:
+            return cls(np.float32(0.0), np.float32(1.0))
+        low, high = np.percentile(volume, [0.5, 99.5])
+        return cls(np.float32(low), np.float32(float(high - low) or 1.0))
+
+
+def _prepare(
+    volume: npt.NDArray[np.number],
+    start: int,
+    stop: int,
+    context: int,
+    intensity: _Intensity,
+    buffer: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]:
+    """Slices ``start:stop`` normalised and stacked with their context, in ``buffer``.
+
+    Returns ``buffer[: stop - start]``: (N, 2 * context + 1, rows, columns); beyond the
+    first and last slice the edge slice is replicated (as
+    :func:`~scp_node.inference.preprocess.stack_context`).
+    """
+    out = buffer[: stop - start]
+    if context == 0:
+        source = volume[start:stop, None]
+    else:
+        offsets = np.arange(-context, context + 1)
+        index = np.clip(np.arange(start, stop)[:, None] + offsets[None, :], 0, volume.shape[0] - 1)
+        source = volume[index]
+    np.subtract(source, intensity.low, out=out, dtype=np.float32)
+    np.divide(out, intensity.span, out=out)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def _write_labels(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    lut: npt.NDArray[np.unsignedinteger],
+    out: npt.NDArray[np.unsignedinteger],
+) -> None:
+    """Label values at ``size`` from (N, K, rows, columns) logits, written into ``out``."""
+    if logits.shape[1] == 2 and logits.device.type == "cpu":
+        margin = (logits[:, 1] - logits[:, 0]).float().numpy()
+        _foreground_into(margin, size, lut[1], out)
+        return
+    indices = _class_index(logits, size).cpu().numpy()
+    if indices.dtype == np.bool_ and lut[1] == 1:
+        out[...] = indices
+    else:
+        np.take(lut, indices.astype(np.intp, copy=False), out=out)
+
+
+def _bilinear_taps(
+    size_in: int, size_out: int
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+    """Source indices and weight of the second one for each output index, as torch's
+    bilinear ``align_corners=False`` computes them (in float32, clamped at the edges)."""
+    scale = np.float32(size_in / size_out)
+    source = np.maximum((np.arange(size_out, dtype=np.float32) + 0.5) * scale - 0.5, 0)
+    first = np.minimum(np.floor(source).astype(np.intp), size_in - 1)
+    second = np.minimum(first + 1, size_in - 1)
+    weight = (source - first).astype(np.float32)
+    return first, second, weight
+
+
+def _foreground_into(
+    margin: npt.NDArray[np.float32],
+    size: tuple[int, int],
+    value: np.unsignedinteger,
+    out: npt.NDArray[np.unsignedinteger],
+) -> None:
+    """``value`` where the bilinearly upsampled ``margin`` is > 0, else 0, into ``out``.
+
+    The same decision as thresholding ``resample_inplane(margin, size)`` at 0, computed only
+    inside each slice's box of output pixels that can be positive: a bilinear value is a
+    weighted mean of four source values, so it is <= 0 wherever all four are. Organs fill a
+    small part of a slice (and none of many slices), so most of the upsampling is skipped.
+    """
+    rows = _bilinear_taps(margin.shape[1], size[0])
+    columns = _bilinear_taps(margin.shape[2], size[1])
+    out[...] = 0
+    for plane, target in zip(margin, out, strict=True):
+        positive = plane > 0
+        if not positive.any():
+            continue
+        box = []
+        for (first, second, _), hits in zip(
+            (rows, columns), (positive.any(axis=1), positive.any(axis=0)), strict=True
+        ):
+            needed = np.flatnonzero(hits[first] | hits[second])
+            box.append(slice(int(needed[0]), int(needed[-1]) + 1))
+        (r0, r1, rw), (c0, c1, cw) = (
+            tuple(tap[box[0]] for tap in rows),
+            tuple(tap[box[1]] for tap in columns),
+        )
+        low, high = int(r0[0]), int(r1[-1]) + 1
+        band = plane[low:high]
+        # Along the columns first, then the rows: the order of torch's kernel.
+        across = band[:, c0] * (1 - cw) + band[:, c1] * cw
+        upsampled = across[r0 - low] * (1 - rw)[:, None] + across[r1 - low] * rw[:, None]
+        if value == 1:
+            target[box[0], box[1]] = upsampled > 0
+        else:
+            np.multiply(upsampled > 0, value, out=target[box[0], box[1]], casting="unsafe")
 
 
 def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -380,9 +513,14 @@ def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     torch.Tensor
         (N, rows, columns) int32; ties go to the lowest index as in :func:`class_argmax`.
     """
+    return _class_index(logits, size).to(torch.int32)
+
+
+def _class_index(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`labels_from_logits` as bool (foreground) for two classes, else int32."""
     if logits.shape[1] == 2:
         margin = resample_inplane((logits[:, 1] - logits[:, 0]).float(), size)
-        return (margin > 0).to(torch.int32)
+        return margin > 0
     return class_argmax(resample_inplane(logits.float(), size))
 
 

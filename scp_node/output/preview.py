@@ -63,7 +63,8 @@ def choose_slices(labelmap: NDArray[np.integer], max_slices: int = 4) -> list[in
         raise ValueError(f"labelmap must be (z, y, x), got shape {labelmap.shape}")
     if max_slices < 1:
         raise ValueError(f"max_slices must be at least 1, got {max_slices}")
-    area = np.count_nonzero(labelmap.reshape(labelmap.shape[0], -1), axis=1)
+    # Slice by slice: over a whole 1000-slice map the axis form makes a volume-sized bool copy.
+    area = np.array([np.count_nonzero(plane) for plane in labelmap], dtype=np.int64)
     labelled = np.flatnonzero(area)
     pool = labelled if labelled.size else np.arange(labelmap.shape[0])
     if pool.size <= max_slices:
@@ -145,10 +146,11 @@ def render_preview(
         x0 = n * tile_px
         canvas.paste(Image.fromarray(tile), (x0 + left, top))
         draw.text((x0 + 4, 2), f"slice {z + 1}/{volume.shape[0]}", fill=_TEXT)
-    present = set(np.unique(labelmap).tolist())
+    # Slice by slice, stopping at the first hit: np.unique would sort a copy of the volume.
+    labelled = [plane for plane in labelmap if plane.any()]
     x = 6
     for label in labels:
-        if label.value not in present:
+        if not any((plane == label.value).any() for plane in labelled):
             continue
         y = tile_px + (LEGEND_PX - 12) // 2
         draw.rectangle((x, y, x + 11, y + 11), fill=label.color)

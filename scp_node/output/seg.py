@@ -1,4 +1,4 @@
-"""Label map + source series + model card -> a DICOM Segmentation (BINARY SEG).
+"""Label map + source series + model card -> a DICOM Segmentation (BINARY or LABELMAP SEG).
 
 The SEG lies exactly on the source images: one frame per source slice per segment, each
 frame with its source slice's ImagePositionPatient, the source orientation, rows,
@@ -7,6 +7,14 @@ columns, pixel spacing and frame of reference. Its UIDs follow
 name, model version), and a SOP Instance UID that also depends on the set of source
 instances, so a retry on unchanged input rewrites the same SEG while a series that grew
 gets a new instance (with a higher InstanceNumber from the caller) in the same series.
+
+BINARY (the default, readable by every SEG viewer) stores one bit per pixel per segment,
+uncompressed; LABELMAP (Label Map Segmentation Storage, highdicom's ``LABELMAP`` type) one
+segment number per pixel, JPEG-LS lossless. For a 1000-slice 512 x 512 CT with one organ
+that is 32 MiB (BINARY) against about 1.3 MiB (LABELMAP); uncompressed, a LABELMAP would be
+eight times the BINARY. The label map is handed to highdicom as it is (or as one uint8
+copy when its values are not the segment numbers), never as floats or per-label masks of
+the whole volume.
 """
 
 from __future__ import annotations
@@ -16,11 +24,11 @@ import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from scp_node.dicom.volume import SourceVolume
 from scp_node.durable import write_durably
@@ -30,6 +38,7 @@ from scp_node.output.uids import output_uids
 
 __all__ = [
     "MANUFACTURER",
+    "SEG_TYPES",
     "build_segmentation",
     "content_label_for",
     "write_segmentation",
@@ -39,6 +48,14 @@ logger = logging.getLogger(__name__)
 
 #: Manufacturer and DeviceSerialNumber of every SEG the node writes.
 MANUFACTURER = "scp-node"
+
+#: The segmentation types a SEG can be built as, and the transfer syntax each is written in.
+SEG_TYPES: dict[hd.seg.SegmentationTypeValues, str] = {
+    hd.seg.SegmentationTypeValues.BINARY: ExplicitVRLittleEndian,
+    hd.seg.SegmentationTypeValues.LABELMAP: JPEGLSLossless,
+}
+#: Slices per step when scanning a label map: bounds the temporaries to a few MiB.
+_CHUNK_SLICES = 16
 
 _CS_INVALID = re.compile(r"[^A-Z0-9 _]")
 _CS_MAX_LENGTH = 16
@@ -61,7 +78,7 @@ def build_segmentation(
     software_version: str,
     series_number: int = 9901,
     instance_number: int = 1,
-    seg_type: Literal["binary", "labelmap"] = "binary",
+    seg_type: hd.seg.SegmentationTypeValues | str = hd.seg.SegmentationTypeValues.BINARY,
 ) -> hd.seg.Segmentation | None:
     """Build a BINARY (or LABELMAP) SEG of ``labelmap`` on the geometry of ``volume``.
 
@@ -92,10 +109,12 @@ def build_segmentation(
         InstanceNumber of the SEG (>= 1): the caller numbers the successive SEGs of one
         series 1, 2, ... so viewers show the newest first. ContentDate and ContentTime
         are the time of the build (UTC).
-    seg_type : {"binary", "labelmap"}, optional
-        ``"labelmap"`` writes one frame per source slice holding every segment (Label Map
-        Segmentation Storage, much smaller); it is another instance of the same SEG series
-        (``output_uids(..., variant="labelmap")``), with the same segments and numbers.
+    seg_type : highdicom.seg.SegmentationTypeValues or str, optional
+        ``BINARY`` (default: uncompressed, every SEG viewer reads it) or ``LABELMAP``
+        (``"binary"`` / ``"labelmap"`` in any case): one frame per source slice holding
+        every segment (Label Map Segmentation Storage, JPEG-LS lossless, far smaller) for
+        receivers that read it (see :data:`SEG_TYPES`). It is another instance of the same
+        SEG series (``output_uids(..., variant="labelmap")``), same segments and numbers.
 
     Returns
     -------
@@ -107,7 +126,8 @@ def build_segmentation(
     ------
     SegmentationError
         ``labelmap`` has the wrong shape or dtype or values that are not labels of
-        ``spec``, ``instance_number`` is below 1, or highdicom refused to build the SEG
+        ``spec``, ``instance_number`` is below 1, ``seg_type`` is neither BINARY nor
+        LABELMAP, or highdicom refused to build the SEG
         (the message says why).
     """
     expected_shape = tuple(volume.array.shape)
@@ -121,24 +141,8 @@ def build_segmentation(
     if instance_number < 1:
         raise SegmentationError(f"instance_number must be >= 1, got {instance_number}")
 
-    # Segment numbers 1..n in card order, absent labels skipped. One comparison per label
-    # keeps memory at a few bytes per voxel, whatever the labelmap's dtype.
-    dtype = np.uint8 if len(spec.labels) < 256 else np.uint16
-    segments = np.zeros(labelmap.shape, dtype=dtype)
-    covered = labelmap == 0
-    labels: list[LabelSpec] = []
-    for label in spec.labels:
-        mask = labelmap == label.value
-        if mask.any():
-            labels.append(label)
-            segments[mask] = len(labels)
-            covered |= mask
-    if not covered.all():
-        unknown = [int(v) for v in np.unique(labelmap[~covered])[:10]]
-        raise SegmentationError(
-            f"labelmap holds values {unknown} that are not labels of model {spec.name} "
-            f"(known: {sorted(label.value for label in spec.labels)})"
-        )
+    segmentation_type = _seg_type(seg_type)
+    labels, segments = _segments(labelmap, spec)
     if not labels:
         logger.info(
             "no label has any voxel; no SEG built",
@@ -152,7 +156,11 @@ def build_segmentation(
         model_name=spec.name,
         model_version=spec.version,
         source_sop_instance_uids=(str(ds.SOPInstanceUID) for ds in volume.datasets),
-        variant=None if seg_type == "binary" else seg_type,
+        variant=(
+            None
+            if segmentation_type is hd.seg.SegmentationTypeValues.BINARY
+            else segmentation_type.value.lower()
+        ),
     )
     series_instance_uid, sop_instance_uid = uids.series_instance_uid, uids.sop_instance_uid
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -171,7 +179,8 @@ def build_segmentation(
             source_images=list(volume.datasets),
             pixel_array=segments,
             plane_positions=_plane_positions(volume),
-            segmentation_type=hd.seg.SegmentationTypeValues[seg_type.upper()],
+            segmentation_type=segmentation_type,
+            transfer_syntax_uid=SEG_TYPES[segmentation_type],
             segment_descriptions=descriptions,
             series_instance_uid=series_instance_uid,
             series_number=series_number,
@@ -196,7 +205,8 @@ def build_segmentation(
         ) from exc
     elapsed_s = time.perf_counter() - started
     logger.info(
-        "SEG built: %d segment(s), %d frame(s) in %.3f s",
+        "%s SEG built: %d segment(s), %d frame(s) in %.3f s",
+        segmentation_type.value,
         len(labels),
         int(seg.NumberOfFrames),
         elapsed_s,
@@ -207,6 +217,58 @@ def build_segmentation(
         },
     )
     return seg
+
+
+def _seg_type(value: hd.seg.SegmentationTypeValues | str) -> hd.seg.SegmentationTypeValues:
+    name = value.value if isinstance(value, hd.seg.SegmentationTypeValues) else str(value).upper()
+    for kind in SEG_TYPES:
+        if kind.value == name:
+            return kind
+    raise SegmentationError(f"seg_type must be BINARY or LABELMAP, got {value!r}")
+
+
+def _segments(labelmap: np.ndarray, spec: ModelSpec) -> tuple[list[LabelSpec], np.ndarray]:
+    """The card's labels present in ``labelmap`` and its pixels as segment numbers.
+
+    Segment numbers run 1..n in card order over the labels present. When the label values
+    already are those numbers (one label of value 1, the usual case) ``labelmap`` itself is
+    returned, else one uint8 (uint16) copy; scans go ``_CHUNK_SLICES`` slices at a time.
+
+    Raises
+    ------
+    SegmentationError
+        ``labelmap`` holds values that are not labels of ``spec``.
+    """
+    known = sorted({0, *(label.value for label in spec.labels)})
+    present: set[int] = set()
+    for start in range(0, labelmap.shape[0], _CHUNK_SLICES):
+        chunk = labelmap[start : start + _CHUNK_SLICES]
+        counted = 0
+        for value in known:
+            count = int(np.count_nonzero(chunk == value))
+            if count:
+                present.add(value)
+                counted += count
+        if counted != chunk.size:
+            unknown = [int(v) for v in np.setdiff1d(np.unique(chunk), known)[:10]]
+            raise SegmentationError(
+                f"labelmap holds values {unknown} that are not labels of model {spec.name} "
+                f"(known: {known[1:]})"
+            )
+    labels = [label for label in spec.labels if label.value in present]
+    if labelmap.dtype == np.bool_:
+        labelmap = labelmap.view(np.uint8)
+    if labelmap.dtype in (np.uint8, np.uint16) and all(
+        label.value == number for number, label in enumerate(labels, start=1)
+    ):
+        return labels, labelmap
+    segments = np.zeros(labelmap.shape, dtype=np.uint8 if len(labels) < 256 else np.uint16)
+    for start in range(0, labelmap.shape[0], _CHUNK_SLICES):
+        chunk = labelmap[start : start + _CHUNK_SLICES]
+        out = segments[start : start + _CHUNK_SLICES]
+        for number, label in enumerate(labels, start=1):
+            out[chunk == label.value] = number
+    return labels, segments
 
 
 def _plane_positions(volume: SourceVolume) -> list[hd.PlanePositionSequence] | None:

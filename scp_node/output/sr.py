@@ -143,26 +143,60 @@ def measure_segments(
         )
     voxel_ml = float(np.prod(volume.spacing_zyx)) / 1000.0
     unit = _value_unit(volume)
+    stats = _label_statistics(volume.array, labelmap, [label.value for label in spec.labels])
     found: list[SegmentMeasurement] = []
     for label in spec.labels:
-        mask = labelmap == label.value
-        count = int(np.count_nonzero(mask))
+        count, mean, m2 = stats[label.value]
         if count == 0:
             continue
-        values = volume.array[mask].astype(np.float64)
         found.append(
             SegmentMeasurement(
                 segment_number=len(found) + 1,
                 label=label.name,
                 voxels=count,
                 volume_ml=count * voxel_ml,
-                mean=float(values.mean()),
-                standard_deviation=float(values.std()),
+                mean=mean,
+                standard_deviation=float(np.sqrt(m2 / count)),
                 unit=unit.value,
                 unit_meaning=unit.meaning,
             )
         )
     return tuple(found)
+
+
+#: Slices per step when measuring: bounds the masks to a few MiB for any study size.
+_CHUNK_SLICES = 16
+
+
+def _label_statistics(
+    image: np.ndarray, labelmap: np.ndarray, values: list[int]
+) -> dict[int, tuple[int, float, float]]:
+    """Per label value: (voxel count, mean, sum of squared deviations) of ``image``.
+
+    Slab by slab, the slabs' statistics combined exactly (Chan et al.'s pairwise update),
+    so no volume-sized mask or float copy is made.
+    """
+    stats = {value: (0, 0.0, 0.0) for value in values}
+    for start in range(0, labelmap.shape[0], _CHUNK_SLICES):
+        labels = labelmap[start : start + _CHUNK_SLICES]
+        slab = image[start : start + _CHUNK_SLICES]
+        for value in values:
+            mask = labels == value
+            n_b = int(np.count_nonzero(mask))
+            if n_b == 0:
+                continue
+            chunk = slab[mask].astype(np.float64)
+            mean_b = float(chunk.mean())
+            m2_b = float(np.square(chunk - mean_b).sum())
+            n_a, mean_a, m2_a = stats[value]
+            n = n_a + n_b
+            delta = mean_b - mean_a
+            stats[value] = (
+                n,
+                mean_a + delta * n_b / n,
+                m2_a + m2_b + delta * delta * n_a * n_b / n,
+            )
+    return stats
 
 
 def _coded(code: CodeSpec) -> hd.sr.CodedConcept:

@@ -5,6 +5,7 @@ The SEG is checked against the source files (read with pydicom), never against o
 
 from __future__ import annotations
 
+import json
 import subprocess
 import tomllib
 from pathlib import Path
@@ -149,6 +150,15 @@ def test_storescu_push_yields_one_valid_seg_at_the_pacs(
     log = node.cli("logs", "--job", str(job["id"]), "--json")
     stages = {line.split('"stage": "')[1].split('"')[0] for line in log.splitlines() if line}
     assert {"settled", "claim", "load", "inference", "seg", "deliver", "done"} <= stages, stages
+    # Each worker stage's event carries its own seconds, for the benchmark and an admin.
+    data: dict[str, dict[str, Any]] = {}
+    for event in map(json.loads, log.splitlines()):
+        data.setdefault(event["stage"], {}).update(event.get("data") or {})
+    assert data["load"]["slices"] == 20 and data["load"]["dtype"] == "int16", data
+    assert set(data["inference"]["stages_s"]) == {"prepare", "resample_in", "network", "labels"}
+    assert data["seg"]["build_s"] > 0 and data["seg"]["write_s"] > 0, data
+    assert data["seg"]["bytes"] > 0
+    assert data["seg"]["seg_type"] == "BINARY"
 
     # SIGTERM is a clean stop.
     assert node.stop() == 0

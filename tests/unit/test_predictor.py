@@ -11,7 +11,7 @@ import torch
 
 from scp_node.errors import ModelError
 from scp_node.inference.nets import AttentionUNet
-from scp_node.inference.predictor import Predictor, class_argmax
+from scp_node.inference.predictor import Predictor, class_argmax, labels_from_logits, model_input
 from scp_node.inference.preprocess import (
     normalise,
     resample_inplane,
@@ -122,6 +122,41 @@ def test_load_module_predicts_label_map(tmp_path: Path, context: int) -> None:
     assert out.shape == volume.shape
     assert out.dtype == np.uint8
     assert set(np.unique(out)) <= {0, 1}
+
+
+@pytest.mark.parametrize(("context", "window"), [(0, True), (1, True), (2, False)])
+def test_batches_give_the_whole_volume_result(tmp_path: Path, context: int, window: bool) -> None:
+    """Per-batch normalising, context and resampling equal the whole volume's, at any
+    batch edge, for int16 and float input alike (percentiles over the whole volume)."""
+    spec = _tiny_spec(tmp_path, context=context)
+    if not window:  # MR-like: robust min-max over the whole volume instead of a window
+        unwindowed = spec.input.model_copy(update={"window_center": None, "window_width": None})
+        spec = spec.model_copy(update={"input": unwindowed})
+    channels = 2 * context + 1
+    net = torch.nn.Conv2d(channels, 2, kernel_size=3, padding=1).eval()
+    with torch.no_grad():  # foreground where the channels' mean is above mid-range
+        net.weight.copy_(
+            0.01 * torch.randn(net.weight.shape, generator=torch.Generator().manual_seed(4))
+        )
+        net.weight[1, :, 1, 1] += 1.0
+        net.bias.copy_(torch.tensor([0.0, -0.5 * channels]))
+    hu = np.random.default_rng(3).normal(40, 200, (11, 40, 52)).round().astype(np.int16)
+    spacing = (2.0, 0.8, 1.1)
+    # The whole volume at once through the preprocessing functions themselves.
+    image = normalise(hu.astype(np.float32), spec.input.window_center, spec.input.window_width)
+    size = resampled_shape((40, 52), spacing[1:], spec.input.spacing_mm)
+    stacked = torch.from_numpy(stack_context(image, context))
+    whole_input = resample_inplane(stacked, size, antialias=True)
+    torch.testing.assert_close(model_input(spec, hu, spacing), whole_input, rtol=0, atol=0)
+    with torch.inference_mode():
+        whole = labels_from_logits(net(whole_input), (40, 52))
+    for dtype in (np.int16, np.float32):
+        predictor = Predictor(device="cpu", batch_size=4)
+        predictor.load_module(net, spec)
+        out = predictor.predict(hu.astype(dtype), spacing)
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(out, whole.numpy())
+    assert 0 < int(whole.sum()) < whole.numel()
 
 
 def test_label_values_above_255_give_uint16(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -409,3 +410,61 @@ def test_laterality_modifier_is_written_inside_the_property_type(
     assert prop.CodeValue == "64033007"
     (modifier,) = prop.SegmentedPropertyTypeModifierCodeSequence
     assert (modifier.CodeValue, modifier.CodingSchemeDesignator) == ("7771000", "SCT")
+
+
+def test_labelmap_seg_holds_the_same_segments_smaller(
+    volume: SourceVolume,
+    spec: ModelSpec,
+    written: Path,
+    sources: dict[str, pydicom.Dataset],
+    tmp_path: Path,
+) -> None:
+    labels = _box_labelmap(volume)
+    labels[labels.shape[0] // 2, 10:30, 10:30] = 2
+    seg = build_segmentation(volume, labels, spec, software_version="0.1.0", seg_type="labelmap")
+    assert seg is not None
+    path = tmp_path / "labelmap.dcm"
+    write_segmentation(seg, path)
+    back = hd.seg.segread(path)
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
+    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless
+    assert back.SegmentationType == "LABELMAP"
+    # highdicom describes the background of a label map as segment 0.
+    assert [(item.SegmentNumber, item.SegmentLabel) for item in back.SegmentSequence] == [
+        (0, "Background"),
+        (1, "Liver"),
+        (2, "Spleen"),
+    ]
+    uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
+    pixels = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, combine_segments=True, dtype=np.uint8
+    )
+    np.testing.assert_array_equal(pixels, labels)
+    # dciodvfy 20220618 predates the Label Map Segmentation IOD ("Information Object Not
+    # found"), so this SEG is checked by highdicom's reading alone.
+    assert path.stat().st_size < written.stat().st_size / 4
+
+
+def test_seg_type_is_binary_or_labelmap(volume: SourceVolume, spec: ModelSpec) -> None:
+    binary = build_segmentation(
+        volume, _box_labelmap(volume), spec, software_version="0.1.0", seg_type="Binary"
+    )
+    assert binary is not None
+    assert binary.SegmentationType == "BINARY"
+    with pytest.raises(SegmentationError, match="seg_type"):
+        build_segmentation(
+            volume, _box_labelmap(volume), spec, software_version="0.1.0", seg_type="fractional"
+        )
+
+
+def test_build_makes_no_volume_sized_copies(volume: SourceVolume, spec: ModelSpec) -> None:
+    labels = _box_labelmap(volume)
+    tracemalloc.start()
+    try:
+        seg = build_segmentation(volume, labels, spec, software_version="0.1.0")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seg is not None
+    # The BINARY frames themselves are an eighth of the label map; a copy of it is not.
+    assert peak < labels.nbytes

@@ -196,7 +196,9 @@ def test_choose_series_prefers_more_slices_then_finer_spacing(
 def test_load_volume_subject_b(ct_b_files: list[Path]) -> None:
     volume = load_volume(ct_b_files)
     assert volume.array.shape == (20, 512, 512)
-    assert volume.array.dtype == np.float32
+    # Slope 1 and intercept -1024: whole Hounsfield units, exact in half the memory.
+    assert volume.array.dtype == np.int16
+    assert all("PixelData" not in ds for ds in volume.datasets)
     assert volume.spacing_zyx == pytest.approx((2.0, 0.9765625, 0.9765625))
     assert volume.modality == "CT"
     first = pydicom.dcmread(ct_b_files[0], stop_before_pixels=True)
@@ -218,6 +220,33 @@ def test_load_volume_subject_b(ct_b_files: list[Path]) -> None:
     expected = source.pixel_array * float(source.RescaleSlope) + float(source.RescaleIntercept)
     np.testing.assert_array_equal(volume.array[index], expected.astype(np.float32))
     assert volume.datasets[index].SOPInstanceUID == source.SOPInstanceUID
+
+
+def test_without_pixels_keeps_geometry_and_headers_only(ct_b_files: list[Path]) -> None:
+    volume = load_volume(ct_b_files)
+    light = volume.without_pixels()
+    assert light.shape == volume.shape and light.array.dtype == volume.array.dtype
+    assert light.array.strides == (0, 0, 0)  # one element behind the whole shape
+    assert light.datasets == volume.datasets and light.spacing_zyx == volume.spacing_zyx
+
+
+def test_load_volume_turns_float_for_a_fractional_rescale(
+    ct_b_files: list[Path], copy_series: CopySeries
+) -> None:
+    def halve(index: int, ds: Dataset) -> None:
+        if index == 12:
+            ds.RescaleSlope = "0.5"
+
+    files = copy_series(ct_b_files, "half", halve)
+    volume = load_volume(files)
+    assert volume.array.dtype == np.float32
+    for path in files:
+        source = pydicom.dcmread(path)
+        index = [ds.SOPInstanceUID for ds in volume.datasets].index(source.SOPInstanceUID)
+        slope, intercept = float(source.RescaleSlope), float(source.RescaleIntercept)
+        expected = source.pixel_array.astype(np.float32) * np.float32(slope) + intercept
+        np.testing.assert_array_equal(volume.array[index], expected)
+    assert np.any(volume.array % 1 != 0)
 
 
 def test_load_volume_is_independent_of_file_order(ct_b_files: list[Path]) -> None:
