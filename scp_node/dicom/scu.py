@@ -122,7 +122,7 @@ def _as_accepted(
     if not accepted & {(sop_class, ExplicitVRLittleEndian), (sop_class, ImplicitVRLittleEndian)}:
         return path
     dataset = dcmread(path)
-    dataset.decompress()
+    dataset.decompress(generate_instance_uid=False)  # the same object, only re-encoded
     return dataset
 
 
