@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from scp_node import __version__
 from scp_node.dicom.handlers import StoreContext
+from scp_node.dicom.receivers import ReceiverConfig, ReceiverPool
 from scp_node.dicom.scp import StorageServer, build_storage_ae
 from scp_node.dicom.selection import route_study
 from scp_node.dicom.tls import client_context_from_settings, server_context_from_settings
@@ -274,7 +275,7 @@ def run_node(
     threads: list[threading.Thread] = []
     # Stages in one process wake each other instead of waiting for their next poll.
     wake_work, wake_dispatch = threading.Event(), threading.Event()
-    server: StorageServer | None = None
+    server: StorageServer | ReceiverPool | None = None
     logger.info("node starting", extra={"version": __version__, "stages": ",".join(sorted(stages))})
     # The dashboard binds first: a port already in use stops start-up before any stage runs.
     web = _start_web(settings, db, runtime, metrics) if settings.web.enabled else None
@@ -321,7 +322,11 @@ def run_node(
                 lambda: dispatcher.run(stop, settings.worker.poll_s, wake_dispatch), "dispatch"
             )
         )
-    if Stage.RECEIVE in stages:
+    if Stage.RECEIVE in stages and settings.node.receivers > 1:
+        server = ReceiverPool(
+            ReceiverConfig.from_settings(settings), settings.node.receivers, metrics
+        ).start()
+    elif Stage.RECEIVE in stages:
         spool = Spool(settings.storage.spool_dir)
         ae = build_storage_ae(
             settings.node.ae_title,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +30,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from scp_node.dicom.access import SourceAllowList, handle_requested
 from scp_node.dicom.handlers import (
@@ -88,11 +91,28 @@ def build_storage_ae(
     return ae
 
 
+class _ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on a socket that shares its port (SO_REUSEPORT) with the
+    other receiver processes: the kernel spreads new connections across them."""
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class StorageServer:
     """A running Storage SCP; :meth:`stop` stops accepting and lets transfers finish.
 
     ``ssl_context`` (see :func:`scp_node.dicom.tls.server_context`) makes it accept only
-    TLS; ``allowed_source_ips`` (CIDRs) rejects associations from other addresses.
+    TLS; ``allowed_source_ips`` (CIDRs) rejects associations from other addresses;
+    ``reuse_port`` lets several processes listen on the same port (see
+    :mod:`scp_node.dicom.receivers`).
+
+    Raises
+    ------
+    OSError
+        The address cannot be bound (in use, or not an address of this host).
     """
 
     def __init__(
@@ -104,6 +124,7 @@ class StorageServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         allowed_source_ips: Sequence[str] = (),
+        reuse_port: bool = False,
     ) -> None:
         self._ae = ae
         self._in_flight = ctx.in_flight
@@ -116,11 +137,17 @@ class StorageServer:
         allow = SourceAllowList(allowed_source_ips)
         if allow:
             handlers.append((evt.EVT_REQUESTED, handle_requested, [allow]))
-        server = ae.start_server(
-            (host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        server = ae.make_server(
+            (host, port),
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+            server_class=_ReusePortServer if reuse_port else ThreadedAssociationServer,
         )
-        if server is None:  # only a blocking start returns None
-            raise RuntimeError("storage SCP did not start")
+        # As AE.start_server(block=False) does, which cannot be given a server class.
+        threading.Thread(
+            target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True
+        ).start()
+        ae._servers.append(server)
         self._server = server
         self.host = host
         self.port = int(self._server.server_address[1])
