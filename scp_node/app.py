@@ -242,6 +242,17 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, _on_signal)
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value by ``nice``. On Linux a nice value belongs to a thread
+    (and is inherited by the threads and processes it starts), not to the whole process."""
+    if nice:
+        os.setpriority(
+            os.PRIO_PROCESS,
+            threading.get_native_id(),
+            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice,
+        )
+
+
 def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
@@ -280,7 +291,31 @@ def run_node(
     # The dashboard binds first: a port already in use stops start-up before any stage runs.
     web = _start_web(settings, db, runtime, metrics) if settings.web.enabled else None
 
+    if Stage.RECEIVE in stages and settings.node.receivers > 1:
+        server = ReceiverPool(
+            ReceiverConfig.from_settings(settings), settings.node.receivers, metrics
+        ).start()
+    elif Stage.RECEIVE in stages:
+        spool = Spool(settings.storage.spool_dir)
+        ae = build_storage_ae(
+            settings.node.ae_title,
+            allowed_calling_ae=settings.node.allowed_calling_ae,
+            max_pdu_bytes=settings.node.max_pdu_bytes,
+            network_timeout_s=settings.node.network_timeout_s,
+        )
+        server = StorageServer(
+            ae,
+            settings.node.host,
+            settings.node.port,
+            StoreContext(spool, db.intake, settings.storage.min_free_bytes, metrics=metrics),
+            ssl_context=server_context_from_settings(settings.tls),
+            allowed_source_ips=settings.node.allowed_source_ips,
+        )
     if Stage.WORK in stages:
+        # Receiving keeps priority over inference: the threads started from here on (the
+        # worker and its torch threads, settle, dispatch) inherit this thread's lower
+        # priority; the receivers, started above, keep theirs.
+        _lower_priority(settings.worker.nice)
         pool = ModelPool(
             settings.worker.models_dir,
             settings.worker.models,
@@ -321,26 +356,6 @@ def run_node(
             _start_thread(
                 lambda: dispatcher.run(stop, settings.worker.poll_s, wake_dispatch), "dispatch"
             )
-        )
-    if Stage.RECEIVE in stages and settings.node.receivers > 1:
-        server = ReceiverPool(
-            ReceiverConfig.from_settings(settings), settings.node.receivers, metrics
-        ).start()
-    elif Stage.RECEIVE in stages:
-        spool = Spool(settings.storage.spool_dir)
-        ae = build_storage_ae(
-            settings.node.ae_title,
-            allowed_calling_ae=settings.node.allowed_calling_ae,
-            max_pdu_bytes=settings.node.max_pdu_bytes,
-            network_timeout_s=settings.node.network_timeout_s,
-        )
-        server = StorageServer(
-            ae,
-            settings.node.host,
-            settings.node.port,
-            StoreContext(spool, db.intake, settings.storage.min_free_bytes, metrics=metrics),
-            ssl_context=server_context_from_settings(settings.tls),
-            allowed_source_ips=settings.node.allowed_source_ips,
         )
     settler = _settler(db.settling, settings, wake_work)
     threads.append(_start_thread(lambda: settler.run(stop, settings.settle.poll_s), "settle"))

@@ -148,6 +148,9 @@ class WorkerSection(_Section):
     poll_s: float = Field(default=1.0, gt=0)
     #: CPU threads for torch; 0 lets torch decide.
     threads: int = Field(default=0, ge=0)
+    #: Added to the nice value of inference (and of settle and dispatch) so that receiving
+    #: keeps priority while a job runs; 0 leaves it as it is.
+    nice: int = Field(default=10, ge=0, le=19)
     #: Model variant: "" follows the card's ``[runtime]``; ``"auto"`` runs the fastest
     #: variant verified on this machine (CPU); or a variant name. Whatever is chosen is
     #: verified on the card's reference case at start-up (fallback on failure).

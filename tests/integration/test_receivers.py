@@ -8,10 +8,14 @@ import os
 import signal
 import subprocess
 import threading
+import tomllib
+import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -37,7 +41,10 @@ def _rows(db_url: str, sql: str) -> list[tuple[object, ...]]:
         engine.dispose()
 
 
-def _node(tmp_path: Path, **node: object) -> Iterator[tuple[NodeProc, int, str]]:
+@contextmanager
+def _node(
+    tmp_path: Path, command: str = "receive", **node: object
+) -> Iterator[tuple[NodeProc, int, str]]:
     port = free_port()
     config = write_config(
         tmp_path,
@@ -46,7 +53,7 @@ def _node(tmp_path: Path, **node: object) -> Iterator[tuple[NodeProc, int, str]]
         node={"receivers": 2, **node},
         settle={"quiet_s": 600.0, "poll_s": 1.0},
     )
-    proc = NodeProc("receive", config, tmp_path, "receive", port=port).start()
+    proc = NodeProc(command, config, tmp_path, command, port=port).start()
     assert proc.process is not None
     pid = proc.process.pid
     wait_until(lambda: len(receiver_pids(pid)) == 2, 120, "two receivers")
@@ -58,7 +65,8 @@ def _node(tmp_path: Path, **node: object) -> Iterator[tuple[NodeProc, int, str]]
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[tuple[NodeProc, int, str]]:
-    yield from _node(tmp_path)
+    with _node(tmp_path) as running:
+        yield running
 
 
 def _check_stored_once(db_url: str, sops: set[str]) -> None:
@@ -71,34 +79,62 @@ def _check_stored_once(db_url: str, sops: set[str]) -> None:
         assert str(dcmread(paths[uid], stop_before_pixels=True).SOPInstanceUID) == uid
 
 
+def _nice(pid: int, tid: int | None = None) -> int:
+    return int(_proc_stat(pid, tid)[16])
+
+
+def _proc_stat(pid: int, tid: int | None) -> list[str]:
+    text = Path(f"/proc/{pid}/task/{tid or pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _received_metric(web_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as answer:
+        text_ = answer.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text_)
+        for sample in family.samples
+        if sample.name == "scp_node_instances_received_total"
+    )
+
+
 def test_concurrent_storescu_senders_into_two_receivers_store_every_instance_once(
-    node: tuple[NodeProc, int, str], tmp_path: Path, ct_b_files: list[Path]
+    tmp_path: Path, ct_b_files: list[Path]
 ) -> None:
-    proc, port, db_url = node
-    maker = StudyMaker(ct_b_files)
-    studies = [maker.make(tmp_path / f"study{i}", 15) for i in range(4)]
-    senders = [
-        subprocess.Popen(
-            ["storescu", "-aet", f"SENDER{i}", "-aec", "SCPNODE", "127.0.0.1", str(port)]
-            + [str(f) for f in files],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=DCMTK_ENV,
-        )
-        for i, files in enumerate(studies)
-    ]
-    for sender in senders:
-        out, _ = sender.communicate(timeout=300)
-        assert sender.returncode == 0, out
-    sent = {sop_of(path) for files in studies for path in files}
-    _check_stored_once(db_url, sent)
-    assert len(_rows(db_url, "SELECT id FROM instances")) == len(sent) == 60
-    counts = _rows(db_url, "SELECT instance_count FROM studies")
-    assert sorted(int(c) for (c,) in counts) == [15, 15, 15, 15]
-    # Received in the receivers, counted in the main process's /metrics is the relay's job:
-    # the main process itself never stored anything.
-    assert not list((tmp_path / "spool").rglob("*.part"))
-    assert proc.stop() == 0
+    with _node(tmp_path, "serve") as (proc, port, db_url):
+        assert proc.process is not None
+        # Receiving keeps priority over inference: the receivers run at the node's own nice
+        # value, the main thread (whose later threads infer) at worker.nice = 10 more.
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [_nice(pid) for pid in receiver_pids(proc.process.pid)] == [base, base]
+        main_pid = proc.process.pid
+        wait_until(lambda: _nice(main_pid) == min(base + 10, 19), 60, "the main thread's nice")
+        maker = StudyMaker(ct_b_files)
+        studies = [maker.make(tmp_path / f"study{i}", 15) for i in range(4)]
+        senders = [
+            subprocess.Popen(
+                ["storescu", "-aet", f"SENDER{i}", "-aec", "SCPNODE", "127.0.0.1", str(port)]
+                + [str(f) for f in files],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=DCMTK_ENV,
+            )
+            for i, files in enumerate(studies)
+        ]
+        for sender in senders:
+            out, _ = sender.communicate(timeout=300)
+            assert sender.returncode == 0, out
+        sent = {sop_of(path) for files in studies for path in files}
+        _check_stored_once(db_url, sent)
+        assert len(_rows(db_url, "SELECT id FROM instances")) == len(sent) == 60
+        counts = _rows(db_url, "SELECT instance_count FROM studies")
+        assert sorted(int(c) for (c,) in counts) == [15, 15, 15, 15]
+        assert not list((tmp_path / "spool").rglob("*.part"))
+        # Stored by the receivers, counted in the main process's /metrics.
+        web_port = tomllib.loads(proc.config.read_text())["web"]["port"]
+        wait_until(lambda: _received_metric(web_port) == len(sent), 30, "the relayed counts")
+        assert proc.stop() == 0
 
 
 def test_kill9_of_the_receiver_holding_an_association_keeps_what_it_acknowledged(
@@ -177,8 +213,10 @@ def _echo(port: int, calling_ae: str, source: str) -> bool:
 
 
 def test_every_receiver_applies_the_ae_and_source_address_allow_lists(tmp_path: Path) -> None:
-    for proc, port, _db_url in _node(
-        tmp_path, allowed_calling_ae=["GOODSCU"], allowed_source_ips=["127.0.0.1/32"]
+    with _node(tmp_path, allowed_calling_ae=["GOODSCU"], allowed_source_ips=["127.0.0.1/32"]) as (
+        proc,
+        port,
+        _db_url,
     ):
         logs = [tmp_path / "log" / f"receiver-{i}.log" for i in range(2)]
 
