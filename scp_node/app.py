@@ -146,8 +146,27 @@ def _settler(settling: Settling, settings: Settings, wake_work: threading.Event)
         else None
     )
     return Settler(
-        settling, model_routes(settings), settings.settle.quiet_s, gate=gate, wake_work=wake_work
+        settling,
+        model_routes(settings),
+        settings.settle.quiet_s,
+        gate=gate,
+        wake_work=wake_work,
+        per_series=_per_series_models(settings),
+        series_quiet_s=settings.settle.series_quiet_s,
     )
+
+
+def _per_series_models(settings: Settings) -> frozenset[str]:
+    """The served models whose cards say ``[series] per_series = true`` (an unreadable card
+    is logged by :func:`model_routes`)."""
+    names = set()
+    for name in settings.worker.models:
+        try:
+            if load_model_spec(settings.worker.models_dir, name).series.per_series:
+                names.add(name)
+        except ModelError:
+            continue
+    return frozenset(names)
 
 
 def model_routes(settings: Settings) -> dict[str, Router | None]:

@@ -106,6 +106,9 @@ class SettleSection(_Section):
     quiet_s: float = Field(default=10.0, ge=0)
     #: How often the settle sweep looks for quiet studies.
     poll_s: float = Field(default=1.0, gt=0)
+    #: A series quiet this long starts the job of each model whose card says
+    #: ``per_series = true`` (the rest of the study may still be arriving).
+    series_quiet_s: float = Field(default=3.0, ge=0)
     #: Ask the sending PACS (a ``[[sources]]`` entry matching the calling AE) by C-FIND how
     #: many instances each received series has: settle at once when all have arrived, wait
     #: past ``quiet_s`` (up to ``max_wait_s`` after the last instance) while some are missing.
