@@ -64,8 +64,9 @@ class NodeSection(_Section):
     max_pdu_bytes: int = Field(default=131072, ge=0)
     #: Seconds an idle association is kept open.
     network_timeout_s: float = Field(default=60.0, gt=0)
-    #: Storage SCP processes sharing ``port`` (SO_REUSEPORT), each with its own AE; 1 runs
-    #: the SCP in the node's own process. Default: the number of cores, at most 4.
+    #: Storage SCP processes, each with its own AE, served round-robin with the connections
+    #: the node accepts on ``port``; 1 runs the SCP in the node's own process. Default: the
+    #: number of cores, at most 4.
     receivers: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 4), ge=1, le=64)
 
     _ae = field_validator("ae_title")(_check_ae_title)

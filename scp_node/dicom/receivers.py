@@ -1,23 +1,30 @@
-"""Several Storage SCP processes on one port (``node.receivers``).
+"""Several Storage SCP processes behind one port (``node.receivers``).
 
 pynetdicom holds the GIL for most of a C-STORE (PDU decoding, parsing, the ORM), so one
-process receives about one core's worth however many associations are open. Each receiver
-here is a spawned process with its own AE, listening with ``SO_REUSEPORT`` on the node's
-port: the kernel hands each new connection to one of them (by a hash of the addresses, so
-a few senders may share one receiver while another idles). The main process keeps the
-settle sweep, the workers and the dispatcher, restarts a receiver that dies, and gathers the
-receivers' instance counters into its ``/metrics``.
+process receives about one core's worth however many associations are open. Here the main
+process owns the listening socket and hands each accepted connection (its file descriptor,
+over a Unix socket) to the next of ``node.receivers`` spawned processes in turn; each runs
+its own pynetdicom AE on the connections it is given, TLS and allow-lists included. The main
+process keeps the settle sweep, the workers and the dispatcher, restarts a receiver that
+dies, and gathers the receivers' instance counters into its ``/metrics``.
+
+Why an acceptor rather than SO_REUSEPORT (tried first): with SO_REUSEPORT the receivers
+hold the port themselves, so after a kill -9 of the main process they kept accepting (in
+the kernel's backlog) until they had died too, and a restarted node's first sender was
+reset; and the kernel spreads connections by a hash of the addresses, so two of four
+senders often landed on one receiver while another idled. With the acceptor the port
+closes with the main process and connections go round-robin.
 
 A receiver acknowledges an instance only once its file and row are durable, as the
 in-process SCP does, so a receiver killed mid-association loses nothing it acknowledged;
-the sender resends the rest. A receiver whose main process dies stops by itself (it
-finishes the C-STOREs in flight first), so a restarted node never shares its port with
-orphans.
+the sender resends the rest. A receiver dies with the main process (Linux: the kernel sends
+it SIGKILL when the thread that started it ends).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -28,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
@@ -51,6 +59,7 @@ logger = logging.getLogger(__name__)
 #: so a receiver that cannot run (a broken database, say) does not spin.
 _QUICK_DEATH_S = 5.0
 _RESTART_PAUSE_S = 2.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -112,15 +121,21 @@ class _MetricsRelay:
 
 
 def run_receiver(
-    config: ReceiverConfig, index: int, ready: Connection, events: Queue[tuple[str, int] | None]
+    config: ReceiverConfig,
+    index: int,
+    ready: Connection,
+    events: Queue[tuple[str, int] | None],
+    handoff: Connection,
 ) -> None:
-    """A receiver process's body: listen until SIGTERM/SIGINT or the main process dies.
+    """A receiver process's body: serve the connections that arrive on ``handoff`` until
+    SIGTERM/SIGINT or the main process dies.
 
-    Sends ``("ready", pid)`` or ``("error", reason)`` on ``ready`` once it listens or
+    Sends ``("ready", pid)`` or ``("error", reason)`` on ``ready`` once it can serve or
     could not; exits with status 3 in the second case.
     """
     from scp_node.logs import configure_logging
 
+    _die_with_parent()
     configure_logging(
         config.log_level,
         config.log_dir,
@@ -160,7 +175,7 @@ def run_receiver(
             ),
             ssl_context=server_context_from_settings(config.tls),
             allowed_source_ips=config.allowed_source_ips,
-            reuse_port=True,
+            handoff=True,
         )
     except Exception as exc:
         logger.exception("receiver did not start", extra={"receiver": index})
@@ -173,11 +188,44 @@ def run_receiver(
         ready.send(("ready", os.getpid()))
         ready.close()
     logger.info("receiver ready", extra={"receiver": index, "pid": os.getpid()})
+    threading.Thread(
+        target=_serve_handed, args=(server, handoff, stop), name="handoff", daemon=True
+    ).start()
     stop.wait()
     server.stop(config.grace_s)
     engine.dispose()
     events.close()
     events.join_thread()
+
+
+def _serve_handed(server: StorageServer, handoff: Connection, stop: threading.Event) -> None:
+    """Serve each connection the main process hands over, until it closes its end."""
+    while True:
+        try:
+            fd = reduction.recv_handle(handoff)
+        except (EOFError, OSError):
+            stop.set()  # the main process is gone or stopping
+            return
+        conn = socket.socket(fileno=fd)
+        try:
+            server.take(conn)
+        except Exception:
+            logger.exception("could not serve a connection")
+            conn.close()
+
+
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the thread that started it ends (Linux);
+    elsewhere the parent-sentinel thread stops it gracefully instead."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the main process died before the request above took effect
 
 
 def _stop_when_gone(sentinel: int, stop: threading.Event) -> None:
@@ -186,11 +234,8 @@ def _stop_when_gone(sentinel: int, stop: threading.Event) -> None:
     stop.set()
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Fail start-up when something already listens on ``host:port``.
-
-    SO_REUSEPORT would otherwise let the receivers share the port with another node of the
-    same user (a second ``scp-node serve`` on one configuration) without a word.
+def listen(host: str, port: int) -> socket.socket:
+    """The node's listening socket on ``host:port``.
 
     Raises
     ------
@@ -199,10 +244,8 @@ def check_port_free(host: str, port: int) -> None:
     """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _name, address = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
+        family, _kind, _proto, _name, address = infos[0]
+        return socket.create_server(address[:2], family=family, backlog=128)
     except OSError as exc:
         raise BindError(f"storage SCP: cannot listen on {host}:{port}: {exc}") from exc
 
@@ -211,6 +254,8 @@ def check_port_free(host: str, port: int) -> None:
 class _Slot:
     index: int
     process: BaseProcess
+    #: The main process's end of the Unix socket connections are handed over on.
+    handoff: Connection
     started: float = field(default_factory=time.monotonic)
 
 
@@ -240,7 +285,12 @@ class ReceiverPool:
         self._slots: list[_Slot] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        #: Set once every receiver has stopped: the watcher thread, which started the
+        #: restarted ones, must outlive them (their death signal fires when it ends).
+        self._released = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._listener: socket.socket | None = None
+        self._next = 0
         #: Receivers restarted after they died (for the tests and the health page).
         self.restarts = 0
 
@@ -261,7 +311,7 @@ class ReceiverPool:
             The ``[tls]`` files do not load.
         """
         server_context_from_settings(self._config.tls)  # a bad certificate fails here, once
-        check_port_free(self._config.host, self._config.port)
+        self._listener = listen(self._config.host, self._config.port)
         pending = [self._spawn(i) for i in range(self._count)]
         deadline = time.monotonic() + timeout_s
         try:
@@ -277,6 +327,7 @@ class ReceiverPool:
                     raise BindError(f"storage SCP receiver {slot.index} did not start: {value}")
         except BaseException:
             self._stopping.set()
+            self._listener.close()
             for slot, _conn in pending:
                 slot.process.kill()
                 slot.process.join()
@@ -285,6 +336,7 @@ class ReceiverPool:
         self._threads = [
             _thread(self._watch, "receivers"),
             _thread(self._relay_metrics, "receiver-metrics"),
+            _thread(self._accept, "acceptor"),
         ]
         logger.info(
             "storage SCP listening",
@@ -300,18 +352,58 @@ class ReceiverPool:
 
     def _spawn(self, index: int) -> tuple[_Slot, Connection]:
         receive_end, send_end = self._mp.Pipe(duplex=False)
+        ours, theirs = self._mp.Pipe(duplex=True)  # a Unix socket pair: it carries fds
         process = self._mp.Process(
             target=run_receiver,
-            args=(self._config, index, send_end, self._events),
+            args=(self._config, index, send_end, self._events, theirs),
             name=f"receiver-{index}",
             daemon=False,
         )
         process.start()
         send_end.close()
-        return _Slot(index, process), receive_end
+        theirs.close()
+        return _Slot(index, process, ours), receive_end
+
+    def _accept(self) -> None:
+        """Hand each new connection to the next live receiver, round-robin."""
+        assert self._listener is not None
+        self._listener.settimeout(0.5)  # to notice a stop
+        while not self._stopping.is_set():
+            try:
+                conn, _address = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                logger.exception("accept failed")
+                continue
+            with conn:
+                self._hand_over(conn)
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        with self._lock:
+            slots = list(self._slots)
+        for _ in range(len(slots)):
+            slot = slots[self._next % len(slots)]
+            self._next += 1
+            if not slot.process.is_alive():
+                continue
+            try:
+                reduction.send_handle(slot.handoff, conn.fileno(), slot.process.pid or 0)
+                return
+            except OSError:
+                continue  # it died meanwhile: the next one takes it
+        logger.error("no receiver alive: connection closed")
 
     def _watch(self) -> None:
         """Restart receivers that die (kill -9, a crash) until the pool stops."""
+        try:
+            self._restart_dead()
+        finally:
+            self._released.wait()
+
+    def _restart_dead(self) -> None:
         while not self._stopping.is_set():
             with self._lock:
                 sentinels = {s.process.sentinel: s for s in self._slots}
@@ -332,6 +424,7 @@ class ReceiverPool:
                 )
                 if lived_s < _QUICK_DEATH_S and self._stopping.wait(_RESTART_PAUSE_S):
                     return
+                slot.handoff.close()
                 new, conn = self._spawn(slot.index)
                 conn.close()  # its "ready" is not awaited: the others keep receiving
                 with self._lock:
@@ -359,6 +452,11 @@ class ReceiverPool:
         finish (up to ``config.grace_s``) before it aborts its associations; one still
         running 10 s after that is killed."""
         self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()  # new associations are refused from now on
+        for thread in self._threads:
+            if thread.name == "acceptor":
+                thread.join(timeout=5.0)
         with self._lock:
             slots = list(self._slots)
         for slot in slots:
@@ -371,6 +469,8 @@ class ReceiverPool:
                 logger.error("receiver did not stop; killing it", extra={"receiver": slot.index})
                 slot.process.kill()
                 slot.process.join()
+            slot.handoff.close()
+        self._released.set()
         self._events.put(None)
         for thread in self._threads:
             thread.join(timeout=5.0)

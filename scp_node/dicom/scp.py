@@ -91,14 +91,20 @@ def build_storage_ae(
     return ae
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server on a socket that shares its port (SO_REUSEPORT) with the
-    other receiver processes: the kernel spreads new connections across them."""
+class _HandoffServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server without a socket of its own: it serves the connections
+    another process accepted and handed over (:meth:`StorageServer.take`)."""
 
     def server_bind(self) -> None:
-        if self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        pass  # nothing is bound or listened on: the acceptor owns the port
+
+    def server_activate(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        # No serve_forever loop runs, so there is none to wait for.
+        self.server_close()
+        self.ae._servers.remove(self)
 
 
 class StorageServer:
@@ -106,8 +112,8 @@ class StorageServer:
 
     ``ssl_context`` (see :func:`scp_node.dicom.tls.server_context`) makes it accept only
     TLS; ``allowed_source_ips`` (CIDRs) rejects associations from other addresses;
-    ``reuse_port`` lets several processes listen on the same port (see
-    :mod:`scp_node.dicom.receivers`).
+    ``handoff`` makes it listen on nothing and serve the connections given to :meth:`take`
+    (a receiver process: see :mod:`scp_node.dicom.receivers`).
 
     Raises
     ------
@@ -124,7 +130,7 @@ class StorageServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         allowed_source_ips: Sequence[str] = (),
-        reuse_port: bool = False,
+        handoff: bool = False,
     ) -> None:
         self._ae = ae
         self._in_flight = ctx.in_flight
@@ -141,16 +147,19 @@ class StorageServer:
             (host, port),
             evt_handlers=handlers,
             ssl_context=ssl_context,
-            server_class=_ReusePortServer if reuse_port else ThreadedAssociationServer,
+            server_class=_HandoffServer if handoff else ThreadedAssociationServer,
         )
         # As AE.start_server(block=False) does, which cannot be given a server class.
-        threading.Thread(
-            target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True
-        ).start()
+        if not handoff:
+            threading.Thread(
+                target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True
+            ).start()
         ae._servers.append(server)
         self._server = server
         self.host = host
-        self.port = int(self._server.server_address[1])
+        self.port = port if handoff else int(self._server.server_address[1])
+        if handoff:
+            return
         logger.info(
             "storage SCP listening",
             extra={
@@ -160,6 +169,20 @@ class StorageServer:
                 "tls": ssl_context is not None,
             },
         )
+
+    def take(self, conn: socket.socket) -> None:
+        """Serve ``conn``, a connection accepted elsewhere, as if this server had accepted
+        it (TLS included); its association runs in a thread of its own.
+
+        Raises
+        ------
+        OSError
+            The connection is already closed.
+        """
+        address = conn.getpeername()
+        if self._server.ssl_context is not None:
+            conn = self._server.ssl_context.wrap_socket(conn, server_side=True)
+        self._server.process_request(conn, address)
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Close the listening socket, let the instances in flight finish (durable and

@@ -223,7 +223,7 @@ def test_every_receiver_applies_the_ae_and_source_address_allow_lists(tmp_path: 
         def refused_in(log: Path) -> bool:
             return log.exists() and "source address not allowed" in log.read_text()
 
-        # Connections spread over the receivers by a hash: try until each has refused one.
+        # Connections go to the receivers in turn: try until each has refused one.
         for _attempt in range(60):
             assert not _echo(port, "GOODSCU", source="127.0.0.2")
             if all(refused_in(log) for log in logs):
