@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 
 from scp_node import __version__
 from scp_node.dicom.handlers import StoreContext
+from scp_node.dicom.receivers import ReceiverConfig, ReceiverPool
 from scp_node.dicom.scp import StorageServer, build_storage_ae
 from scp_node.dicom.selection import route_study
 from scp_node.dicom.tls import client_context_from_settings, server_context_from_settings
@@ -149,8 +150,27 @@ def _settler(settling: Settling, settings: Settings, wake_work: threading.Event)
         else None
     )
     return Settler(
-        settling, model_routes(settings), settings.settle.quiet_s, gate=gate, wake_work=wake_work
+        settling,
+        model_routes(settings),
+        settings.settle.quiet_s,
+        gate=gate,
+        wake_work=wake_work,
+        per_series=_per_series_models(settings),
+        series_quiet_s=settings.settle.series_quiet_s,
     )
+
+
+def _per_series_models(settings: Settings) -> frozenset[str]:
+    """The served models whose cards say ``[series] per_series = true`` (an unreadable card
+    is logged by :func:`model_routes`)."""
+    names = set()
+    for name in settings.worker.models:
+        try:
+            if load_model_spec(settings.worker.models_dir, name).series.per_series:
+                names.add(name)
+        except ModelError:
+            continue
+    return frozenset(names)
 
 
 def model_routes(settings: Settings) -> dict[str, Router | None]:
@@ -245,6 +265,17 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, _on_signal)
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value by ``nice``. On Linux a nice value belongs to a thread
+    (and is inherited by the threads and processes it starts), not to the whole process."""
+    if nice:
+        os.setpriority(
+            os.PRIO_PROCESS,
+            threading.get_native_id(),
+            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice,
+        )
+
+
 def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
@@ -285,12 +316,36 @@ def run_node(
     threads: list[threading.Thread] = []
     # Stages in one process wake each other instead of waiting for their next poll.
     wake_work, wake_dispatch = threading.Event(), threading.Event()
-    server: StorageServer | None = None
+    server: StorageServer | ReceiverPool | None = None
     logger.info("node starting", extra={"version": __version__, "stages": ",".join(sorted(stages))})
     # The dashboard binds first: a port already in use stops start-up before any stage runs.
     web = _start_web(settings, db, runtime, metrics) if settings.web.enabled else None
 
+    if Stage.RECEIVE in stages and settings.node.receivers > 1:
+        server = ReceiverPool(
+            ReceiverConfig.from_settings(settings), settings.node.receivers, metrics
+        ).start()
+    elif Stage.RECEIVE in stages:
+        spool = Spool(settings.storage.spool_dir)
+        ae = build_storage_ae(
+            settings.node.ae_title,
+            allowed_calling_ae=settings.node.allowed_calling_ae,
+            max_pdu_bytes=settings.node.max_pdu_bytes,
+            network_timeout_s=settings.node.network_timeout_s,
+        )
+        server = StorageServer(
+            ae,
+            settings.node.host,
+            settings.node.port,
+            StoreContext(spool, db.intake, settings.storage.min_free_bytes, metrics=metrics),
+            ssl_context=server_context_from_settings(settings.tls),
+            allowed_source_ips=settings.node.allowed_source_ips,
+        )
     if Stage.WORK in stages:
+        # Receiving keeps priority over inference: the threads started from here on (the
+        # worker and its torch threads, settle, dispatch) inherit this thread's lower
+        # priority; the receivers, started above, keep theirs.
+        _lower_priority(settings.worker.nice)
         pool = ModelPool(
             settings.worker.models_dir,
             settings.worker.models,
@@ -332,22 +387,6 @@ def run_node(
             _start_thread(
                 lambda: dispatcher.run(stop, settings.worker.poll_s, wake_dispatch), "dispatch"
             )
-        )
-    if Stage.RECEIVE in stages:
-        spool = Spool(settings.storage.spool_dir)
-        ae = build_storage_ae(
-            settings.node.ae_title,
-            allowed_calling_ae=settings.node.allowed_calling_ae,
-            max_pdu_bytes=settings.node.max_pdu_bytes,
-            network_timeout_s=settings.node.network_timeout_s,
-        )
-        server = StorageServer(
-            ae,
-            settings.node.host,
-            settings.node.port,
-            StoreContext(spool, db.intake, settings.storage.min_free_bytes, metrics=metrics),
-            ssl_context=server_context_from_settings(settings.tls),
-            allowed_source_ips=settings.node.allowed_source_ips,
         )
     settler = _settler(db.settling, settings, wake_work)
     threads.append(_start_thread(lambda: settler.run(stop, settings.settle.poll_s), "settle"))

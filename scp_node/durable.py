@@ -35,12 +35,16 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+def write_durably(
+    path: Path, write: Callable[[BinaryIO], object], *, sync_dir: bool = True
+) -> Path:
     """Write ``path`` atomically and durably with ``write(handle)``.
 
     ``write`` gets a binary file open on ``<name>.part`` in the same directory; the file is
     then flushed, fsynced, renamed over ``path`` and the directory fsynced. The parent
-    directory must exist.
+    directory must exist. With ``sync_dir=False`` the caller fsyncs the directory itself
+    (once for several files: see :mod:`scp_node.queue.group_commit`) before it relies on
+    the rename.
 
     Parameters
     ----------
@@ -48,6 +52,8 @@ def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
         The file to create or replace.
     write : callable
         Writes the content to the handle it is given; its return value is ignored.
+    sync_dir : bool
+        Fsync the parent directory after the rename.
 
     Returns
     -------
@@ -72,11 +78,12 @@ def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
     return path
 
 
-def write_bytes_durably(path: Path, data: bytes) -> Path:
+def write_bytes_durably(path: Path, data: bytes, *, sync_dir: bool = True) -> Path:
     """:func:`write_durably` for bytes already in memory.
 
     Raises
@@ -84,4 +91,4 @@ def write_bytes_durably(path: Path, data: bytes) -> Path:
     OSError
         The file cannot be written; ``path`` is left as it was.
     """
-    return write_durably(path, lambda handle: handle.write(data))
+    return write_durably(path, lambda handle: handle.write(data), sync_dir=sync_dir)

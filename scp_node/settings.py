@@ -8,6 +8,7 @@ validation failure into a :class:`~scp_node.errors.ConfigError` that names the o
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,10 @@ class NodeSection(_Section):
     max_pdu_bytes: int = Field(default=131072, ge=0)
     #: Seconds an idle association is kept open.
     network_timeout_s: float = Field(default=60.0, gt=0)
+    #: Storage SCP processes, each with its own AE, served round-robin with the connections
+    #: the node accepts on ``port``; 1 runs the SCP in the node's own process. Default: the
+    #: number of cores, at most 4.
+    receivers: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 4), ge=1, le=64)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -102,6 +107,9 @@ class SettleSection(_Section):
     quiet_s: float = Field(default=10.0, ge=0)
     #: How often the settle sweep looks for quiet studies.
     poll_s: float = Field(default=1.0, gt=0)
+    #: A series quiet this long starts the job of each model whose card says
+    #: ``per_series = true`` (the rest of the study may still be arriving).
+    series_quiet_s: float = Field(default=3.0, ge=0)
     #: Ask the sending PACS (a ``[[sources]]`` entry matching the calling AE) by C-FIND how
     #: many instances each received series has: settle at once when all have arrived, wait
     #: past ``quiet_s`` (up to ``max_wait_s`` after the last instance) while some are missing.
@@ -144,6 +152,9 @@ class WorkerSection(_Section):
     poll_s: float = Field(default=1.0, gt=0)
     #: CPU threads for torch; 0 lets torch decide.
     threads: int = Field(default=0, ge=0)
+    #: Added to the nice value of inference (and of settle and dispatch) so that receiving
+    #: keeps priority while a job runs; 0 leaves it as it is.
+    nice: int = Field(default=10, ge=0, le=19)
     #: Model variant: "" follows the card's ``[runtime]``; ``"auto"`` runs the fastest
     #: variant verified on this machine (CPU); or a variant name. Whatever is chosen is
     #: verified on the card's reference case at start-up (fallback on failure).

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -150,6 +150,12 @@ class Settler:
         Set when a job was queued or requeued, so a worker in this process claims it at once.
     clock : Callable[[], datetime]
         Timezone-aware current time for the gate (injected by tests).
+    per_series : Collection[str]
+        Models (among ``models``) whose cards say they work per series: each series their
+        router takes becomes a job once it has been quiet for ``series_quiet_s``, while the
+        rest of the study may still arrive.
+    series_quiet_s : float
+        Seconds without a new instance before a series of a per-series model settles.
     """
 
     def __init__(
@@ -161,6 +167,8 @@ class Settler:
         gate: CompletenessGate | None = None,
         wake_work: threading.Event | None = None,
         clock: Clock = utcnow,
+        per_series: Collection[str] = (),
+        series_quiet_s: float = 0.0,
     ) -> None:
         self.settling = settling
         self.models: Sequence[str] | Mapping[str, Router | None] = (
@@ -171,6 +179,9 @@ class Settler:
         self._wake_work = wake_work
         self._clock = clock
         self._quiet_from = clock() + timedelta(seconds=quiet_s)
+        self.per_series = frozenset(per_series)
+        self.series_quiet_s = series_quiet_s
+        self._series_quiet_from = clock() + timedelta(seconds=series_quiet_s)
 
     def run(self, stop: threading.Event, poll_s: float) -> None:
         """Sweep every ``poll_s`` until ``stop`` is set."""
@@ -186,13 +197,26 @@ class Settler:
         """
         created: list[int] = []
         hold: frozenset[str] = frozenset()
+        if self.per_series and self._clock() >= self._series_quiet_from:
+            routers = (
+                self.models
+                if isinstance(self.models, Mapping)
+                else dict.fromkeys(self.models, None)
+            )
+            created += self.settling.settle_series(
+                self.series_quiet_s, {m: routers[m] for m in self.per_series if m in routers}
+            )
         if self.gate is not None:
             decision = self.gate.decide(self.settling.unsettled_studies(), self._clock())
             hold = decision.hold
             if decision.ready:
-                created += self.settling.settle(0.0, self.models, only=decision.ready)
+                created += self.settling.settle(
+                    0.0, self.models, only=decision.ready, per_series=self.per_series
+                )
         if self._clock() >= self._quiet_from:
-            created += self.settling.settle(self.quiet_s, self.models, exclude=hold)
+            created += self.settling.settle(
+                self.quiet_s, self.models, exclude=hold, per_series=self.per_series
+            )
         requeued = self.settling.requeue_expired()
         if (created or requeued) and self._wake_work is not None:
             self._wake_work.set()

@@ -44,11 +44,25 @@ class Spool:
                 raise ValueError(f"invalid {name} UID")
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
-        """Durably write one instance; a re-sent instance replaces its earlier copy."""
+    def store(
+        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *, sync_dir: bool = True
+    ) -> Path:
+        """Durably write one instance; a re-sent instance replaces its earlier copy.
+
+        With ``sync_dir=False`` the file is complete and fsynced but its directory entry is
+        durable only once the caller fsyncs ``path.parent`` (group commit does, once per
+        group).
+
+        Raises
+        ------
+        ValueError
+            A UID is not a valid DICOM UID.
+        OSError
+            The file cannot be written; an earlier copy is left as it was.
+        """
         path = self.instance_path(study_uid, series_uid, sop_uid)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return write_bytes_durably(path, data)
+        return write_bytes_durably(path, data, sync_dir=sync_dir)
 
     def quarantine(self, data: bytes, reason: str, details: dict[str, Any]) -> Path:
         """Keep refused bytes with the reason beside them; returns the ``.dcm`` path."""

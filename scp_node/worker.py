@@ -197,10 +197,12 @@ class Worker:
         except KeyError:
             raise ModelError(f"model {job.model} is not served by this worker") from None
         with self._stage(job, Stage.SELECT) as note:
-            selection = choose_stack(
-                read_stacks(self.jobs.study_series(job.study_instance_uid)),
-                spec.series.rules(),
-            )
+            series = self.jobs.study_series(job.study_instance_uid)
+            if spec.series.per_series and job.series_instance_uid is not None:
+                # A per-series job segments its own series only (a study-level job that
+                # is re-run chooses again: its series_instance_uid is an earlier result).
+                series = {uid: f for uid, f in series.items() if uid == job.series_instance_uid}
+            selection = choose_stack(read_stacks(series), spec.series.rules())
             note["message"] = selection.summary()
             if selection.warnings:
                 # Segmentable but irregular: the job says what was irregular.

@@ -7,11 +7,11 @@ import errno
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from scp_node.dicom.status import Status
 from scp_node.dicom.validate import InstanceRejectedError, check_instance
-from scp_node.metrics import NodeMetrics
+from scp_node.queue.group_commit import GroupCommit
 from scp_node.queue.intake import Intake
 from scp_node.queue.records import InstanceRecord
 from scp_node.spool import Spool
@@ -46,16 +46,33 @@ class InFlight:
             return self._idle.wait_for(lambda: self._count == 0, timeout=timeout_s)
 
 
+class StoreMetrics(Protocol):
+    """What ``handle_store`` counts (:class:`~scp_node.metrics.NodeMetrics`, or a relay to
+    the main process's from a receiver process)."""
+
+    def record_received(self, size_bytes: int) -> None: ...
+
+    def record_refused(self, status: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class StoreContext:
-    """What ``handle_store`` needs: where to write, where to record, the disk floor."""
+    """What ``handle_store`` needs: where to write, where to record, the disk floor.
+
+    Rows go through one :class:`~scp_node.queue.group_commit.GroupCommit` on ``intake``
+    shared by every association of the SCP.
+    """
 
     spool: Spool
     intake: Intake
     min_free_bytes: int
     in_flight: InFlight = field(default_factory=InFlight)
     #: Counts instances, bytes and refusals when given.
-    metrics: NodeMetrics | None = None
+    metrics: StoreMetrics | None = None
+    commit: GroupCommit = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "commit", GroupCommit(self.intake))
 
 
 def handle_echo(event: Event) -> int:
@@ -115,7 +132,11 @@ def _store(event: Event, ctx: StoreContext) -> int:
 
         try:
             path = ctx.spool.store(
-                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
+                header.study_instance_uid,
+                header.series_instance_uid,
+                header.sop_instance_uid,
+                data,
+                sync_dir=False,  # the group commit fsyncs it, once for the whole group
             )
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -123,7 +144,7 @@ def _store(event: Event, ctx: StoreContext) -> int:
             # The disk filled up between the free-space check and the write.
             logger.error("refused: no space left on the spool's disk", extra=log_ids)
             return int(Status.OUT_OF_RESOURCES)
-        ctx.intake.record_instance(
+        ctx.commit.record(
             InstanceRecord(
                 study_instance_uid=header.study_instance_uid,
                 series_instance_uid=header.series_instance_uid,

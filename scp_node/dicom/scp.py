@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +30,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from scp_node.dicom.access import SourceAllowList, handle_requested
 from scp_node.dicom.handlers import (
@@ -88,11 +91,34 @@ def build_storage_ae(
     return ae
 
 
+class _HandoffServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server without a socket of its own: it serves the connections
+    another process accepted and handed over (:meth:`StorageServer.take`)."""
+
+    def server_bind(self) -> None:
+        pass  # nothing is bound or listened on: the acceptor owns the port
+
+    def server_activate(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        # No serve_forever loop runs, so there is none to wait for.
+        self.server_close()
+        self.ae._servers.remove(self)
+
+
 class StorageServer:
     """A running Storage SCP; :meth:`stop` stops accepting and lets transfers finish.
 
     ``ssl_context`` (see :func:`scp_node.dicom.tls.server_context`) makes it accept only
-    TLS; ``allowed_source_ips`` (CIDRs) rejects associations from other addresses.
+    TLS; ``allowed_source_ips`` (CIDRs) rejects associations from other addresses;
+    ``handoff`` makes it listen on nothing and serve the connections given to :meth:`take`
+    (a receiver process: see :mod:`scp_node.dicom.receivers`).
+
+    Raises
+    ------
+    OSError
+        The address cannot be bound (in use, or not an address of this host).
     """
 
     def __init__(
@@ -104,6 +130,7 @@ class StorageServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         allowed_source_ips: Sequence[str] = (),
+        handoff: bool = False,
     ) -> None:
         self._ae = ae
         self._in_flight = ctx.in_flight
@@ -116,14 +143,23 @@ class StorageServer:
         allow = SourceAllowList(allowed_source_ips)
         if allow:
             handlers.append((evt.EVT_REQUESTED, handle_requested, [allow]))
-        server = ae.start_server(
-            (host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        server = ae.make_server(
+            (host, port),
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+            server_class=_HandoffServer if handoff else ThreadedAssociationServer,
         )
-        if server is None:  # only a blocking start returns None
-            raise RuntimeError("storage SCP did not start")
+        # As AE.start_server(block=False) does, which cannot be given a server class.
+        if not handoff:
+            threading.Thread(
+                target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True
+            ).start()
+        ae._servers.append(server)
         self._server = server
         self.host = host
-        self.port = int(self._server.server_address[1])
+        self.port = port if handoff else int(self._server.server_address[1])
+        if handoff:
+            return
         logger.info(
             "storage SCP listening",
             extra={
@@ -133,6 +169,20 @@ class StorageServer:
                 "tls": ssl_context is not None,
             },
         )
+
+    def take(self, conn: socket.socket) -> None:
+        """Serve ``conn``, a connection accepted elsewhere, as if this server had accepted
+        it (TLS included); its association runs in a thread of its own.
+
+        Raises
+        ------
+        OSError
+            The connection is already closed.
+        """
+        address = conn.getpeername()
+        if self._server.ssl_context is not None:
+            conn = self._server.ssl_context.wrap_socket(conn, server_side=True)
+        self._server.process_request(conn, address)
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Close the listening socket, let the instances in flight finish (durable and

@@ -4,6 +4,10 @@ pydicom reads damaged data tolerantly (a truncated value is silently shortened),
 alone proves little. What we check is what the worker will need: the identifying UIDs, the
 image attributes, and pixel data whose length (native) or fragment structure
 (encapsulated) is intact.
+
+Only the elements the node reads (:data:`CHECKED_KEYWORDS`) are converted to values; every
+other element is checked only for a length that fits the data. Converting all of them cost
+about 4 of the 5.4 ms a 512x512 CT slice took to check; the pixel data is never decoded.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import io
 from dataclasses import dataclass
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
@@ -20,6 +25,51 @@ from scp_node.dicom.status import Status
 from scp_node.dicom.uids import is_valid_uid
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+
+#: Elements converted (so that damage in them refuses the instance): what intake records,
+#: what the worker reads to build a volume and a SEG on it. Sequences among them are parsed
+#: whole (an enhanced image's functional groups hold its geometry).
+CHECKED_KEYWORDS: frozenset[str] = frozenset(
+    {
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "FrameOfReferenceUID",
+        "Modality",
+        "StudyDate",
+        "SeriesNumber",
+        "SeriesDescription",
+        "BodyPartExamined",
+        "ImageType",
+        "InstanceNumber",
+        "AcquisitionNumber",
+        "EchoNumbers",
+        "TemporalPositionIdentifier",
+        "SliceThickness",
+        "SliceLocation",
+        "SpacingBetweenSlices",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "PlanarConfiguration",
+        "NumberOfFrames",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "DimensionIndexSequence",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+    }
+)
+_CHECKED_TAGS = frozenset(int(tag_for_keyword(kw) or 0) for kw in CHECKED_KEYWORDS)
 _IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
 
 
@@ -160,8 +210,8 @@ def check_instance(data: bytes, affected_sop_instance_uid: str) -> InstanceHeade
     try:
         ds = dcmread(io.BytesIO(data))
         _check_lengths(ds)
-        for element in ds:  # force every value to convert: damage surfaces here
-            _ = element.value
+        for tag in _CHECKED_TAGS.intersection(ds.keys()):  # damage in what we read surfaces here
+            _ = ds[tag].value
     except Exception as exc:
         raise InstanceRejectedError(
             Status.CANNOT_UNDERSTAND, f"cannot parse data set: {type(exc).__name__}: {exc}"

@@ -59,6 +59,10 @@ class SeriesSpec(_Card):
     series_description: str | None = None
     #: Inclusive [min, max] SliceThickness in mm.
     slice_thickness_mm: tuple[float, float] | None = None
+    #: Each series the rules take is a job of its own, queued once that series has been
+    #: quiet for ``settle.series_quiet_s`` while the rest of the study may still arrive.
+    #: False: one job per study once the whole study is quiet.
+    per_series: bool = False
 
     @model_validator(mode="after")
     def _valid_rules(self) -> SeriesSpec:

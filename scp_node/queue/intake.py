@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
@@ -53,10 +55,34 @@ class Intake:
         QueueError
             If the database write fails.
         """
+        return self.record_instances([rec])[0]
+
+    def record_instances(self, recs: Sequence[InstanceRecord]) -> list[bool]:
+        """Record several stored instances in one transaction (a group commit).
+
+        Each is recorded as :meth:`record_instance` would, in order; either all rows are
+        committed or none.
+
+        Parameters
+        ----------
+        recs : Sequence[InstanceRecord]
+            The instances, each already durable at its ``path``.
+
+        Returns
+        -------
+        list[bool]
+            Per instance, True if its SOP Instance UID was new.
+
+        Raises
+        ------
+        QueueError
+            If the database write fails (nothing of the batch is recorded).
+        """
         for attempt in range(1, _RECORD_TRIES + 1):
             try:
                 with self._tx.write("record_instance") as tx:
-                    return _upsert_instance(tx, rec)
+                    rows = _Rows()
+                    return [_upsert_instance(tx, rec, rows) for rec in recs]
             except QueueError as exc:
                 # Two processes creating the same study/series at once (PostgreSQL): the
                 # loser sees a unique violation and retries, finding the winner's row.
@@ -65,11 +91,25 @@ class Intake:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _upsert_instance(tx: Tx, rec: InstanceRecord) -> bool:
+@dataclass
+class _Rows:
+    """The study and series rows a transaction has locked, so a batch of one series asks
+    for them once."""
+
+    studies: dict[str, Study] = field(default_factory=dict)
+    series: dict[str, Series] = field(default_factory=dict)
+
+
+def _upsert_instance(tx: Tx, rec: InstanceRecord, rows: _Rows) -> bool:
     s, now = tx.session, tx.now
-    study = s.scalars(
-        select(Study).where(Study.study_instance_uid == rec.study_instance_uid).with_for_update()
-    ).one_or_none()
+    study = (
+        rows.studies.get(rec.study_instance_uid)
+        or s.scalars(
+            select(Study)
+            .where(Study.study_instance_uid == rec.study_instance_uid)
+            .with_for_update()
+        ).one_or_none()
+    )
     if study is None:
         study = Study(
             study_instance_uid=rec.study_instance_uid,
@@ -83,11 +123,16 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord) -> bool:
     elif study.study_date is None and rec.study_date:
         study.study_date = rec.study_date
 
-    series = s.scalars(
-        select(Series)
-        .where(Series.series_instance_uid == rec.series_instance_uid)
-        .with_for_update()
-    ).one_or_none()
+    rows.studies[rec.study_instance_uid] = study
+
+    series = (
+        rows.series.get(rec.series_instance_uid)
+        or s.scalars(
+            select(Series)
+            .where(Series.series_instance_uid == rec.series_instance_uid)
+            .with_for_update()
+        ).one_or_none()
+    )
     if series is None:
         series = Series(
             study_id=study.id,
@@ -105,6 +150,7 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord) -> bool:
         if series.series_number is None:
             series.series_number = rec.series_number
         series.series_description = series.series_description or rec.series_description
+    rows.series[rec.series_instance_uid] = series
     _record_routing_facts(series, rec)
 
     instance = s.scalars(

@@ -184,6 +184,8 @@ class ClaimedJob:
     study_instance_uid: str
     model: str
     attempts: int
+    #: The one series a per-series job segments; None: selection chooses among the study's.
+    series_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, or_, select
+from sqlalchemy import Engine, func, or_, select
 from sqlalchemy.orm import Session
 
 from scp_node.queue import tx as q
@@ -56,6 +56,7 @@ class Settling:
         *,
         only: Collection[str] | None = None,
         exclude: Collection[str] = (),
+        per_series: Collection[str] = (),
     ) -> list[int]:
         """Turn studies quiet for ``quiet_s`` into one QUEUED job per model.
 
@@ -77,6 +78,10 @@ class Settling:
             Settle only these studies (Study Instance UIDs); None means any.
         exclude : Collection[str]
             Never settle these studies now (e.g. known to be incomplete).
+        per_series : Collection[str]
+            Models among ``models`` that work per series: instead of one study job, one
+            job per series their router takes, for each series no job covers yet (see
+            :meth:`settle_series`).
 
         Returns
         -------
@@ -119,7 +124,15 @@ class Settling:
                 receive = q.seconds(study.last_received_at - study.first_received_at)
                 facts: list[SeriesFacts] | None = None
                 for model, router in routers.items():
-                    why_not: str | None = None
+                    if model in per_series:
+                        jobs, why_not = self._series_jobs(tx, study, model, router, None)
+                        created += jobs
+                        if why_not is not None:
+                            created.append(
+                                self._not_routed(tx, study, model, why_not, receive, settle_wait)
+                            )
+                        continue
+                    why_not = None
                     if router is not None:
                         if facts is None:
                             facts = _series_facts(s, study.id)
@@ -164,6 +177,134 @@ class Settling:
                     created.append(job.id)
                 study.settled_through = study.last_received_at
         return created
+
+    def settle_series(
+        self, series_quiet_s: float, models: Mapping[str, Router | None]
+    ) -> list[int]:
+        """Queue the jobs of per-series ``models`` for series quiet for ``series_quiet_s``,
+        while their study may still be arriving.
+
+        A series is quiet when its last instance arrived at least ``series_quiet_s`` ago. It
+        gets one QUEUED job per model whose router takes it alone, unless a job of that model
+        for that series was created after its last instance (or is still QUEUED: it will see
+        every instance). A series that a router rules out gets no job here; the study's own
+        settle records why.
+
+        Parameters
+        ----------
+        series_quiet_s : float
+            Seconds without a new instance in a series before it becomes jobs (>= 0).
+        models : Mapping of str to (Router or None)
+            The per-series models and their routers.
+
+        Returns
+        -------
+        list[int]
+            Ids of the jobs created.
+
+        Raises
+        ------
+        ValueError
+            If ``series_quiet_s`` is negative.
+        QueueError
+            If the database write fails.
+        """
+        if series_quiet_s < 0:
+            raise ValueError(f"series_quiet_s must be >= 0, got {series_quiet_s}")
+        if not models:
+            return []
+        created: list[int] = []
+        with self._tx.write("settle_series") as tx:
+            s, now = tx.session, tx.now
+            cutoff = now - timedelta(seconds=series_quiet_s)
+            studies = s.scalars(
+                select(Study)
+                .where(
+                    or_(
+                        Study.settled_through.is_(None),
+                        Study.last_received_at > Study.settled_through,
+                    )
+                )
+                .order_by(Study.id)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for study in studies:
+                for model, router in models.items():
+                    jobs, _why_not = self._series_jobs(tx, study, model, router, cutoff)
+                    created += jobs
+        return created
+
+    def _series_jobs(
+        self,
+        tx: Tx,
+        study: Study,
+        model: str,
+        router: Router | None,
+        cutoff: datetime | None,
+    ) -> tuple[list[int], str | None]:
+        """Jobs of a per-series ``model`` for the series of ``study`` quiet since ``cutoff``
+        (None: every series) that no job covers yet; and, when the model takes no series of
+        the study at all and none has a job, the router's reason."""
+        s, now = tx.session, tx.now
+        last = dict(
+            s.execute(
+                select(Series.series_instance_uid, func.max(Instance.received_at))
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Series.study_id == study.id)
+                .group_by(Series.series_instance_uid)
+            ).all()
+        )
+        jobs = s.execute(
+            select(Job.series_instance_uid, Job.state, Job.created_at).where(
+                Job.study_id == study.id, Job.model == model, Job.series_instance_uid.is_not(None)
+            )
+        ).all()
+        facts = {f.series_instance_uid: f for f in _series_facts(s, study.id)}
+        created: list[int] = []
+        covered = 0
+        for uid, last_at in last.items():
+            if any(
+                j_uid == uid and (state == JobState.QUEUED or at >= last_at)
+                for j_uid, state, at in jobs
+            ):
+                covered += 1
+                continue
+            if cutoff is not None and last_at > cutoff:
+                continue  # still arriving
+            if router is not None and router([facts[uid]]) is not None:
+                continue
+            job = Job(
+                study_id=study.id,
+                model=model,
+                state=JobState.QUEUED,
+                attempts=0,
+                max_attempts=self._retry.max_attempts,
+                not_before=now,
+                created_at=now,
+                series_instance_uid=uid,
+                durations={
+                    "receive": q.seconds(last_at - study.first_received_at),
+                    "settle_wait": q.seconds(now - last_at),
+                },
+            )
+            s.add(job)
+            s.flush()
+            count = s.execute(
+                select(Series.instance_count).where(Series.series_instance_uid == uid)
+            ).scalar_one()
+            tx.event(
+                job,
+                study.study_instance_uid,
+                Stage.SETTLED,
+                f"series settled: {count} instances, job queued for model {model} (per series)",
+                duration_s=q.seconds(now - last_at),
+                data={"instance_count": count, "series_instance_uid": uid},
+            )
+            created.append(job.id)
+        why_not = None
+        if not created and not covered and router is not None:
+            why_not = router(list(facts.values()))
+        return created, why_not
 
     def _not_routed(
         self, tx: Tx, study: Study, model: str, reason: str, receive: float, settle_wait: float

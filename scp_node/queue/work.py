@@ -124,6 +124,7 @@ class WorkQueue:
                 study_instance_uid=study_uid,
                 model=job.model,
                 attempts=job.attempts,
+                series_instance_uid=job.series_instance_uid,
             )
 
     def heartbeat(self, job_id: int, token: str, lease_s: float) -> None:

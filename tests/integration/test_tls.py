@@ -69,7 +69,8 @@ def test_tls_node_takes_dcmtk_tls_and_refuses_plain_and_untrusted(
         port,
         free_port(),
         tls=tls,
-        node={"allowed_source_ips": ["127.0.0.0/8", "::1"]},
+        # Two receiver processes: the TLS and address rules hold in each.
+        node={"allowed_source_ips": ["127.0.0.0/8", "::1"], "receivers": 2},
         settle={"quiet_s": 600.0, "poll_s": 1.0},
     )
     db_url = f"sqlite:///{tmp_path / 'node.db'}"
