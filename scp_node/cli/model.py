@@ -248,20 +248,32 @@ def model_optimize(
         float, typer.Option(help="Agreement gate: per-label Dice vs the fp32 source.")
     ] = 0.98,
     slices: Annotated[int, typer.Option(help="Calibration slices.")] = 32,
+    patches: Annotated[int, typer.Option(help="Calibration patches (3-D models).")] = 8,
+    engine: Annotated[
+        list[str] | None,
+        typer.Option(help="3-D models: ort, openvino (repeatable; default: installed ones)."),
+    ] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
 ) -> None:
     """int8 ONNX Runtime variant (reduce_range, correct without VNNI) behind an agreement gate.
 
     The variant is kept (recorded in model.toml) only if every label's Dice against the fp32
     source on held-out slices is >= --min-dice; every label is reported. Exit status 1 when
-    the gate refuses it. nnU-Net folders and MONAI bundles are not handled yet.
+    the gate refuses it. nnU-Net folders (3-D): fp32 and int8 ONNX variants per engine
+    (ONNX Runtime, OpenVINO), gated on whole held-out volumes, kept ones recorded with
+    cpu = "auto" and a reference patch; exit status 1 when none is kept. MONAI bundles are
+    not handled yet.
     """
     import torch
 
+    from scp_node.inference.registry import ModelSpec
     from scp_node.training.optimize import optimize_model
 
     torch.set_num_threads(threads)
     with on_error(default=2):
+        if ModelSpec.from_model_dir(model_dir).kind == "volume":
+            _optimize_volume(model_dir, calibration, holdout, min_dice, patches, engine)
+            return
         result = optimize_model(
             model_dir,
             calibration=calibration,
@@ -275,3 +287,37 @@ def model_optimize(
     console.print(result.describe(), markup=False, soft_wrap=True)
     if not result.kept:
         raise typer.Exit(1)
+
+
+def _optimize_volume(
+    model_dir: Path,
+    calibration: Path | None,
+    holdout: Path | None,
+    min_dice: float,
+    patches: int,
+    engines: list[str] | None,
+) -> None:
+    from scp_node.errors import ModelError
+    from scp_node.inference.runtime.onnx import ENGINES, Engine
+    from scp_node.training.optimize_volume import optimize_volume_model
+
+    if calibration is None:
+        raise ModelError("3-D models need --calibration (a folder of DICOM series)")
+    chosen: list[Engine] | None = None
+    if engines:
+        chosen = [e for e in ENGINES if e in engines]
+        unknown = sorted(set(engines) - set(ENGINES))
+        if unknown:
+            raise ModelError(f"unknown engine {unknown[0]!r} (known: {', '.join(ENGINES)})")
+    result = optimize_volume_model(
+        model_dir,
+        calibration=calibration,
+        holdout=holdout,
+        min_dice=min_dice,
+        patches=patches,
+        engines=chosen,
+    )
+    console.print(result.describe(), markup=False, soft_wrap=True)
+    if not result.kept:
+        raise typer.Exit(1)
+    console.print(f"kept (fastest first): {', '.join(result.kept)}; cpu = auto", markup=False)

@@ -213,6 +213,8 @@ def quantize_onnx(
     per_channel: bool = True,
     reduce_range: bool = True,
     activations: str = "u8",
+    op_types: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
 ) -> None:
     """Static int8 QDQ quantisation of an fp32 ONNX graph with ONNX Runtime.
 
@@ -237,6 +239,10 @@ def quantize_onnx(
         7-bit weights: correct on CPUs without VNNI (see above).
     activations
         ``"u8"`` (asymmetric uint8) or ``"s8"`` (symmetric int8, s8s8 kernels).
+    op_types
+        Operator types to quantise; ``None``: every type ONNX Runtime can.
+    exclude
+        Node names left in fp32.
 
     Raises
     ------
@@ -284,6 +290,8 @@ def quantize_onnx(
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             reduce_range=reduce_range,
+            op_types_to_quantize=list(op_types) if op_types is not None else None,
+            nodes_to_exclude=list(exclude),
             extra_options={"ActivationSymmetric": symmetric},
         )
     finally:
