@@ -16,6 +16,7 @@ the speed-up over torch eager and the argmax agreement.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,16 +59,6 @@ def network(stages: int, width: int, classes: int) -> torch.nn.Module:
     ).eval()
 
 
-def best_of(rounds: int, run: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
-    out = run()  # warm-up (graph compilation, oneDNN primitive creation)
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - started)
-    return min(times), out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
@@ -80,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from scp_node.inference.runtime.onnx import OnnxNetwork, openvino_available
-    from scp_node.training.optimize_volume import export_volume_onnx
+    from scp_node.training.optimize_volume import INT8_OPS, conv_nodes, export_volume_onnx
     from scp_node.training.quantize import quantize_onnx
 
     torch.manual_seed(0)
@@ -88,37 +79,50 @@ def main() -> None:
     net = network(args.stages, args.width, args.classes)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 1, *args.patch)).astype(np.float32)
-    rows: list[tuple[str, float, np.ndarray]] = []
-    with torch.inference_mode():
-        seconds, ref = best_of(args.rounds, lambda: net(torch.from_numpy(x)).numpy())
-    rows.append(("torch eager fp32", seconds, ref))
-    with tempfile.TemporaryDirectory() as scratch:
-        fp32 = Path(scratch) / "fp32.onnx"
-        export_volume_onnx(net, fp32, tuple(args.patch))
-        calibration = [
-            torch.from_numpy(rng.standard_normal((1, 1, *args.patch)).astype(np.float32))
-            for _ in range(args.calibration)
-        ]
-        u8 = Path(scratch) / "int8-u8.onnx"
-        s8 = Path(scratch) / "int8-s8.onnx"
-        quantize_onnx(fp32, u8, calibration, reduce_range=True)
-        quantize_onnx(fp32, s8, calibration, reduce_range=False, activations="s8")
-        engines = [("ort", fp32, "ORT fp32"), ("ort", u8, "ORT int8 u8s8 reduce_range")]
-        engines += [("ort", s8, "ORT int8 s8s8")]
-        if openvino_available():
-            engines += [("openvino", fp32, "OpenVINO fp32")]
-            engines += [("openvino", u8, "OpenVINO int8 (u8s8 QDQ file)")]
-            engines += [("openvino", s8, "OpenVINO int8 (s8s8 QDQ file)")]
-        for engine, path, label in engines:
-            runner = OnnxNetwork(path, engine=engine, threads=args.threads)
-            seconds, out = best_of(args.rounds, lambda r=runner: r.run(x))  # type: ignore[misc]
-            rows.append((label, seconds, out))
-            del runner
+    runners: list[tuple[str, Callable[[], np.ndarray]]] = []
+
+    def torch_run() -> np.ndarray:
+        with torch.inference_mode():
+            return net(torch.from_numpy(x)).numpy()
+
+    runners.append(("torch eager fp32", torch_run))
+    scratch = Path(tempfile.mkdtemp(prefix="patch3d-"))
+    fp32 = scratch / "fp32.onnx"
+    export_volume_onnx(net, fp32, (args.patch[0], args.patch[1], args.patch[2]))
+    calibration = [
+        torch.from_numpy(rng.standard_normal((1, 1, *args.patch)).astype(np.float32))
+        for _ in range(args.calibration)
+    ]
+    # The settings `scp-node model optimize` uses for 3-D networks (see optimize_volume).
+    convs = conv_nodes(fp32)
+    settings = {"op_types": INT8_OPS, "exclude": convs[:1] + convs[-1:]}
+    u8, s8 = scratch / "int8-u8.onnx", scratch / "int8-s8.onnx"
+    quantize_onnx(fp32, u8, calibration, reduce_range=True, **settings)  # type: ignore[arg-type]
+    quantize_onnx(fp32, s8, calibration, reduce_range=False, activations="s8", **settings)  # type: ignore[arg-type]
+    engines = [("ort", fp32, "ORT fp32"), ("ort", u8, "ORT int8 u8s8 reduce_range")]
+    engines += [("ort", s8, "ORT int8 s8s8")]
+    if openvino_available():
+        engines += [("openvino", fp32, "OpenVINO fp32")]
+        engines += [("openvino", u8, "OpenVINO int8 (u8s8 QDQ file)")]
+    for engine, path, label in engines:
+        runner = OnnxNetwork(path, engine=engine, threads=args.threads)  # type: ignore[arg-type]
+        runners.append((label, lambda r=runner: r.run(x)))  # type: ignore[misc]
+    # Interleaved rounds: load from other processes spreads over every runtime alike.
+    outputs = {label: run() for label, run in runners}  # warm-up
+    times: dict[str, list[float]] = {label: [] for label, _ in runners}
+    for _round in range(args.rounds):
+        for label, run in runners:
+            started = time.perf_counter()
+            run()
+            times[label].append(time.perf_counter() - started)
+    rows = [(label, min(times[label]), outputs[label]) for label, _ in runners]
+    ref = outputs["torch eager fp32"]
+    shutil.rmtree(scratch, ignore_errors=True)
     print(cpu_summary())  # noqa: T201
     print(  # noqa: T201
         f"one patch {'x'.join(map(str, args.patch))}, {args.stages} stages, widths "
         f"{args.width}-{min(320, args.width * 2 ** (args.stages - 1))}, {args.classes} classes, "
-        f"{args.threads} threads, best of {args.rounds}"
+        f"{args.threads} threads, best of {args.rounds} interleaved rounds"
     )
     print(f"{'runtime':<32} {'s/patch':>8} {'x torch':>8} {'argmax agree':>13}")  # noqa: T201
     base = rows[0][1]

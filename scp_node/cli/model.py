@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from scp_node.cli.common import ConfigOption, console, err_console, load, on_error
+
+if TYPE_CHECKING:
+    from scp_node.inference.registry import ModelSpec
+    from scp_node.inference.verify import VariantSelection
+    from scp_node.settings import WorkerSection
 
 __all__ = ["app"]
 
@@ -202,12 +207,15 @@ def model_status(
     folder = model_dir or worker.models_dir / worker.model
     with on_error(default=2):
         spec = ModelSpec.from_model_dir(folder)
-        _predictor, selection = select_variant(
-            spec,
-            lambda: Predictor(worker.device, threads=worker.threads),
-            requested=variant or worker.variant or None,
-            cache_dir=worker.variant_cache_dir,
-        )
+        if spec.kind == "volume":
+            selection = _volume_selection(spec, worker, variant)
+        else:
+            _predictor, selection = select_variant(
+                spec,
+                lambda: Predictor(worker.device, threads=worker.threads),
+                requested=variant or worker.variant or None,
+                cache_dir=worker.variant_cache_dir,
+            )
     if as_json:
         sys.stdout.write(json.dumps(selection.to_json(), indent=2) + "\n")
         return
@@ -224,7 +232,8 @@ def model_status(
     for check in selection.checks:
         timing = ""
         if check.ms_per_slice is not None:
-            timing = f", {check.ms_per_slice:.1f} ms/slice"
+            unit = "patch" if spec.kind == "volume" else "slice"
+            timing = f", {check.ms_per_slice:.1f} ms/{unit}"
             timing += f" (best of {check.timed_runs})" if check.timed_runs else " (first run)"
         console.print(f"  {check.describe()}{timing}", markup=False, soft_wrap=True)
 
@@ -321,3 +330,21 @@ def _optimize_volume(
     if not result.kept:
         raise typer.Exit(1)
     console.print(f"kept (fastest first): {', '.join(result.kept)}; cpu = auto", markup=False)
+
+
+def _volume_selection(
+    spec: ModelSpec, worker: WorkerSection, variant: str | None
+) -> VariantSelection:
+    from scp_node.inference.runtime import load_runtime
+    from scp_node.inference.runtime.volume import VolumePredictor
+    from scp_node.inference.verify_volume import select_volume_variant
+
+    def make(name: str) -> VolumePredictor:
+        runtime = load_runtime(spec, worker.device, threads=worker.threads, variant=name)
+        assert isinstance(runtime, VolumePredictor)
+        return runtime
+
+    _runtime, selection = select_volume_variant(
+        spec, make, requested=variant or worker.variant or None, cache_dir=worker.variant_cache_dir
+    )
+    return selection

@@ -70,10 +70,13 @@ def test_optimize_keeps_verified_variants_and_startup_rejects_a_broken_one(
 ) -> None:
     model = _model_dir(tmp_path, nnunet_folder)
     series = shared_data / "ct-abdomen-b" / "dicom"
+    # The fixture's network was trained for ten steps: its logits are nearly tied, and
+    # int8 moves a quarter of the foreground (worst label ~0.77 against fp32, where the
+    # shipped gate is 0.98). The mechanics are tested with the gate lowered to 0.6;
+    # the refusal at the real gate is the next test.
+    args = ["--calibration", str(series), "--patches", "4", "--engine", "ort"]
     result = runner.invoke(
-        app,
-        ["model", "optimize", str(model), "--calibration", str(series), "--patches", "4"]
-        + ["--engine", "ort", "--threads", "1"],
+        app, ["model", "optimize", str(model), *args, "--min-dice", "0.6", "--threads", "1"]
     )
     assert result.exit_code == 0, result.output
     # Every label is reported for every candidate, against the fp32 torch runtime.
@@ -81,11 +84,19 @@ def test_optimize_keeps_verified_variants_and_startup_rejects_a_broken_one(
         line = next(row for row in result.stdout.splitlines() if f"variant {variant} " in row)
         assert f"variant {variant} kept: Dice vs fp32 on 1 held-out studies: " in line
         assert all(f"{label} " in line for label in LABELS)
+    # ONNX Runtime in fp32 reproduces the torch network exactly.
+    fp32_line = next(row for row in result.stdout.splitlines() if "variant fp32-ort " in row)
+    assert all(f"{label} 1.0000" in fp32_line for label in LABELS)
     assert "one calibration series: slices 0-9 calibrate, 10-19 are held out" in result.stdout
 
     spec = ModelSpec.from_model_dir(model)
     int8 = spec.variant("int8-ort")
-    assert (int8.format, int8.precision, int8.engine, int8.source) == ("onnx", "int8", "ort", "fp32")
+    assert (int8.format, int8.precision, int8.engine, int8.source) == (
+        "onnx",
+        "int8",
+        "ort",
+        "fp32",
+    )
     assert (model / int8.file).is_file()
     assert spec.runtime.cpu == "auto"
     assert set(spec.runtime.cpu_order) == {"fp32-ort", "int8-ort"}
@@ -102,7 +113,7 @@ def test_optimize_keeps_verified_variants_and_startup_rejects_a_broken_one(
 
     # ``auto`` verifies and times every candidate and runs a verified one.
     _runtime, auto = select_volume_variant(spec, _make(spec), cache_dir=tmp_path / "var")
-    assert auto.requested == "auto" and auto.chosen in spec.runtime.cpu_order + ("fp32",)
+    assert auto.requested == "auto" and auto.chosen in (*spec.runtime.cpu_order, "fp32")
     assert {c.variant for c in auto.checks} >= {"fp32-ort", "int8-ort", "fp32"}
     assert all(c.ok for c in auto.checks)
 
