@@ -240,7 +240,9 @@ def model_status(
 
 @app.command("optimize")
 def model_optimize(
-    model_dir: Annotated[Path, typer.Argument(help="models/<name> (our card, TorchScript, ONNX)")],
+    model_dir: Annotated[
+        Path, typer.Argument(help="models/<name> (our card, TorchScript, ONNX, nnU-Net folder)")
+    ],
     calibration: Annotated[
         Path | None, typer.Option(help="Folder of DICOM series to calibrate int8 on.")
     ] = None,
