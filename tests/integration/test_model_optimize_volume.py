@@ -9,8 +9,12 @@ network trained briefly); calibration and held-out data are subject B's DICOM se
 
 from __future__ import annotations
 
+import json
 import shutil
+import threading
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,13 +22,17 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+from scp_node.app import Stage, run_node
 from scp_node.cli import app
 from scp_node.dicom.volume import load_volume
 from scp_node.inference.registry import ModelSpec
 from scp_node.inference.runtime import load_runtime
 from scp_node.inference.runtime.volume import VolumePredictor
 from scp_node.inference.verify_volume import select_volume_variant
+from scp_node.settings import load_settings
 from scp_node.training import optimize_volume
+from tests.support.config import write_config
+from tests.support.net import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -165,3 +173,71 @@ def test_gate_refuses_an_int8_variant_that_disagrees(
     spec = ModelSpec.from_model_dir(model)
     assert "int8-ort" not in spec.variants and not (model / refused.file).exists()
     assert spec.runtime.cpu_order == ("fp32-ort",)
+
+
+def test_node_runs_the_fallback_and_shows_why_a_volume_variant_was_rejected(
+    nnunet_folder: Path, tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model_dir(tmp_path / "models", nnunet_folder)
+    result = optimize_volume.optimize_volume_model(
+        model,
+        calibration=shared_data / "ct-abdomen-b" / "dicom",
+        min_dice=0.6,  # the fixture's ten-step weights: see the first test
+        patches=2,
+        engines=("ort",),
+        threads=1,
+    )
+    assert "int8-ort" in result.kept
+    _negate_output_layer(model / ModelSpec.from_model_dir(model).variant("int8-ort").file)
+    config = write_config(
+        tmp_path,
+        free_port(),
+        free_port(),
+        worker={
+            "models_dir": str(model.parent),
+            "model": model.name,
+            "variant": "int8-ort",
+            "threads": 1,
+            "variant_cache_dir": str(tmp_path / "var" / "variants"),
+        },
+    )
+    settings = load_settings(config)
+    stop = threading.Event()
+    node = threading.Thread(
+        target=run_node,
+        args=(settings, {Stage.WORK}),
+        kwargs={"stop": stop, "install_signals": False},
+        daemon=True,
+    )
+    node.start()
+    base = f"http://127.0.0.1:{settings.web.port}"
+    try:
+
+        def model_loaded() -> dict[str, Any] | None:
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
+                    body: dict[str, Any] = json.loads(response.read().decode())
+            except OSError:
+                return None
+            return body if body["model"]["variant"] else None
+
+        health = wait_until(model_loaded, 120, "the worker to load its model")
+        assert health["model"]["variant"].startswith("nnunet-a variant ")
+        assert "int8-ort" not in health["model"]["variant"].split(" (")[0]
+        notes = health["model"]["rejected"]
+        assert any(
+            n.startswith("nnunet-a: variant int8-ort rejected on this machine: Dice ")
+            for n in notes
+        ), notes
+        assert health["status"] == "ok"
+    finally:
+        stop.set()
+        node.join(30)
+    assert not node.is_alive()
+
+    monkeypatch.chdir(tmp_path)
+    status = runner.invoke(app, ["model", "status", "--config", str(config)])
+    assert status.exit_code == 0, status.output
+    assert "model nnunet-a" in status.stdout and "requested int8-ort" in status.stdout
+    assert "variant int8-ort rejected on this machine: Dice " in status.stdout
+    assert "ms/patch" in status.stdout
