@@ -35,7 +35,9 @@ from scp_node.inference.pool import LoadedModel, ModelPool
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import ModelSpec, load_model_spec
 from scp_node.inference.runtime import load_runtime
-from scp_node.inference.verify import select_variant, selection_summary
+from scp_node.inference.runtime.volume import VolumePredictor
+from scp_node.inference.verify import VariantSelection, select_variant, selection_summary
+from scp_node.inference.verify_volume import select_volume_variant
 from scp_node.metrics import NodeMetrics
 from scp_node.queue.admin import JobAdmin
 from scp_node.queue.db import make_engine, upgrade
@@ -206,6 +208,20 @@ def _load_predictor(settings: Settings, runtime: NodeRuntime) -> Callable[[Model
     """Loader of the worker's model pool: one predictor per model on the configured device."""
 
     def load(spec: ModelSpec) -> LoadedModel:
+        if spec.kind == "volume" and spec.verify.file is not None:
+            # Exported and int8 variants of the 3-D network, verified on its reference patch.
+            verified, selection = _select_volume(spec, settings)
+            runtime.device = str(verified.device)
+            runtime.variants[spec.name] = selection_summary(selection)
+            runtime.model_notes = (
+                *(n for n in runtime.model_notes if not n.startswith(f"{spec.name}: ")),
+                *(f"{spec.name}: {note}" for note in selection.notes),
+            )
+            logger.info(
+                "model loaded",
+                extra={"model": spec.name, "device": verified.device, "variant": verified.variant},
+            )
+            return verified
         if spec.kind == "volume":
             # One network, no variants: nothing to choose between or verify against.
             volume = load_runtime(spec, settings.worker.device, threads=settings.worker.threads)
@@ -241,6 +257,19 @@ def _load_predictor(settings: Settings, runtime: NodeRuntime) -> Callable[[Model
         return predictor
 
     return load
+
+
+def _select_volume(spec: ModelSpec, settings: Settings) -> tuple[VolumePredictor, VariantSelection]:
+    worker = settings.worker
+
+    def make(variant: str) -> VolumePredictor:
+        volume = load_runtime(spec, worker.device, threads=worker.threads, variant=variant)
+        assert isinstance(volume, VolumePredictor)
+        return volume
+
+    return select_volume_variant(
+        spec, make, requested=worker.variant or None, cache_dir=worker.variant_cache_dir
+    )
 
 
 def _verify_at_start(pool: ModelPool, max_loaded: int) -> None:

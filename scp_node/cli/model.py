@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from scp_node.cli.common import ConfigOption, console, err_console, load, on_error
+
+if TYPE_CHECKING:
+    from scp_node.inference.registry import ModelSpec
+    from scp_node.inference.verify import VariantSelection
+    from scp_node.settings import WorkerSection
 
 __all__ = ["app"]
 
@@ -202,12 +207,15 @@ def model_status(
     folder = model_dir or worker.models_dir / worker.model
     with on_error(default=2):
         spec = ModelSpec.from_model_dir(folder)
-        _predictor, selection = select_variant(
-            spec,
-            lambda: Predictor(worker.device, threads=worker.threads),
-            requested=variant or worker.variant or None,
-            cache_dir=worker.variant_cache_dir,
-        )
+        if spec.kind == "volume":
+            selection = _volume_selection(spec, worker, variant)
+        else:
+            _predictor, selection = select_variant(
+                spec,
+                lambda: Predictor(worker.device, threads=worker.threads),
+                requested=variant or worker.variant or None,
+                cache_dir=worker.variant_cache_dir,
+            )
     if as_json:
         sys.stdout.write(json.dumps(selection.to_json(), indent=2) + "\n")
         return
@@ -224,14 +232,17 @@ def model_status(
     for check in selection.checks:
         timing = ""
         if check.ms_per_slice is not None:
-            timing = f", {check.ms_per_slice:.1f} ms/slice"
+            unit = "patch" if spec.kind == "volume" else "slice"
+            timing = f", {check.ms_per_slice:.1f} ms/{unit}"
             timing += f" (best of {check.timed_runs})" if check.timed_runs else " (first run)"
         console.print(f"  {check.describe()}{timing}", markup=False, soft_wrap=True)
 
 
 @app.command("optimize")
 def model_optimize(
-    model_dir: Annotated[Path, typer.Argument(help="models/<name> (our card, TorchScript, ONNX)")],
+    model_dir: Annotated[
+        Path, typer.Argument(help="models/<name> (our card, TorchScript, ONNX, nnU-Net folder)")
+    ],
     calibration: Annotated[
         Path | None, typer.Option(help="Folder of DICOM series to calibrate int8 on.")
     ] = None,
@@ -248,20 +259,32 @@ def model_optimize(
         float, typer.Option(help="Agreement gate: per-label Dice vs the fp32 source.")
     ] = 0.98,
     slices: Annotated[int, typer.Option(help="Calibration slices.")] = 32,
+    patches: Annotated[int, typer.Option(help="Calibration patches (3-D models).")] = 8,
+    engine: Annotated[
+        list[str] | None,
+        typer.Option(help="3-D models: ort, openvino (repeatable; default: installed ones)."),
+    ] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
 ) -> None:
     """int8 ONNX Runtime variant (reduce_range, correct without VNNI) behind an agreement gate.
 
     The variant is kept (recorded in model.toml) only if every label's Dice against the fp32
     source on held-out slices is >= --min-dice; every label is reported. Exit status 1 when
-    the gate refuses it. nnU-Net folders and MONAI bundles are not handled yet.
+    the gate refuses it. nnU-Net folders (3-D): fp32 and int8 ONNX variants per engine
+    (ONNX Runtime, OpenVINO), gated on whole held-out volumes, kept ones recorded with
+    cpu = "auto" and a reference patch; exit status 1 when none is kept. MONAI bundles are
+    not handled yet.
     """
     import torch
 
+    from scp_node.inference.registry import ModelSpec
     from scp_node.training.optimize import optimize_model
 
     torch.set_num_threads(threads)
     with on_error(default=2):
+        if ModelSpec.from_model_dir(model_dir).kind == "volume":
+            _optimize_volume(model_dir, calibration, holdout, min_dice, patches, engine)
+            return
         result = optimize_model(
             model_dir,
             calibration=calibration,
@@ -275,3 +298,55 @@ def model_optimize(
     console.print(result.describe(), markup=False, soft_wrap=True)
     if not result.kept:
         raise typer.Exit(1)
+
+
+def _optimize_volume(
+    model_dir: Path,
+    calibration: Path | None,
+    holdout: Path | None,
+    min_dice: float,
+    patches: int,
+    engines: list[str] | None,
+) -> None:
+    from scp_node.errors import ModelError
+    from scp_node.inference.runtime.onnx import ENGINES, Engine
+    from scp_node.training.optimize_volume import optimize_volume_model
+
+    if calibration is None:
+        raise ModelError("3-D models need --calibration (a folder of DICOM series)")
+    chosen: list[Engine] | None = None
+    if engines:
+        chosen = [e for e in ENGINES if e in engines]
+        unknown = sorted(set(engines) - set(ENGINES))
+        if unknown:
+            raise ModelError(f"unknown engine {unknown[0]!r} (known: {', '.join(ENGINES)})")
+    result = optimize_volume_model(
+        model_dir,
+        calibration=calibration,
+        holdout=holdout,
+        min_dice=min_dice,
+        patches=patches,
+        engines=chosen,
+    )
+    console.print(result.describe(), markup=False, soft_wrap=True)
+    if not result.kept:
+        raise typer.Exit(1)
+    console.print(f"kept (fastest first): {', '.join(result.kept)}; cpu = auto", markup=False)
+
+
+def _volume_selection(
+    spec: ModelSpec, worker: WorkerSection, variant: str | None
+) -> VariantSelection:
+    from scp_node.inference.runtime import load_runtime
+    from scp_node.inference.runtime.volume import VolumePredictor
+    from scp_node.inference.verify_volume import select_volume_variant
+
+    def make(name: str) -> VolumePredictor:
+        runtime = load_runtime(spec, worker.device, threads=worker.threads, variant=name)
+        assert isinstance(runtime, VolumePredictor)
+        return runtime
+
+    _runtime, selection = select_volume_variant(
+        spec, make, requested=variant or worker.variant or None, cache_dir=worker.variant_cache_dir
+    )
+    return selection

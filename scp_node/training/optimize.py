@@ -9,7 +9,8 @@ subject. The **agreement gate** runs the fp32 source and the int8 graph on held-
 ones calibrate) and keeps the variant only if every label's pooled Dice of the argmax is
 >= ``min_dice``. A kept variant is recorded in the card (``source`` = the fp32 network, so
 start-up verification compares with it) and, when the card has no reference case yet, one
-is made from the held-out slices. nnU-Net folders and MONAI bundles are not handled here.
+is made from the held-out slices. nnU-Net folders (3-D) are optimised by
+:mod:`scp_node.training.optimize_volume`; MONAI bundles are not handled yet.
 """
 
 from __future__ import annotations

@@ -213,6 +213,8 @@ def quantize_onnx(
     per_channel: bool = True,
     reduce_range: bool = True,
     activations: str = "u8",
+    op_types: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
 ) -> None:
     """Static int8 QDQ quantisation of an fp32 ONNX graph with ONNX Runtime.
 
@@ -237,6 +239,10 @@ def quantize_onnx(
         7-bit weights: correct on CPUs without VNNI (see above).
     activations
         ``"u8"`` (asymmetric uint8) or ``"s8"`` (symmetric int8, s8s8 kernels).
+    op_types
+        Operator types to quantise; ``None``: every type ONNX Runtime can.
+    exclude
+        Node names left in fp32.
 
     Raises
     ------
@@ -267,7 +273,14 @@ def quantize_onnx(
 
     class _Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
-            self._batches = iter([{graph_input: b.numpy()} for b in calibration])
+            self._all = [{graph_input: b.numpy()} for b in calibration]
+            self._batches = iter(self._all)
+
+        def __len__(self) -> int:
+            return len(self._all)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._batches = iter(self._all[start_index:end_index])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)
@@ -284,7 +297,11 @@ def quantize_onnx(
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             reduce_range=reduce_range,
-            extra_options={"ActivationSymmetric": symmetric},
+            op_types_to_quantize=list(op_types) if op_types is not None else None,
+            nodes_to_exclude=list(exclude),
+            # One batch per collection, ranges merged after each: ONNX Runtime otherwise
+            # keeps every intermediate output of every batch (8 GB for four 3-D patches).
+            extra_options={"ActivationSymmetric": symmetric, "CalibStridedMinMax": 1},
         )
     finally:
         prepared.unlink(missing_ok=True)

@@ -32,7 +32,9 @@ class Runtime(Protocol):
     ) -> npt.NDArray[np.unsignedinteger]: ...
 
 
-def load_runtime(spec: ModelSpec, device: str = "auto", threads: int = 0) -> Runtime:
+def load_runtime(
+    spec: ModelSpec, device: str = "auto", threads: int = 0, variant: str = "fp32"
+) -> Runtime:
     """The runtime for ``spec``, its weights loaded.
 
     Parameters
@@ -43,6 +45,9 @@ def load_runtime(spec: ModelSpec, device: str = "auto", threads: int = 0) -> Run
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:<n>"``.
     threads
         torch CPU threads when > 0.
+    variant
+        Volume cards: ``"fp32"`` (the torch network) or an exported (``onnx``) variant,
+        whose networks replace the torch ones (pre- and post-processing stay).
 
     Raises
     ------
@@ -103,5 +108,10 @@ def load_runtime(spec: ModelSpec, device: str = "auto", threads: int = 0) -> Run
         from scp_node.inference.formats.native import load_native
 
         model = load_native(spec, runtime.torch_device)
+    if variant != "fp32":
+        from scp_node.inference.runtime.onnx import exported_networks
+
+        model.networks = exported_networks(spec, variant, threads)
+        runtime.variant = variant
     runtime.load_model(model)
     return runtime
