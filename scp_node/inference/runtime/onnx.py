@@ -98,7 +98,7 @@ def _ort(path: Path, threads: int) -> _Run:
 
 def _openvino(path: Path, threads: int) -> _Run:
     try:
-        import openvino as ov  # type: ignore[import-not-found,unused-ignore]
+        import openvino as ov
     except ImportError as exc:
         raise ModelError(
             f"{path}: engine 'openvino' needs the openvino package (pip install openvino)"
