@@ -1,5 +1,5 @@
-"""A real PACS round trip: Orthanc pushes subject B to the node, the SEG and its measurement
-report (SR) come back to Orthanc.
+"""A real PACS round trip: Orthanc pushes subject B to the node, the SEG, its measurement
+report (SR) and the overlay series (Secondary Capture) come back to Orthanc.
 
 The node runs as a subprocess (``scp-node serve``); Orthanc (Debian package) is started per
 module on private loopback ports. The SEG that lands in Orthanc is then checked by readers
@@ -42,6 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 SEG_TIMEOUT_S = 240
 OHIF_TIMEOUT_S = 120
 SEGIMAGE2ITKIMAGE = Path(sys.executable).parent / "segimage2itkimage"
+TID1500READER = Path(sys.executable).parent / "tid1500reader"
 
 
 @dataclass
@@ -58,6 +59,8 @@ class RoundTrip:
     seg_path: Path
     #: The TID 1500 SR that came back beside the SEG.
     sr_path: Path
+    #: Orthanc's id of the overlay series (Secondary Capture, modality OT).
+    sc_series_id: str
     send_s: float
     visible_s: float
 
@@ -91,7 +94,7 @@ def roundtrip(
                 "ae_title": orthanc.ae_title,
                 "host": "127.0.0.1",
                 "port": orthanc.dicom_port,
-                "outputs": ["seg", "sr"],
+                "outputs": ["seg", "sr", "sc"],
             },
             {"name": "web", "kind": "dicomweb", "url": web.dicomweb_url},
         ],
@@ -124,10 +127,13 @@ def roundtrip(
         (sr_instance,) = orthanc.series_instances(sr_series_id)
         sr_path = root / "sr-from-orthanc.dcm"
         sr_path.write_bytes(orthanc.instance_file(sr_instance["ID"]))
-        # Every delivery (SEG and SR to Orthanc, SEG by STOW-RS) done: the job is finished.
+        # Every delivery (SEG, SR and overlays to Orthanc, SEG by STOW-RS) done: the job is
+        # finished, and so is the overlay series (one delivery per image).
         wait_until(
             lambda: [j for j in node.jobs() if j["state"] == "done"], 60, "the job to finish"
         )
+        sc_series_id = _seg_series(orthanc, study_id, "OT")
+        assert sc_series_id is not None, "no overlay (OT) series in Orthanc"
         yield RoundTrip(
             orthanc,
             web,
@@ -137,6 +143,7 @@ def roundtrip(
             seg_series_id,
             seg_path,
             sr_path,
+            sc_series_id,
             send_s,
             visible_s,
         )
@@ -179,12 +186,13 @@ def test_seg_lands_in_the_same_study_and_references_orthancs_instances(
     (job,) = roundtrip.node.jobs()
     assert (job["state"], job["outcome"]) == ("done", "seg"), job
     assert job["seg_sop_instance_uid"] == seg.SOPInstanceUID
-    # Exactly one SEG instance in Orthanc's study: the CT, the SEG and the SR series (this
-    # destination asks for the SR too), nothing else.
+    # Exactly one SEG instance in Orthanc's study: the CT, the SEG, the SR and the overlay
+    # (Secondary Capture, modality OT) series (this destination asks for all three), nothing
+    # else.
     modalities = sorted(
         series["MainDicomTags"]["Modality"] for series in orthanc.study_series(roundtrip.study_id)
     )
-    assert modalities == ["CT", "SEG", "SR"]
+    assert modalities == ["CT", "OT", "SEG", "SR"]
     assert len(orthanc.series_instances(roundtrip.seg_series_id)) == 1
 
 
@@ -212,6 +220,84 @@ def test_sr_in_orthanc_measures_the_segs_segments(roundtrip: RoundTrip) -> None:
         }
         assert values["Volume"] == pytest.approx(measured[number]["volume_ml"])
         assert values["Mean"] == pytest.approx(measured[number]["mean"])
+
+
+def test_dcmqi_reads_the_srs_measurements(roundtrip: RoundTrip, tmp_path: Path) -> None:
+    """A TID 1500 reader that is not ours (dcmqi's ``tid1500reader``) finds each segment's
+    group, its SEG segment and the values the job measured."""
+    out = tmp_path / "sr.json"
+    result = subprocess.run(
+        [str(TID1500READER), "--inputDICOM", str(roundtrip.sr_path), "--outputMetadata", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    groups = json.loads(out.read_text())["Measurements"]
+    (job,) = roundtrip.node.jobs()
+    measured = {m["segment_number"]: m for m in job["measurements"]}
+    assert sorted(int(g["ReferencedSegment"]) for g in groups) == sorted(measured)
+    for group in groups:
+        expected = measured[int(group["ReferencedSegment"])]
+        assert (
+            group["TrackingIdentifier"]
+            == f"{expected['label']} (segment {group['ReferencedSegment']})"
+        )
+        values = {
+            (item.get("derivationModifier") or item["quantity"])["CodeMeaning"]: (
+                float(item["value"]),
+                item["units"]["CodeValue"],
+            )
+            for item in group["measurementItems"]
+        }
+        assert values["Volume"] == (pytest.approx(expected["volume_ml"]), "mL")
+        assert values["Mean"] == (pytest.approx(expected["mean"]), expected["unit"])
+
+
+def test_overlay_series_in_orthanc_sorts_with_the_source(
+    roundtrip: RoundTrip, ct_b_files: list[Path], tmp_path: Path
+) -> None:
+    """One Secondary Capture per slice the SEG marks, in the CT's study, each carrying its
+    source slice's instance number, position and frame of reference."""
+    orthanc = roundtrip.orthanc
+    seg = dcmread(roundtrip.seg_path)
+    seg_pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    marked = {
+        frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for frame, pixels in zip(seg.PerFrameFunctionalGroupsSequence, seg_pixels, strict=True)
+        if pixels.any()
+    }
+    assert marked
+    sources = {
+        str(ds.SOPInstanceUID): ds
+        for ds in (dcmread(p, stop_before_pixels=True) for p in ct_b_files)
+    }
+    instances = orthanc.series_instances(roundtrip.sc_series_id)
+    assert len(instances) == len(marked)
+    images = []
+    for n, instance in enumerate(instances):
+        path = tmp_path / f"sc-{n}.dcm"
+        path.write_bytes(orthanc.instance_file(instance["ID"]))
+        images.append((path, dcmread(path)))
+    assert {ds.SourceImageSequence[0].ReferencedSOPInstanceUID for _, ds in images} == marked
+    for _path, image in images:
+        source = sources[image.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert image.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image
+        assert image.StudyInstanceUID == seg.StudyInstanceUID == source.StudyInstanceUID
+        assert image.InstanceNumber == source.InstanceNumber
+        assert image.ImagePositionPatient == source.ImagePositionPatient
+        assert image.ImageOrientationPatient == source.ImageOrientationPatient
+        assert image.FrameOfReferenceUID == source.FrameOfReferenceUID
+        assert image.BurnedInAnnotation == "YES"
+        assert image.pixel_array.shape == (source.Rows, source.Columns, 3)
+    # Orthanc orders the series as the CT: by instance number, the same as by position.
+    by_number = sorted(images, key=lambda item: int(item[1].InstanceNumber))
+    by_position = sorted(images, key=lambda item: float(item[1].ImagePositionPatient[2]))
+    assert [ds.SOPInstanceUID for _, ds in by_number] in (
+        [ds.SOPInstanceUID for _, ds in by_position],
+        [ds.SOPInstanceUID for _, ds in reversed(by_position)],
+    )
+    check_with_dciodvfy(images[0][0], "SCImage")
 
 
 def test_dicomweb_destination_got_the_same_seg(roundtrip: RoundTrip) -> None:
@@ -382,6 +468,135 @@ def test_ohif_shows_the_seg_overlay(roundtrip: RoundTrip, tmp_path: Path) -> Non
         assert failed == []
         (tmp_path / "console-errors.txt").write_text("\n".join(browser.errors()))
         print(f"\nOHIF screenshot: {screenshot}")  # noqa: T201
+    finally:
+        browser.close()
+        site.stop()
+
+
+#: The viewport's orientation markers by position, e.g. ``{"top-mid": "A", "left-mid": "R"}``.
+_ORIENTATION_MARKERS = """(() => {
+  const found = {};
+  for (const e of document.querySelectorAll('.orientation-marker')) {
+    const where = Array.from(e.classList).find(c => /^(top|bottom|left|right)-/.test(c));
+    if (where && e.innerText.trim()) found[where] = e.innerText.trim();
+  }
+  return Object.keys(found).length ? found : null;
+})()"""
+
+#: Loads OHIF's SR display set the way its SR viewport does (``displaySet.load()``) and
+#: returns what OHIF made of it. ``window.services`` is OHIF's own services manager.
+_OHIF_SR_DISPLAY_SET = """(async () => {
+  const sets = window.services.displaySetService.getActiveDisplaySets();
+  const sr = sets.find(d => d.Modality === 'SR');
+  if (!sr) return null;
+  let error = null;
+  try { await sr.load(); } catch (e) { error = String(e); }
+  return {
+    label: sr.label,
+    sopClassHandler: sr.SOPClassHandlerId,
+    isImagingMeasurementReport: sr.isImagingMeasurementReport,
+    isLoaded: sr.isLoaded,
+    isRehydratable: sr.isRehydratable,
+    referencedImages: (sr.referencedImages || []).length,
+    measurements: (sr.measurements || []).map(m => ({
+      trackingIdentifier: m.TrackingIdentifier,
+      trackingUniqueIdentifier: m.TrackingUniqueIdentifier,
+      labels: m.labels,
+      coords: m.coords.length,
+    })),
+    tracked: window.services.measurementService.getMeasurements().length,
+    error,
+  };
+})()"""
+
+
+def test_ohif_lists_the_sr_and_the_overlay_series(roundtrip: RoundTrip, tmp_path: Path) -> None:
+    """What OHIF 3.12 makes of the SR and the overlay series.
+
+    The overlay series is an image display set that opens in the viewport with its
+    outlines. The SR is listed as a display set and OHIF's TID 1500 reader finds one
+    measurement per segment by its tracking identifier, but OHIF reads values only from
+    measurement groups with spatial coordinates (SCOORD/SCOORD3D, planar ROIs); a group
+    whose ROI is a referenced SEG segment (TID 1411, as the issue asks) gets no values, is
+    not rehydratable into its measurement service, so its measurement panel lists nothing,
+    and loading the SR over an image display set fails inside OHIF (OHIF/Viewers#3390).
+    """
+    seg = dcmread(roundtrip.seg_path, stop_before_pixels=True)
+    report = hd.sr.srread(roundtrip.sr_path)
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    overlays = len(roundtrip.orthanc.series_instances(roundtrip.sc_series_id))
+    site = OhifSite(roundtrip.orthanc.url).start()
+    browser = Chromium(tmp_path / "chromium-profile")
+    screenshot = REPO_ROOT / "test-artifacts" / "ohif-sc-overlay.png"
+    try:
+        browser.open_page()
+        browser.add_init_script(
+            "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))"
+        )
+        browser.navigate(f"{site.url}/viewer?StudyInstanceUIDs={seg.StudyInstanceUID}")
+        browser.wait_for(
+            "(document.querySelector('[data-cy=viewport-overlay-bottom-right]') || {})"
+            ".innerText?.includes('/20')",
+            OHIF_TIMEOUT_S,
+            "the CT (20 slices) in the viewport",
+        )
+        ct_markers = browser.wait_for(_ORIENTATION_MARKERS, OHIF_TIMEOUT_S, "the CT's markers")
+        # The study browser: the SR as a series without image, the overlays with a thumbnail.
+        sr_thumbnail = browser.wait_for(
+            "Array.from(document.querySelectorAll('[data-cy=study-browser-thumbnail-no-image]'))"
+            ".map(e => e.innerText).find(t => t.includes('SR'))",
+            OHIF_TIMEOUT_S,
+            "the SR in the study browser",
+        )
+        assert report.SeriesDescription in sr_thumbnail.replace("\n", " "), sr_thumbnail
+        sc_thumbnail = (
+            "Array.from(document.querySelectorAll('[data-cy=study-browser-thumbnail]'))"
+            ".find(e => e.innerText.includes('OT'))"
+        )
+        listed = browser.wait_for(
+            f"({sc_thumbnail})?.innerText", OHIF_TIMEOUT_S, "the overlays in the study browser"
+        )
+        assert "ct-abdomen overlay" in listed and str(overlays) in listed.split(), listed
+
+        # The overlay series opens in the viewport, the outlines drawn on the patient's right.
+        browser.click(sc_thumbnail, clicks=2)
+        browser.wait_for(
+            "(() => { const e = document.querySelector('[data-cy=viewport-overlay-bottom-right]');"
+            f" return e && e.innerText.includes('/{overlays}') &&"
+            " document.body.innerText.includes('ct-abdomen overlay'); })()",
+            OHIF_TIMEOUT_S,
+            "the overlay series in the viewport",
+        )
+
+        def outlines_drawn() -> tuple[int, int] | None:
+            left, right = _overlay_pixels(browser.screenshot(screenshot))
+            return (left, right) if left + right > 200 else None
+
+        wait_until(outlines_drawn, OHIF_TIMEOUT_S, "the outlines", poll_s=1.0)
+        # OHIF orients the overlays from their own geometry, as it does the CT: the
+        # patient's anterior up, the patient's right on the screen's left.
+        assert ct_markers == {"top-mid": "A", "left-mid": "R"}, ct_markers
+        assert browser.evaluate(_ORIENTATION_MARKERS) == ct_markers
+
+        shown = browser.evaluate(_OHIF_SR_DISPLAY_SET)
+        print(f"\nOHIF's SR display set: {json.dumps(shown, indent=1)}")  # noqa: T201
+        assert shown is not None, "OHIF made no SR display set"
+        assert shown["label"] == report.SeriesDescription
+        assert shown["sopClassHandler"].endswith("sopClassHandlerModule.dicom-sr-3d")
+        assert shown["isImagingMeasurementReport"] and shown["isLoaded"]
+        # OHIF found every measurement group, by tracking identifier and UID ...
+        assert [
+            (m["trackingIdentifier"], m["trackingUniqueIdentifier"]) for m in shown["measurements"]
+        ] == [(g.tracking_identifier, g.tracking_uid) for g in groups]
+        # ... but no value and no geometry in them: nothing reaches its measurement panel.
+        assert [(m["labels"], m["coords"]) for m in shown["measurements"]] == [([], 0)] * len(
+            groups
+        )
+        assert shown["isRehydratable"] is False
+        assert shown["tracked"] == 0
+        assert "ReferencedSOPSequence" in (shown["error"] or ""), shown["error"]
+        failed = [(path, status) for path, status in site.requests if status >= 400]
+        assert failed == []
     finally:
         browser.close()
         site.stop()
