@@ -28,7 +28,14 @@ JOB_TIMEOUT_S = 240
 
 
 def _finished(node: Any, count: int) -> list[dict[str, Any]]:
-    jobs = [j for j in node.jobs() if j["state"] in ("done", "failed")]
+    """The finished jobs once ``count`` have finished and none has a delivery in flight: a
+    job fails as soon as one delivery fails for good, while its others may still be sent."""
+    jobs = [
+        j
+        for j in node.jobs()
+        if j["state"] in ("done", "failed")
+        and all(d["state"] in ("done", "failed") for d in j["deliveries"])
+    ]
     return jobs if len(jobs) >= count else []
 
 
