@@ -28,6 +28,12 @@ from scp_node.queue.tx import Clock, Sessions, Tx, utcnow
 
 __all__ = ["Router", "Settling"]
 
+#: A study with instances no settle has covered yet (never settled, or received since).
+_UNSETTLED = or_(
+    Study.settled_through.is_(None),
+    Study.last_received_at > Study.settled_through,
+)
+
 #: A model's routing rule: None when a study's series may suit the model, else why not.
 Router = Callable[[Sequence[SeriesFacts]], "str | None"]
 
@@ -108,10 +114,7 @@ class Settling:
                 select(Study)
                 .where(
                     Study.last_received_at <= cutoff,
-                    or_(
-                        Study.settled_through.is_(None),
-                        Study.last_received_at > Study.settled_through,
-                    ),
+                    _UNSETTLED,
                 )
                 .order_by(Study.id)
                 .with_for_update(skip_locked=True)
@@ -153,18 +156,9 @@ class Settling:
                     ).scalar_one_or_none()
                     if waiting is not None:
                         continue
-                    job = Job(
-                        study_id=study.id,
-                        model=model,
-                        state=JobState.QUEUED,
-                        attempts=0,
-                        max_attempts=self._retry.max_attempts,
-                        not_before=now,
-                        created_at=now,
-                        durations={"receive": receive, "settle_wait": settle_wait},
+                    job = self._queued_job(
+                        tx, study, model, {"receive": receive, "settle_wait": settle_wait}
                     )
-                    s.add(job)
-                    s.flush()
                     tx.event(
                         job,
                         uid,
@@ -218,21 +212,38 @@ class Settling:
             s, now = tx.session, tx.now
             cutoff = now - timedelta(seconds=series_quiet_s)
             studies = s.scalars(
-                select(Study)
-                .where(
-                    or_(
-                        Study.settled_through.is_(None),
-                        Study.last_received_at > Study.settled_through,
-                    )
-                )
-                .order_by(Study.id)
-                .with_for_update(skip_locked=True)
+                select(Study).where(_UNSETTLED).order_by(Study.id).with_for_update(skip_locked=True)
             ).all()
             for study in studies:
                 for model, router in models.items():
                     jobs, _why_not = self._series_jobs(tx, study, model, router, cutoff)
                     created += jobs
         return created
+
+    def _queued_job(
+        self,
+        tx: Tx,
+        study: Study,
+        model: str,
+        durations: dict[str, float],
+        *,
+        series_instance_uid: str | None = None,
+    ) -> Job:
+        """A new QUEUED job of ``model`` for ``study`` (or one of its series), flushed."""
+        job = Job(
+            study_id=study.id,
+            model=model,
+            state=JobState.QUEUED,
+            attempts=0,
+            max_attempts=self._retry.max_attempts,
+            not_before=tx.now,
+            created_at=tx.now,
+            series_instance_uid=series_instance_uid,
+            durations=durations,
+        )
+        tx.session.add(job)
+        tx.session.flush()
+        return job
 
     def _series_jobs(
         self,
@@ -273,22 +284,11 @@ class Settling:
                 continue  # still arriving
             if router is not None and router([facts[uid]]) is not None:
                 continue
-            job = Job(
-                study_id=study.id,
-                model=model,
-                state=JobState.QUEUED,
-                attempts=0,
-                max_attempts=self._retry.max_attempts,
-                not_before=now,
-                created_at=now,
-                series_instance_uid=uid,
-                durations={
-                    "receive": q.seconds(last_at - study.first_received_at),
-                    "settle_wait": q.seconds(now - last_at),
-                },
-            )
-            s.add(job)
-            s.flush()
+            durations = {
+                "receive": q.seconds(last_at - study.first_received_at),
+                "settle_wait": q.seconds(now - last_at),
+            }
+            job = self._queued_job(tx, study, model, durations, series_instance_uid=uid)
             count = s.execute(
                 select(Series.instance_count).where(Series.series_instance_uid == uid)
             ).scalar_one()
@@ -359,16 +359,7 @@ class Settling:
             If the database read fails.
         """
         with self._tx.read("unsettled_studies") as s:
-            studies = s.scalars(
-                select(Study)
-                .where(
-                    or_(
-                        Study.settled_through.is_(None),
-                        Study.last_received_at > Study.settled_through,
-                    )
-                )
-                .order_by(Study.id)
-            ).all()
+            studies = s.scalars(select(Study).where(_UNSETTLED).order_by(Study.id)).all()
             ids = [study.id for study in studies]
             counts: dict[int, dict[str, int]] = {}
             for study_id, series_uid, count in s.execute(
