@@ -69,8 +69,8 @@ class GateResult:
         )
 
 
-def dicom_inputs(spec: ModelSpec, folder: Path) -> list[torch.Tensor]:
-    """Model inputs of every DICOM series under ``folder`` (one series per directory).
+def series_files(folder: Path) -> list[list[Path]]:
+    """The ``.dcm`` files under ``folder``, one list per directory (one series each).
 
     Raises
     ------
@@ -82,8 +82,13 @@ def dicom_inputs(spec: ModelSpec, folder: Path) -> list[torch.Tensor]:
         groups.setdefault(path.parent, []).append(path)
     if not groups:
         raise ModelError(f"no DICOM series (*.dcm) under {folder}")
+    return list(groups.values())
+
+
+def dicom_inputs(spec: ModelSpec, folder: Path) -> list[torch.Tensor]:
+    """Model inputs of every DICOM series under ``folder`` (see :func:`series_files`)."""
     out = []
-    for paths in groups.values():
+    for paths in series_files(folder):
         volume = load_volume(paths)
         out.append(model_input(spec, volume.array, volume.spacing_zyx))
     return out

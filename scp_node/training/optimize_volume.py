@@ -38,6 +38,7 @@ from scp_node.inference.runtime.volume import VolumeModel, VolumePredictor, orie
 from scp_node.inference.runtime.window import window_starts
 from scp_node.inference.verify import REFERENCE_FILE, label_dice
 from scp_node.inference.verify_volume import VolumeReference, network_logits
+from scp_node.training.optimize import series_files
 from scp_node.training.quantize import quantize_onnx
 from scp_node.training.variants import replace_table, write_variant
 
@@ -151,20 +152,9 @@ def export_volume_onnx(network: nn.Module, path: Path, patch_size: tuple[int, in
 
 
 def dicom_studies(folder: Path) -> list[Study]:
-    """(volume, spacing) of every DICOM series under ``folder`` (one per directory).
-
-    Raises
-    ------
-    ModelError
-        No ``.dcm`` file under ``folder``.
-    """
-    groups: dict[Path, list[Path]] = {}
-    for path in sorted(folder.rglob("*.dcm")):
-        groups.setdefault(path.parent, []).append(path)
-    if not groups:
-        raise ModelError(f"no DICOM series (*.dcm) under {folder}")
+    """(volume, spacing) of every DICOM series under ``folder`` (see :func:`series_files`)."""
     out = []
-    for paths in groups.values():
+    for paths in series_files(folder):
         volume = load_volume(paths)
         out.append((np.asarray(volume.array, dtype=np.float32), volume.spacing_zyx))
     return out
