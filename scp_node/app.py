@@ -337,6 +337,7 @@ def run_node(
 
     db = open_database(settings)
     runtime = NodeRuntime(
+        starting=True,
         stages=frozenset(str(s) for s in stages),
         spool_dir=settings.storage.spool_dir,
         min_free_bytes=settings.storage.min_free_bytes,
@@ -422,6 +423,7 @@ def run_node(
     runtime.threads = {thread.name: thread for thread in threads}
     if server is not None:
         runtime.receiving = lambda: not stop.is_set()
+    runtime.starting = False
     logger.info("node ready")
 
     while not stop.wait(0.5):

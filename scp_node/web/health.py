@@ -46,6 +46,10 @@ class NodeRuntime:
     model_notes : tuple of str
         One line per variant rejected on this machine, e.g. ``"ct-abdomen: variant
         pruned-int8-ort rejected on this machine: Dice 0.68 < 0.99 (liver)"``.
+    starting : bool
+        True from the moment the dashboard binds until every stage runs: the check
+        ``start-up`` fails meanwhile, so ``/healthz`` never says ok for a node whose
+        receivers, models or stages are not up yet.
     """
 
     stages: frozenset[str] = frozenset()
@@ -57,6 +61,7 @@ class NodeRuntime:
     models: Callable[[], Mapping[str, str]] | None = None
     variants: dict[str, str] = field(default_factory=dict)
     model_notes: tuple[str, ...] = ()
+    starting: bool = False
 
     @property
     def model(self) -> str | None:
@@ -122,7 +127,9 @@ def check_health(jobs: JobViews, runtime: NodeRuntime) -> HealthReport:
     HealthReport
         Never raises: a failing dependency becomes a failed check.
     """
-    checks: list[Check] = []
+    checks: list[Check] = [
+        Check("start-up", not runtime.starting, "starting" if runtime.starting else "done")
+    ]
     counts: dict[str, int] = {}
     workers: tuple[WorkerLease, ...] = ()
     try:

@@ -87,8 +87,13 @@ def test_two_models_route_studies_and_a_broken_one_is_down(
     wait_for_port(web_port, timeout_s=60)
     pacs = pacs_factory(node.pacs_port)
 
-    # The broken folder is down, named with its file and key; the others are up.
-    status, health = _healthz(web_port)
+    # Once start-up is done, the broken folder is down, named with its file and key; the
+    # others are up. (Until then /healthz fails its "start-up" check.)
+    status, health = wait_until(
+        lambda: (answer := _healthz(web_port))[1]["checks"]["start-up"]["ok"] and answer,
+        60,
+        "the node to finish starting",
+    )
     assert status == 503
     assert health["checks"]["model broken"]["ok"] is False
     detail = health["checks"]["model broken"]["detail"]

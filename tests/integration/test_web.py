@@ -355,6 +355,17 @@ def test_healthz_reports_database_disk_and_threads(site: Site) -> None:
     assert 'id="overall" class="badge failed"' in site.request("GET", "/health").text
 
 
+def test_healthz_fails_until_start_up_is_done(site: Site) -> None:
+    site.runtime.starting = True
+    starting = site.request("GET", "/healthz")
+    assert starting.status == 503
+    assert starting.json()["checks"]["start-up"] == {"ok": False, "detail": "starting"}
+    site.runtime.starting = False
+    done = site.request("GET", "/healthz")
+    assert done.status == 200
+    assert done.json()["checks"]["start-up"] == {"ok": True, "detail": "done"}
+
+
 def test_healthz_and_health_page_say_which_model_is_down(site: Site) -> None:
     site.runtime.models = lambda: {
         "ct-abdomen": "loaded",
