@@ -48,7 +48,7 @@ lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff format --check scp_node tests bench
 	$(VENV)/bin/mypy
 
-# The OHIF viewer (a prebuilt static site from npm) for tests/e2e/test_ohif.py; git-ignored.
+# The OHIF viewer (a prebuilt static site from npm) for the OHIF tests in tests/e2e/test_orthanc.py; git-ignored.
 OHIF_VERSION := 3.12.10
 OHIF_DIR := .cache/ohif
 
