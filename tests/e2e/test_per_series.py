@@ -70,12 +70,21 @@ def test_a_series_is_segmented_and_delivered_before_its_study_ends(
     db_url = f"sqlite:///{node.root / 'node.db'}"
 
     node.storescu(first_files)
-    wait_until(lambda: len(pacs.files()) == 1, 400, "the first series' SEG at the PACS")
+    # The PACS holds the SEG a moment before the dispatcher records the job done.
+    wait_until(
+        lambda: len(pacs.files()) == 1 and _jobs(db_url)[-1][1] == "done",
+        400,
+        "the first series' SEG at the PACS and its job done",
+    )
     assert [_referenced_series(p) for p in pacs.files()] == [first]
     assert _jobs(db_url) == [(first, "done", "seg")]
 
     # The study goes on arriving: its second series gets its own job and SEG.
     node.storescu(second_files)
-    wait_until(lambda: len(pacs.files()) == 2, 400, "the second series' SEG at the PACS")
+    wait_until(
+        lambda: len(pacs.files()) == 2 and all(job[1] == "done" for job in _jobs(db_url)),
+        400,
+        "the second series' SEG at the PACS and its job done",
+    )
     assert sorted(_referenced_series(p) for p in pacs.files()) == sorted([first, second])
     assert _jobs(db_url) == [(first, "done", "seg"), (second, "done", "seg")]
