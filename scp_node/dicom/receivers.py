@@ -156,7 +156,9 @@ def run_receiver(
             target=_stop_when_gone, args=(parent.sentinel, stop), name="parent", daemon=True
         ).start()
 
-    engine = make_engine(config.database_url)
+    # A crash of this process loses no committed row; a power cut may lose the last ones,
+    # which the next start restores from the spool (see scp_node.spool).
+    engine = make_engine(config.database_url, synchronous="NORMAL")
     try:
         server = StorageServer(
             build_storage_ae(

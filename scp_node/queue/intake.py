@@ -57,6 +57,20 @@ class Intake:
         """
         return self.record_instances([rec])[0]
 
+    def instance_paths(self) -> dict[str, str]:
+        """Every recorded instance's file: SOP Instance UID -> path in the spool.
+
+        Raises
+        ------
+        QueueError
+            If the database read fails.
+        """
+        with self._tx.read("instance_paths") as s:
+            return {
+                uid: path
+                for uid, path in s.execute(select(Instance.sop_instance_uid, Instance.path))
+            }
+
     def record_instances(self, recs: Sequence[InstanceRecord]) -> list[bool]:
         """Record several stored instances in one transaction (a group commit).
 

@@ -233,3 +233,53 @@ def test_every_receiver_applies_the_ae_and_source_address_allow_lists(tmp_path: 
             assert not _echo(port, "EVILSCU", source="127.0.0.1")
             assert _echo(port, "GOODSCU", source="127.0.0.1")
         assert proc.stop() == 0
+
+
+def test_rows_a_power_cut_took_are_restored_from_the_spool_at_start(
+    tmp_path: Path, ct_b_files: list[Path]
+) -> None:
+    """The receivers commit rows with synchronous=NORMAL: a power cut may lose the last
+    ones, never their files (fsynced before the answer). Simulated by deleting the last
+    rows (and their counts) as a lost tail of the write-ahead log would."""
+    files = StudyMaker(ct_b_files).make(tmp_path / "study", 10)
+    sent = {sop_of(path) for path in files}
+    with _node(tmp_path) as (proc, port, db_url):
+        out = subprocess.run(
+            ["storescu", "-aec", "SCPNODE", "127.0.0.1", str(port), *map(str, files)],
+            capture_output=True,
+            env=DCMTK_ENV,
+            check=False,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert proc.stop() == 0
+    lost = sorted(sent)[:3]
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        paths = [
+            Path(
+                str(
+                    conn.execute(
+                        text("SELECT path FROM instances WHERE sop_instance_uid = :u"), {"u": uid}
+                    ).scalar_one()
+                )
+            )
+            for uid in lost
+        ]
+        for uid in lost:
+            conn.execute(text("DELETE FROM instances WHERE sop_instance_uid = :u"), {"u": uid})
+        conn.execute(text("UPDATE series SET instance_count = 7, frame_count = 7"))
+        conn.execute(text("UPDATE studies SET instance_count = 7"))
+    engine.dispose()
+    # A write a crash interrupted (never acknowledged) is removed, not recorded.
+    part = paths[0].with_name("1.2.3.4.part")
+    part.write_bytes(b"torn")
+    with _node(tmp_path) as (proc, _port, db_url):
+        _check_stored_once(db_url, sent)
+        assert sorted(
+            Path(str(p)) for (p,) in _rows(db_url, "SELECT path FROM instances")
+        ) == sorted(Path(str(p)) for p in (tmp_path / "spool").rglob("*.dcm"))
+        assert _rows(db_url, "SELECT instance_count FROM studies") == [(10,)]
+        assert _rows(db_url, "SELECT instance_count, frame_count FROM series") == [(10, 10)]
+        assert not part.exists()
+        assert proc.stop() == 0
+    assert '"msg":"spooled instances without a row recorded"' in proc.log.read_text()
