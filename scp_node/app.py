@@ -431,6 +431,11 @@ def run_node(
     runtime.threads = {thread.name: thread for thread in threads}
     if server is not None:
         runtime.receiving = lambda: not stop.is_set()
+    if isinstance(server, ReceiverPool):
+        runtime.receivers = server.status
+    elif server is not None:
+        in_process = server
+        runtime.receivers = lambda: [in_process.status()]
     runtime.starting = False
     logger.info("node ready")
 

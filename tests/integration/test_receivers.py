@@ -4,15 +4,18 @@ association, and the access rules in every receiver."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import threading
 import tomllib
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -99,6 +102,20 @@ def _received_metric(web_port: int) -> float:
     )
 
 
+def _healthz(web_port: int) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=10) as answer:
+            body: dict[str, Any] = json.loads(answer.read())
+    except urllib.error.HTTPError as failing:  # 503: a check failed; the body says which
+        body = json.loads(failing.read())
+    return body
+
+
+def _health_page(web_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/health", timeout=10) as answer:
+        return str(answer.read().decode())
+
+
 def test_concurrent_storescu_senders_into_two_receivers_store_every_instance_once(
     tmp_path: Path, ct_b_files: list[Path]
 ) -> None:
@@ -134,6 +151,17 @@ def test_concurrent_storescu_senders_into_two_receivers_store_every_instance_onc
         # Stored by the receivers, counted in the main process's /metrics.
         web_port = tomllib.loads(proc.config.read_text())["web"]["port"]
         wait_until(lambda: _received_metric(web_port) == len(sent), 30, "the relayed counts")
+        # /healthz and the health page show each receiver and what it handled.
+        receivers = _healthz(web_port)["receivers"]
+        assert [r["index"] for r in receivers] == [0, 1]
+        assert {r["pid"] for r in receivers} == set(receiver_pids(main_pid))
+        assert all(r["alive"] and r["restarts"] == 0 for r in receivers)
+        # Round-robin: at least 2 senders each (the start-up wait's probe connected too).
+        assert min(r["connections"] for r in receivers) >= 2
+        assert sum(r["instances"] for r in receivers) == 60
+        assert all(r["refused"] == 0 for r in receivers)
+        page = _health_page(web_port)
+        assert 'data-receiver="1" data-alive="true"' in page
         assert proc.stop() == 0
 
 
@@ -191,6 +219,12 @@ def test_kill9_of_the_receiver_holding_an_association_keeps_what_it_acknowledged
     wait_until(lambda: send_until_broken(port, files, acked), 120, "every instance acknowledged")
     _check_stored_once(db_url, {sop_of(path) for path in files})
     assert len(_rows(db_url, "SELECT id FROM instances")) == len(files)
+    health = _healthz(tomllib.loads(proc.config.read_text())["web"]["port"])
+    receivers = health["receivers"]
+    assert sorted(r["restarts"] for r in receivers) == [0, 1]
+    assert holder not in {r["pid"] for r in receivers}
+    assert all(r["alive"] for r in receivers)
+    assert health["checks"]["receiver 0"]["ok"] and health["checks"]["receiver 1"]["ok"]
     assert proc.stop() == 0
     assert '"msg":"receiver died; restarting it"' in proc.log.read_text()
 
