@@ -57,6 +57,24 @@ def test_resent_instance_replaces_row(
     assert table.settling.settle(10, ["m"]) == []
 
 
+def test_instance_resent_under_another_series_and_study_moves_its_counts(
+    table: Table, instance_factory: InstanceFactory
+) -> None:
+    other_study, other_series = "1.2.3.77", "1.2.3.77.1"
+    first = [instance_factory(sop=f"1.2.3.5{i}", frame_count=2) for i in range(2)]
+    # One batch (a group commit) that creates, then moves, within one transaction.
+    moved = instance_factory(study=other_study, series=other_series, sop="1.2.3.50")
+    assert table.intake.record_instances([*first, moved]) == [True, True, False]
+    info = table.views.series_info([STUDY, other_study])
+    assert [(s.series_instance_uid, s.instance_count) for s in info[STUDY]] == [(SERIES, 1)]
+    assert [(s.series_instance_uid, s.instance_count) for s in info[other_study]] == [
+        (other_series, 1)
+    ]
+    assert table.work.study_series(other_study) == {other_series: [Path(moved.path)]}
+    counts = {v.study_instance_uid: v.instance_count for v in table.settling.unsettled_studies()}
+    assert counts == {STUDY: 1, other_study: 1}
+
+
 def test_concurrent_record_instance_threads(
     db_url: str, engine: Engine, clock: FakeClock, instance_factory: InstanceFactory
 ) -> None:
