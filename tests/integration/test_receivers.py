@@ -317,3 +317,32 @@ def test_rows_a_power_cut_took_are_restored_from_the_spool_at_start(
         assert not part.exists()
         assert proc.stop() == 0
     assert '"msg":"spooled instances without a row recorded"' in proc.log.read_text()
+
+
+def test_one_receiver_runs_in_the_node_process_and_shows_on_the_health_page(
+    tmp_path: Path, ct_b_files: list[Path]
+) -> None:
+    port = free_port()
+    config = write_config(
+        tmp_path, port, free_port(), node={"receivers": 1}, settle={"quiet_s": 600.0}
+    )
+    proc = NodeProc("receive", config, tmp_path, "receive", port=port).start()
+    try:
+        assert proc.process is not None
+        assert receiver_pids(proc.process.pid) == []  # no spawned receiver
+        files = StudyMaker(ct_b_files).make(tmp_path / "study", 5)
+        out = subprocess.run(
+            ["storescu", "-aec", "SCPNODE", "127.0.0.1", str(port), *map(str, files)],
+            capture_output=True,
+            env=DCMTK_ENV,
+            check=False,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        _check_stored_once(f"sqlite:///{tmp_path / 'node.db'}", {sop_of(f) for f in files})
+        health = _healthz(tomllib.loads(config.read_text())["web"]["port"])
+        (receiver,) = health["receivers"]
+        assert receiver["pid"] == proc.process.pid and receiver["alive"]
+        assert receiver["instances"] == 5 and receiver["connections"] >= 1
+        assert health["checks"]["receiver 0"]["ok"]
+    finally:
+        assert proc.stop() == 0
