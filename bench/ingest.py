@@ -15,6 +15,12 @@ memory. Rows 1 and 2 run against a node whose settle wait is an hour (inference 
 Run: .venv/bin/python bench/ingest.py [--slices 200] [--senders 4] [--per-sender 50]
      [--rounds 3] [--receivers 1,2]
 Prints the table to stdout.
+
+``--phases`` instead shows where one association's time goes: storescu -> a pynetdicom SCP in
+this process whose C-STORE handler does more and more of the node's work (nothing; the check;
+the file written and fsynced; its folder fsynced; the node's own handler with the row
+committed at ``synchronous=NORMAL`` as the receivers do, and at ``FULL``), side by side with
+dcmtk ``storescp``, interleaved per round.
 """
 
 from __future__ import annotations
@@ -228,6 +234,114 @@ def cpu_description() -> tuple[str, str]:
     return model, " ".join(f for f in wanted if f in flags)
 
 
+def phases(data: Path, slices: int, rounds: int) -> None:
+    """Print where one association's time goes (see the module docstring)."""
+    from pynetdicom import evt
+    from pynetdicom.events import Event
+
+    from scp_node.dicom.handlers import StoreContext
+    from scp_node.dicom.scp import StorageServer, build_storage_ae
+    from scp_node.dicom.validate import check_instance
+    from scp_node.durable import fsync_dir
+    from scp_node.queue.db import make_engine, upgrade
+    from scp_node.queue.intake import Intake
+    from scp_node.spool import Spool
+
+    steps = ("nothing", "check", "file fsync", "folder fsync")
+
+    def handler(step: str, spool: Spool) -> Callable[[Event], int]:
+        def handle(event: Event) -> int:
+            data = event.encoded_dataset()
+            if step == "nothing":
+                return 0
+            header = check_instance(data, str(event.request.AffectedSOPInstanceUID))
+            if step == "check":
+                return 0
+            path = spool.store(
+                header.study_instance_uid,
+                header.series_instance_uid,
+                header.sop_instance_uid,
+                data,
+                sync_dir=False,
+            )
+            if step == "folder fsync":
+                fsync_dir(path.parent)
+            return 0
+
+        return handle
+
+    names = ["dcmtk storescp", *steps, "node: + row NORMAL", "node: + row FULL"]
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    work = Path(tempfile.mkdtemp(prefix="scp-node-phases-"))
+    try:
+        maker = StudyMaker(sorted((data / "ct-abdomen-b" / "dicom").glob("*.dcm")))
+        for r in range(rounds):
+            for i, name in enumerate(names):
+                root = work / f"{r}-{i}"
+                files = maker.make(root / "study", slices)
+                port = free_port()
+                if name == "dcmtk storescp":
+                    (root / "out").mkdir()
+                    ref = subprocess.Popen(
+                        ["storescp", "-od", str(root / "out"), str(port)],
+                        env=ENV,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    wait_for_port(port)
+                    started = time.perf_counter()
+                    storescu(port, files, "REF")
+                    rates[name].append(slices / (time.perf_counter() - started))
+                    stop(ref)
+                    continue
+                spool = Spool(root / "spool")
+                ae = build_storage_ae("SCPNODE")
+                engine = None
+                if name.startswith("node"):
+                    engine = make_engine(
+                        f"sqlite:///{root / 'node.db'}",
+                        synchronous="NORMAL" if "NORMAL" in name else "FULL",
+                    )
+                    upgrade(engine)
+                    node = StorageServer(
+                        ae, "127.0.0.1", port, StoreContext(spool, Intake(engine), 0)
+                    )
+                else:
+                    plain = ae.start_server(
+                        ("127.0.0.1", port),
+                        block=False,
+                        evt_handlers=[(evt.EVT_C_STORE, handler(name, spool))],
+                    )
+                wait_for_port(port)
+                cpu0, started = time.process_time(), time.perf_counter()
+                storescu(port, files, "SCPNODE")
+                rates[name].append(slices / (time.perf_counter() - started))
+                cpu[name].append(1000 * (time.process_time() - cpu0) / slices)
+                if engine is not None:
+                    node.stop(5.0)
+                    engine.dispose()
+                else:
+                    plain.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    model, flags = cpu_description()
+    out = sys.stdout
+    out.write(
+        f"\nwhere one association's time goes: {slices} CT slices 512x512, {rounds} interleaved "
+        f"rounds, {os.cpu_count()} cores, {model} [{flags}], load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n\n"
+        "| the C-STORE handler does | instances/s (median) | ratio to dcmtk "
+        "| SCP CPU ms/instance |\n|---|---|---|---|\n"
+    )
+    base = float(np.median(rates["dcmtk storescp"]))
+    for name in names:
+        rate = float(np.median(rates[name]))
+        ms = f"{float(np.median(cpu[name])):.1f}" if cpu[name] else "-"
+        label = name if name.startswith(("dcmtk", "node", "nothing")) else f"+ {name}"
+        out.write(f"| {label} | {rate:.1f} | {rate / base:.2f} | {ms} |\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=200)
@@ -245,8 +359,16 @@ def main() -> None:
         default=REPO.parent / "shared" / "data",
         help="the shared data folder (ct-abdomen-b/dicom is used)",
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="show where one association's time goes instead (see the module docstring)",
+    )
     args = parser.parse_args()
     data = args.data if args.data.is_dir() else Path("/work/shared/data")
+    if args.phases:
+        phases(data, args.slices, args.rounds)
+        return
     variants: list[int | None] = [int(v) for v in args.receivers.split(",") if v] or [None]
 
     work = Path(tempfile.mkdtemp(prefix="scp-node-ingest-"))

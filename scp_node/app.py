@@ -51,7 +51,7 @@ from scp_node.queue.views import JobViews
 from scp_node.queue.work import WorkQueue
 from scp_node.settings import Destination, RetrySection, Settings
 from scp_node.settle import CompletenessGate, Settler
-from scp_node.spool import Spool
+from scp_node.spool import Spool, recover_unrecorded
 from scp_node.web.app import create_app
 from scp_node.web.health import NodeRuntime
 from scp_node.web.server import WebServer
@@ -351,12 +351,18 @@ def run_node(
     # The dashboard binds first: a port already in use stops start-up before any stage runs.
     web = _start_web(settings, db, runtime, metrics) if settings.web.enabled else None
 
+    intake_engine: Engine | None = None
+    if Stage.RECEIVE in stages:
+        # Rows a power cut took (the intake commits with synchronous=NORMAL) come back from
+        # the spool before anything is received or settled.
+        recover_unrecorded(Spool(settings.storage.spool_dir), db.intake)
     if Stage.RECEIVE in stages and settings.node.receivers > 1:
         server = ReceiverPool(
             ReceiverConfig.from_settings(settings), settings.node.receivers, metrics
         ).start()
     elif Stage.RECEIVE in stages:
         spool = Spool(settings.storage.spool_dir)
+        intake_engine = make_engine(settings.database.url, synchronous="NORMAL")
         ae = build_storage_ae(
             settings.node.ae_title,
             allowed_calling_ae=settings.node.allowed_calling_ae,
@@ -367,7 +373,9 @@ def run_node(
             ae,
             settings.node.host,
             settings.node.port,
-            StoreContext(spool, db.intake, settings.storage.min_free_bytes, metrics=metrics),
+            StoreContext(
+                spool, Intake(intake_engine), settings.storage.min_free_bytes, metrics=metrics
+            ),
             ssl_context=server_context_from_settings(settings.tls),
             allowed_source_ips=settings.node.allowed_source_ips,
         )
@@ -423,6 +431,11 @@ def run_node(
     runtime.threads = {thread.name: thread for thread in threads}
     if server is not None:
         runtime.receiving = lambda: not stop.is_set()
+    if isinstance(server, ReceiverPool):
+        runtime.receivers = server.status
+    elif server is not None:
+        in_process = server
+        runtime.receivers = lambda: [in_process.status()]
     runtime.starting = False
     logger.info("node ready")
 
@@ -436,6 +449,8 @@ def run_node(
         web.stop()
     for thread in threads:
         thread.join(timeout=30.0)
+    if intake_engine is not None:
+        intake_engine.dispose()
     db.engine.dispose()
     logger.info("node stopped")
 

@@ -12,12 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["fsync_dir", "part_path", "write_bytes_durably", "write_durably"]
+__all__ = ["PART_SUFFIX", "fsync_dir", "part_path", "write_bytes_durably", "write_durably"]
+
+#: Ends the name of a file being written (see :func:`part_path`).
+PART_SUFFIX = ".part"
 
 
 def part_path(path: Path) -> Path:
     """The temporary file a durable write of ``path`` goes through (``<name>.part``)."""
-    return path.with_name(path.name + ".part")
+    return path.with_name(path.name + PART_SUFFIX)
 
 
 def fsync_dir(directory: Path) -> None:

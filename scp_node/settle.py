@@ -41,6 +41,9 @@ class SettleDecision:
 
     ready: frozenset[str]
     hold: frozenset[str]
+    #: Series whose every instance has arrived (the PACS's count), wherever their study is:
+    #: a per-series model's job for them may start without waiting ``series_quiet_s``.
+    complete_series: frozenset[str] = frozenset()
 
 
 class CompletenessGate:
@@ -90,6 +93,7 @@ class CompletenessGate:
         """Ready and held studies among ``studies``; the others follow the quiet rule."""
         ready: set[str] = set()
         hold: set[str] = set()
+        complete_series: set[str] = set()
         for study in studies:
             peer = next(
                 (self._sources[ae] for ae in study.calling_aes if ae in self._sources), None
@@ -99,6 +103,11 @@ class CompletenessGate:
             expected = self._expected(study, peer)
             if not expected:
                 continue
+            complete_series.update(
+                series
+                for series, count in expected.items()
+                if count > 0 and study.series_counts.get(series, 0) >= count
+            )
             missing = {
                 series: count - study.series_counts.get(series, 0)
                 for series, count in expected.items()
@@ -124,7 +133,7 @@ class CompletenessGate:
                 )
         for uid in set(self._asked) - {s.study_instance_uid for s in studies}:
             del self._asked[uid]  # settled: forget
-        return SettleDecision(frozenset(ready), frozenset(hold))
+        return SettleDecision(frozenset(ready), frozenset(hold), frozenset(complete_series))
 
 
 class Settler:
@@ -155,7 +164,8 @@ class Settler:
         router takes becomes a job once it has been quiet for ``series_quiet_s``, while the
         rest of the study may still arrive.
     series_quiet_s : float
-        Seconds without a new instance before a series of a per-series model settles.
+        Seconds without a new instance before a series of a per-series model settles; with
+        ``gate``, a series whose count at the PACS has arrived settles at once.
     """
 
     def __init__(
@@ -197,17 +207,28 @@ class Settler:
         """
         created: list[int] = []
         hold: frozenset[str] = frozenset()
-        if self.per_series and self._clock() >= self._series_quiet_from:
+        decision = (
+            self.gate.decide(self.settling.unsettled_studies(), self._clock())
+            if self.gate is not None
+            else None
+        )
+        complete = decision.complete_series if decision is not None else frozenset()
+        by_quiet = self._clock() >= self._series_quiet_from
+        if self.per_series and (by_quiet or complete):
             routers = (
                 self.models
                 if isinstance(self.models, Mapping)
                 else dict.fromkeys(self.models, None)
             )
+            # A series the PACS's count says is complete starts at once, even in the
+            # start-up wait: the count, not a guess from quiet, says nothing more comes.
             created += self.settling.settle_series(
-                self.series_quiet_s, {m: routers[m] for m in self.per_series if m in routers}
+                self.series_quiet_s,
+                {m: routers[m] for m in self.per_series if m in routers},
+                complete=complete,
+                by_quiet=by_quiet,
             )
-        if self.gate is not None:
-            decision = self.gate.decide(self.settling.unsettled_studies(), self._clock())
+        if decision is not None:
             hold = decision.hold
             if decision.ready:
                 created += self.settling.settle(

@@ -46,6 +46,25 @@ class InFlight:
             return self._idle.wait_for(lambda: self._count == 0, timeout=timeout_s)
 
 
+class StoreCounts:
+    """Connections and C-STOREs one SCP handled (for the health page)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.connections = 0
+        self.instances = 0
+        self.refused = 0
+        #: False once the SCP stops.
+        self.serving = True
+
+    def add(self, *, connections: int = 0, instances: int = 0, refused: int = 0) -> None:
+        """Count what happened (thread-safe)."""
+        with self._lock:
+            self.connections += connections
+            self.instances += instances
+            self.refused += refused
+
+
 class StoreMetrics(Protocol):
     """What ``handle_store`` counts (:class:`~scp_node.metrics.NodeMetrics`, or a relay to
     the main process's from a receiver process)."""
@@ -69,6 +88,7 @@ class StoreContext:
     in_flight: InFlight = field(default_factory=InFlight)
     #: Counts instances, bytes and refusals when given.
     metrics: StoreMetrics | None = None
+    counts: StoreCounts = field(default_factory=StoreCounts)
     commit: GroupCommit = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,8 +118,12 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     """
     with ctx.in_flight:
         status = _store(event, ctx)
-    if ctx.metrics is not None and status != int(Status.SUCCESS):
-        ctx.metrics.record_refused(status)
+    if status == int(Status.SUCCESS):
+        ctx.counts.add(instances=1)
+    else:
+        ctx.counts.add(refused=1)
+        if ctx.metrics is not None:
+            ctx.metrics.record_refused(status)
     return status
 
 

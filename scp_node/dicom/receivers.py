@@ -43,7 +43,7 @@ from pathlib import Path
 from types import FrameType
 
 from scp_node.dicom.handlers import StoreContext, StoreMetrics
-from scp_node.dicom.scp import StorageServer, build_storage_ae
+from scp_node.dicom.scp import ReceiverStatus, StorageServer, build_storage_ae
 from scp_node.dicom.tls import server_context_from_settings
 from scp_node.errors import BindError
 from scp_node.queue.db import make_engine
@@ -110,21 +110,22 @@ class ReceiverConfig:
 class _MetricsRelay:
     """A receiver's :class:`StoreMetrics`: counts go to the main process's metrics."""
 
-    def __init__(self, events: Queue[tuple[str, int] | None]) -> None:
+    def __init__(self, events: Queue[tuple[str, int, int] | None], index: int) -> None:
         self._events = events
+        self._index = index
 
     def record_received(self, size_bytes: int) -> None:
-        self._events.put_nowait(("received", size_bytes))
+        self._events.put_nowait(("received", size_bytes, self._index))
 
     def record_refused(self, status: int) -> None:
-        self._events.put_nowait(("refused", status))
+        self._events.put_nowait(("refused", status, self._index))
 
 
 def run_receiver(
     config: ReceiverConfig,
     index: int,
     ready: Connection,
-    events: Queue[tuple[str, int] | None],
+    events: Queue[tuple[str, int, int] | None],
     handoff: Connection,
 ) -> None:
     """A receiver process's body: serve the connections that arrive on ``handoff`` until
@@ -156,7 +157,9 @@ def run_receiver(
             target=_stop_when_gone, args=(parent.sentinel, stop), name="parent", daemon=True
         ).start()
 
-    engine = make_engine(config.database_url)
+    # A crash of this process loses no committed row; a power cut may lose the last ones,
+    # which the next start restores from the spool (see scp_node.spool).
+    engine = make_engine(config.database_url, synchronous="NORMAL")
     try:
         server = StorageServer(
             build_storage_ae(
@@ -171,7 +174,7 @@ def run_receiver(
                 Spool(config.spool_dir),
                 Intake(engine),
                 config.min_free_bytes,
-                metrics=_MetricsRelay(events),
+                metrics=_MetricsRelay(events, index),
             ),
             ssl_context=server_context_from_settings(config.tls),
             allowed_source_ips=config.allowed_source_ips,
@@ -251,6 +254,16 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 @dataclass
+class _Counts:
+    """What one receiver index handled, across its restarts."""
+
+    restarts: int = 0
+    connections: int = 0
+    instances: int = 0
+    refused: int = 0
+
+
+@dataclass
 class _Slot:
     index: int
     process: BaseProcess
@@ -281,7 +294,7 @@ class ReceiverPool:
         self._count = count
         self._metrics = metrics
         self._mp = multiprocessing.get_context("spawn")
-        self._events: Queue[tuple[str, int] | None] = self._mp.Queue()
+        self._events: Queue[tuple[str, int, int] | None] = self._mp.Queue()
         self._slots: list[_Slot] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -293,12 +306,30 @@ class ReceiverPool:
         self._next = 0
         #: Receivers restarted after they died (for the tests and the health page).
         self.restarts = 0
+        self._counts = [_Counts() for _ in range(count)]
 
     @property
     def pids(self) -> list[int]:
         """Process ids of the receivers running now."""
         with self._lock:
             return [s.process.pid for s in self._slots if s.process.pid and s.process.is_alive()]
+
+    def status(self) -> list[ReceiverStatus]:
+        """Each receiver as the health page shows it, in index order."""
+        with self._lock:
+            slots = sorted(self._slots, key=lambda slot: slot.index)
+            return [
+                ReceiverStatus(
+                    index=slot.index,
+                    pid=slot.process.pid,
+                    alive=slot.process.is_alive() and not self._stopping.is_set(),
+                    restarts=self._counts[slot.index].restarts,
+                    connections=self._counts[slot.index].connections,
+                    instances=self._counts[slot.index].instances,
+                    refused=self._counts[slot.index].refused,
+                )
+                for slot in slots
+            ]
 
     def start(self, timeout_s: float = 120.0) -> ReceiverPool:
         """Start every receiver and return once each listens.
@@ -391,6 +422,8 @@ class ReceiverPool:
                 continue
             try:
                 reduction.send_handle(slot.handoff, conn.fileno(), slot.process.pid or 0)
+                with self._lock:
+                    self._counts[slot.index].connections += 1
                 return
             except OSError:
                 continue  # it died meanwhile: the next one takes it
@@ -430,6 +463,7 @@ class ReceiverPool:
                 with self._lock:
                     self._slots[self._slots.index(slot)] = new
                     self.restarts += 1
+                    self._counts[slot.index].restarts += 1
                 logger.info(
                     "receiver restarted", extra={"receiver": new.index, "pid": new.process.pid}
                 )
@@ -439,7 +473,12 @@ class ReceiverPool:
             item = self._events.get()
             if item is None:
                 return
-            kind, value = item
+            kind, value, index = item
+            with self._lock:
+                if kind == "received":
+                    self._counts[index].instances += 1
+                else:
+                    self._counts[index].refused += 1
             if self._metrics is None:
                 continue
             if kind == "received":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.uid import (
@@ -43,6 +45,25 @@ from scp_node.dicom.net import set_tcp_nodelay
 from scp_node.dicom.uids import VERIFICATION_SOP_CLASS
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReceiverStatus:
+    """One Storage SCP process as the health page shows it.
+
+    ``connections`` counts the connections it was given (each carries one association);
+    ``instances`` and ``refused`` its C-STOREs answered with success and with a refusal;
+    all three since the node started, across restarts of that receiver.
+    """
+
+    index: int
+    pid: int | None
+    alive: bool
+    restarts: int
+    connections: int
+    instances: int
+    refused: int
+
 
 #: Accepted as sent and stored without transcoding (uncompressed first: preferred).
 STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -134,8 +155,10 @@ class StorageServer:
     ) -> None:
         self._ae = ae
         self._in_flight = ctx.in_flight
+        self._counts = ctx.counts
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_CONN_OPEN, self._count_connection),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [ctx]),
             (evt.EVT_REJECTED, handle_rejected),
@@ -170,6 +193,21 @@ class StorageServer:
             },
         )
 
+    def _count_connection(self, _event: Any) -> None:
+        self._counts.add(connections=1)
+
+    def status(self, index: int = 0, *, restarts: int = 0) -> ReceiverStatus:
+        """This server as the health page shows it (a receiver in this process)."""
+        return ReceiverStatus(
+            index=index,
+            pid=os.getpid(),
+            alive=self._counts.serving,
+            restarts=restarts,
+            connections=self._counts.connections,
+            instances=self._counts.instances,
+            refused=self._counts.refused,
+        )
+
     def take(self, conn: socket.socket) -> None:
         """Serve ``conn``, a connection accepted elsewhere, as if this server had accepted
         it (TLS included); its association runs in a thread of its own.
@@ -188,6 +226,7 @@ class StorageServer:
         """Close the listening socket, let the instances in flight finish (durable and
         acknowledged, up to ``grace_s``), then abort the open associations: the sender
         resends what it had not yet sent, and a resend replaces its copy."""
+        self._counts.serving = False
         self._server.shutdown()
         if not self._in_flight.wait_idle(grace_s):
             logger.warning("stopping with a C-STORE still running after the grace period")

@@ -5,26 +5,36 @@ alone proves little. What we check is what the worker will need: the identifying
 image attributes, and pixel data whose length (native) or fragment structure
 (encapsulated) is intact.
 
-Only the elements the node reads (:data:`CHECKED_KEYWORDS`) are converted to values; every
-other element is checked only for a length that fits the data. Converting all of them cost
-about 4 of the 5.4 ms a 512x512 CT slice took to check; the pixel data is never decoded.
+Only the header is parsed (up to the pixel data), and only the elements the node reads
+(:data:`CHECKED_KEYWORDS`) are converted to values; every other element is checked only for
+a length that fits the data. The pixel data element is then checked where it lies in the
+bytes: its declared length against the image attributes and the bytes present (native), or
+its item structure (encapsulated). The pixel data is neither copied nor decoded
+(measured: about the same CPU as reading it whole, ~1.1 ms for a 512x512 CT slice, since
+reading it is one copy; most of the time is the header).
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from scp_node.dicom.status import Status
 from scp_node.dicom.uids import is_valid_uid
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+#: Explicit VRs whose length field has 4 bytes (after 2 reserved ones).
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 
 #: Elements converted (so that damage in them refuses the instance): what intake records,
 #: what the worker reads to build a volume and a SEG on it. Sequences among them are parsed
@@ -140,10 +150,83 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _check_pixel_data(ds: Dataset) -> None:
+@dataclass(frozen=True)
+class _PixelData:
+    """Where the pixel data lies: its value's bytes (native) or its fragments' lengths."""
+
+    encapsulated: bool
+    value: memoryview
+    fragment_lengths: tuple[int, ...] = ()
+
+
+def _encapsulated_items(value: memoryview) -> tuple[int, ...]:
+    """The item lengths of encapsulated pixel data (Basic Offset Table first) up to its
+    sequence delimiter; ValueError when an item is malformed, runs past the end of the
+    data, or the delimiter is missing."""
+    lengths: list[int] = []
+    at = 0
+    while at + 8 <= len(value):
+        group, element, length = struct.unpack_from("<HHL", value, at)
+        tag = group << 16 | element
+        at += 8
+        if tag == _SEQUENCE_DELIMITER:
+            return tuple(lengths)
+        if tag != _ITEM:
+            raise ValueError(f"unexpected tag ({group:04X},{element:04X}) among the items")
+        if length == _UNDEFINED_LENGTH or at + length > len(value):
+            raise ValueError("an item runs past the end of the data (truncated or bad length)")
+        lengths.append(length)
+        at += length
+    raise ValueError("no sequence delimiter (truncated)")
+
+
+def _pixel_data_at(data: bytes, offset: int, implicit_vr: bool) -> _PixelData | None:
+    """The pixel data element starting at ``offset`` of ``data`` (where a header-only
+    parse stopped), or None when the data set ends before any pixel data."""
+    view = memoryview(data)
+    if offset + 8 > len(view):
+        return None
+    group, element = struct.unpack_from("<HH", view, offset)
+    if (group, element) != (0x7FE0, 0x0010):
+        # Float or double float pixel data: not an image the node accepts.
+        return None
+    if implicit_vr:
+        (length,) = struct.unpack_from("<L", view, offset + 4)
+        start = offset + 8
+    elif bytes(view[offset + 4 : offset + 6]) in _LONG_VRS:
+        if offset + 12 > len(view):
+            raise ValueError("the pixel data element is truncated")
+        (length,) = struct.unpack_from("<L", view, offset + 8)
+        start = offset + 12
+    else:
+        (length,) = struct.unpack_from("<H", view, offset + 6)
+        start = offset + 8
+    if length == _UNDEFINED_LENGTH:
+        rest = view[start:]
+        return _PixelData(True, rest, _encapsulated_items(rest))
+    if start + length > len(view):
+        raise ValueError(
+            f"pixel data declares {length} bytes but {len(view) - start} are present "
+            "(truncated or bad length)"
+        )
+    return _PixelData(False, view[start : start + length])
+
+
+def _pixel_data_of(ds: Dataset) -> _PixelData | None:
+    """The pixel data of a data set read whole (a deflated one: its bytes are compressed)."""
+    if "PixelData" not in ds:
+        return None
+    value = memoryview(ds.PixelData)
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        items = bytes(value) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+        return _PixelData(True, value, _encapsulated_items(memoryview(items)))
+    return _PixelData(False, value)
+
+
+def _check_pixel_data(ds: Dataset, pixels: _PixelData | None) -> None:
     missing = [kw for kw in _IMAGE_ATTRIBUTES if kw not in ds]
-    if missing or "PixelData" not in ds:
-        what = ", ".join([*missing, *([] if "PixelData" in ds else ["PixelData"])])
+    if missing or pixels is None:
+        what = ", ".join([*missing, *([] if pixels is not None else ["PixelData"])])
         raise InstanceRejectedError(
             Status.DATASET_DOES_NOT_MATCH, f"image attributes missing: {what}"
         )
@@ -157,28 +240,22 @@ def _check_pixel_data(ds: Dataset) -> None:
         ) from exc
     if rows == 0 or columns == 0:
         raise InstanceRejectedError(Status.DATASET_DOES_NOT_MATCH, "image has zero rows or columns")
-    pixel_data = ds.PixelData
-    if not pixel_data:
-        raise InstanceRejectedError(Status.DATASET_DOES_NOT_MATCH, "pixel data is empty")
-    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
-        try:
-            fragments = list(generate_fragments(pixel_data))
-        except Exception as exc:
-            raise InstanceRejectedError(
-                Status.CANNOT_UNDERSTAND, f"encapsulated pixel data is malformed: {exc}"
-            ) from exc
-        if not fragments or not any(fragments):
+    if pixels.encapsulated:
+        # The first item is the Basic Offset Table (may be empty); frames follow.
+        if not any(pixels.fragment_lengths[1:]):
             raise InstanceRejectedError(
                 Status.CANNOT_UNDERSTAND, "encapsulated pixel data is empty"
             )
         return
+    if not len(pixels.value):
+        raise InstanceRejectedError(Status.DATASET_DOES_NOT_MATCH, "pixel data is empty")
     frames = _int(ds, "NumberOfFrames") or 1
     expected = rows * columns * samples * frames * bits // 8
     # Native pixel data is padded to an even length.
-    if len(pixel_data) not in (expected, expected + 1):
+    if len(pixels.value) not in (expected, expected + 1):
         raise InstanceRejectedError(
             Status.CANNOT_UNDERSTAND,
-            f"pixel data has {len(pixel_data)} bytes, the image attributes need {expected}",
+            f"pixel data has {len(pixels.value)} bytes, the image attributes need {expected}",
         )
 
 
@@ -207,8 +284,17 @@ def check_instance(data: bytes, affected_sop_instance_uid: str) -> InstanceHeade
         ``DATASET_DOES_NOT_MATCH`` when identifying UIDs or image attributes are missing or
         invalid.
     """
+    buffer = io.BytesIO(data)
     try:
-        ds = dcmread(io.BytesIO(data))
+        ds = dcmread(buffer, stop_before_pixels=True)
+        if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+            # Where the pixel data lies is known only once the whole data set is inflated.
+            ds = dcmread(io.BytesIO(data))
+            pixels = _pixel_data_of(ds)
+        else:
+            pixels = _pixel_data_at(
+                data, buffer.tell(), ds.file_meta.TransferSyntaxUID.is_implicit_VR
+            )
         _check_lengths(ds)
         for tag in _CHECKED_TAGS.intersection(ds.keys()):  # damage in what we read surfaces here
             _ = ds[tag].value
@@ -225,7 +311,7 @@ def check_instance(data: bytes, affected_sop_instance_uid: str) -> InstanceHeade
         problems.append("SOPInstanceUID differs from the command's AffectedSOPInstanceUID")
     if problems:
         raise InstanceRejectedError(Status.DATASET_DOES_NOT_MATCH, "; ".join(problems))
-    _check_pixel_data(ds)
+    _check_pixel_data(ds, pixels)
     return InstanceHeader(
         study_instance_uid=str(uids["StudyInstanceUID"]),
         series_instance_uid=str(uids["SeriesInstanceUID"]),
@@ -237,5 +323,5 @@ def check_instance(data: bytes, affected_sop_instance_uid: str) -> InstanceHeade
         body_part_examined=_text(ds, "BodyPartExamined"),
         slice_thickness_mm=_float(ds, "SliceThickness"),
         orientation=_orientation(ds),
-        frame_count=(_int(ds, "NumberOfFrames") or 1) if "PixelData" in ds else 0,
+        frame_count=_int(ds, "NumberOfFrames") or 1,
     )

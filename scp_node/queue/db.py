@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
@@ -36,7 +37,16 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 READ_ONLY = "scp_node_read_only"
 
 
-def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
+#: How hard a SQLite commit waits for the disk (``PRAGMA synchronous``; see :func:`make_engine`).
+Synchronous = Literal["FULL", "NORMAL"]
+
+
+def _sqlite_on_connect(
+    dbapi_connection: sqlite3.Connection,
+    _record: ConnectionPoolEntry,
+    *,
+    synchronous: Synchronous = "FULL",
+) -> None:
     # pysqlite's own implicit BEGIN is disabled so that the "begin" event decides how a
     # transaction starts (the documented SQLAlchemy recipe).
     dbapi_connection.isolation_level = None
@@ -44,8 +54,7 @@ def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Connection
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=30000")
-        # FULL: a row recorded before we acknowledge an instance survives a power cut.
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
@@ -60,7 +69,7 @@ def _sqlite_on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, synchronous: Synchronous = "FULL") -> Engine:
     """Create the engine of the job table.
 
     Parameters
@@ -68,11 +77,18 @@ def make_engine(url: str) -> Engine:
     url : str
         SQLAlchemy URL, e.g. ``sqlite:///var/scp-node.db`` or
         ``postgresql+psycopg://user@host/db``.
+    synchronous : {"FULL", "NORMAL"}
+        SQLite only. ``FULL`` (jobs, deliveries: a commit survives a power cut) fsyncs the
+        write-ahead log at every commit. ``NORMAL`` (the receive stage's intake) does not:
+        a commit survives a crash of the process but a power cut may lose the last ones,
+        until a later ``FULL`` commit (any stage's) makes them durable too; the receive
+        stage restores such rows from the spool at start-up
+        (:func:`scp_node.spool.recover_unrecorded`).
 
     Returns
     -------
     Engine
-        On SQLite: WAL journal, ``busy_timeout=30000``, ``synchronous=FULL``, foreign keys on,
+        On SQLite: WAL journal, ``busy_timeout=30000``, ``synchronous``, foreign keys on,
         and every write transaction opened with ``BEGIN IMMEDIATE``. The parent directory of
         the database file is created.
 
@@ -100,7 +116,9 @@ def make_engine(url: str) -> Engine:
     except (ArgumentError, ImportError) as exc:
         raise ConfigError(f"database.url: cannot use {parsed.drivername!r}: {exc}") from exc
     if is_sqlite:
-        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(
+            engine, "connect", functools.partial(_sqlite_on_connect, synchronous=synchronous)
+        )
         event.listen(engine, "begin", _sqlite_on_begin)
     return engine
 

@@ -7,7 +7,9 @@ The first caller becomes the leader: it takes every instance queued so far, fsyn
 directories once each, records them all in one transaction and wakes their callers; the
 instances that arrive meanwhile form the next group. Nothing waits on a timer, so a lone
 sender pays no added latency, while concurrent senders share the fsyncs and the commit
-(SQLite in WAL mode with ``synchronous=FULL`` fsyncs at every commit).
+(on PostgreSQL, and on SQLite for an engine with ``synchronous=FULL``, a commit waits for
+its own fsync; the receive stage's SQLite engine commits with ``NORMAL``, see
+:mod:`scp_node.spool`).
 """
 
 from __future__ import annotations

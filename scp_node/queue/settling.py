@@ -173,7 +173,12 @@ class Settling:
         return created
 
     def settle_series(
-        self, series_quiet_s: float, models: Mapping[str, Router | None]
+        self,
+        series_quiet_s: float,
+        models: Mapping[str, Router | None],
+        *,
+        complete: Collection[str] = (),
+        by_quiet: bool = True,
     ) -> list[int]:
         """Queue the jobs of per-series ``models`` for series quiet for ``series_quiet_s``,
         while their study may still be arriving.
@@ -190,6 +195,11 @@ class Settling:
             Seconds without a new instance in a series before it becomes jobs (>= 0).
         models : Mapping of str to (Router or None)
             The per-series models and their routers.
+        complete : Collection of str
+            Series UIDs known to have every instance here (the sending PACS's count): they
+            settle whether quiet or not.
+        by_quiet : bool
+            If False, only ``complete`` series settle (the settler's start-up wait).
 
         Returns
         -------
@@ -216,7 +226,9 @@ class Settling:
             ).all()
             for study in studies:
                 for model, router in models.items():
-                    jobs, _why_not = self._series_jobs(tx, study, model, router, cutoff)
+                    jobs, _why_not = self._series_jobs(
+                        tx, study, model, router, cutoff, complete=complete, by_quiet=by_quiet
+                    )
                     created += jobs
         return created
 
@@ -252,10 +264,13 @@ class Settling:
         model: str,
         router: Router | None,
         cutoff: datetime | None,
+        *,
+        complete: Collection[str] = (),
+        by_quiet: bool = True,
     ) -> tuple[list[int], str | None]:
         """Jobs of a per-series ``model`` for the series of ``study`` quiet since ``cutoff``
-        (None: every series) that no job covers yet; and, when the model takes no series of
-        the study at all and none has a job, the router's reason."""
+        (None: every series) or in ``complete``, that no job covers yet; and, when the model
+        takes no series of the study at all and none has a job, the router's reason."""
         s, now = tx.session, tx.now
         last = dict(
             s.execute(
@@ -280,7 +295,8 @@ class Settling:
             ):
                 covered += 1
                 continue
-            if cutoff is not None and last_at > cutoff:
+            known_complete = uid in complete
+            if not known_complete and (not by_quiet or (cutoff is not None and last_at > cutoff)):
                 continue  # still arriving
             if router is not None and router([facts[uid]]) is not None:
                 continue
@@ -296,9 +312,15 @@ class Settling:
                 job,
                 study.study_instance_uid,
                 Stage.SETTLED,
-                f"series settled: {count} instances, job queued for model {model} (per series)",
+                f"series settled: {count} instances"
+                + (" (all the PACS holds)" if known_complete else "")
+                + f", job queued for model {model} (per series)",
                 duration_s=q.seconds(now - last_at),
-                data={"instance_count": count, "series_instance_uid": uid},
+                data={
+                    "instance_count": count,
+                    "series_instance_uid": uid,
+                    "complete_by_query": known_complete,
+                },
             )
             created.append(job.id)
         why_not = None

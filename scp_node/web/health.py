@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from scp_node.dicom.scp import ReceiverStatus
 from scp_node.errors import NodeError
 from scp_node.queue.records import WorkerLease
 from scp_node.queue.tx import utcnow
 from scp_node.queue.views import JobViews
 
-__all__ = ["Check", "HealthReport", "NodeRuntime", "WorkerLease", "check_health"]
+__all__ = [
+    "Check",
+    "HealthReport",
+    "NodeRuntime",
+    "ReceiverStatus",
+    "WorkerLease",
+    "check_health",
+]
 
 
 @dataclass
@@ -50,6 +58,10 @@ class NodeRuntime:
         True from the moment the dashboard binds until every stage runs: the check
         ``start-up`` fails meanwhile, so ``/healthz`` never says ok for a node whose
         receivers, models or stages are not up yet.
+    receivers : callable or None
+        Each Storage SCP process (alive, pid, restarts, connections and instances
+        handled); a receiver not alive fails the check ``receiver <index>``. None when this
+        process does not receive.
     """
 
     stages: frozenset[str] = frozenset()
@@ -62,6 +74,7 @@ class NodeRuntime:
     variants: dict[str, str] = field(default_factory=dict)
     model_notes: tuple[str, ...] = ()
     starting: bool = False
+    receivers: Callable[[], Sequence[ReceiverStatus]] | None = None
 
     @property
     def model(self) -> str | None:
@@ -92,6 +105,7 @@ class HealthReport:
     models: Mapping[str, str] = field(default_factory=dict)
     model: str | None = None
     model_notes: tuple[str, ...] = ()
+    receivers: tuple[ReceiverStatus, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -109,6 +123,7 @@ class HealthReport:
             "stages": sorted(self.stages),
             "models": dict(self.models),
             "model": {"variant": self.model, "rejected": list(self.model_notes)},
+            "receivers": [asdict(r) for r in self.receivers],
         }
 
 
@@ -157,6 +172,16 @@ def check_health(jobs: JobViews, runtime: NodeRuntime) -> HealthReport:
     if runtime.receiving is not None:
         listening = runtime.receiving()
         checks.append(Check("receive", listening, "listening" if listening else "not listening"))
+    receivers = tuple(runtime.receivers()) if runtime.receivers is not None else ()
+    for receiver in receivers:
+        checks.append(
+            Check(
+                f"receiver {receiver.index}",
+                receiver.alive,
+                f"pid {receiver.pid}, {'running' if receiver.alive else 'down'}, "
+                f"{receiver.restarts} restarts",
+            )
+        )
     models = dict(runtime.models()) if runtime.models is not None else {}
     for name, state in models.items():
         up = not state.startswith("down")
@@ -171,6 +196,7 @@ def check_health(jobs: JobViews, runtime: NodeRuntime) -> HealthReport:
         workers=workers,
         model=runtime.model,
         model_notes=runtime.model_notes,
+        receivers=receivers,
     )
 
 

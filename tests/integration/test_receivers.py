@@ -4,15 +4,18 @@ association, and the access rules in every receiver."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import threading
 import tomllib
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -99,6 +102,20 @@ def _received_metric(web_port: int) -> float:
     )
 
 
+def _healthz(web_port: int) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=10) as answer:
+            body: dict[str, Any] = json.loads(answer.read())
+    except urllib.error.HTTPError as failing:  # 503: a check failed; the body says which
+        body = json.loads(failing.read())
+    return body
+
+
+def _health_page(web_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/health", timeout=10) as answer:
+        return str(answer.read().decode())
+
+
 def test_concurrent_storescu_senders_into_two_receivers_store_every_instance_once(
     tmp_path: Path, ct_b_files: list[Path]
 ) -> None:
@@ -134,6 +151,17 @@ def test_concurrent_storescu_senders_into_two_receivers_store_every_instance_onc
         # Stored by the receivers, counted in the main process's /metrics.
         web_port = tomllib.loads(proc.config.read_text())["web"]["port"]
         wait_until(lambda: _received_metric(web_port) == len(sent), 30, "the relayed counts")
+        # /healthz and the health page show each receiver and what it handled.
+        receivers = _healthz(web_port)["receivers"]
+        assert [r["index"] for r in receivers] == [0, 1]
+        assert {r["pid"] for r in receivers} == set(receiver_pids(main_pid))
+        assert all(r["alive"] and r["restarts"] == 0 for r in receivers)
+        # Round-robin: at least 2 senders each (the start-up wait's probe connected too).
+        assert min(r["connections"] for r in receivers) >= 2
+        assert sum(r["instances"] for r in receivers) == 60
+        assert all(r["refused"] == 0 for r in receivers)
+        page = _health_page(web_port)
+        assert 'data-receiver="1" data-alive="true"' in page
         assert proc.stop() == 0
 
 
@@ -191,6 +219,12 @@ def test_kill9_of_the_receiver_holding_an_association_keeps_what_it_acknowledged
     wait_until(lambda: send_until_broken(port, files, acked), 120, "every instance acknowledged")
     _check_stored_once(db_url, {sop_of(path) for path in files})
     assert len(_rows(db_url, "SELECT id FROM instances")) == len(files)
+    health = _healthz(tomllib.loads(proc.config.read_text())["web"]["port"])
+    receivers = health["receivers"]
+    assert sorted(r["restarts"] for r in receivers) == [0, 1]
+    assert holder not in {r["pid"] for r in receivers}
+    assert all(r["alive"] for r in receivers)
+    assert health["checks"]["receiver 0"]["ok"] and health["checks"]["receiver 1"]["ok"]
     assert proc.stop() == 0
     assert '"msg":"receiver died; restarting it"' in proc.log.read_text()
 
@@ -232,4 +266,83 @@ def test_every_receiver_applies_the_ae_and_source_address_allow_lists(tmp_path: 
         for _attempt in range(10):
             assert not _echo(port, "EVILSCU", source="127.0.0.1")
             assert _echo(port, "GOODSCU", source="127.0.0.1")
+        assert proc.stop() == 0
+
+
+def test_rows_a_power_cut_took_are_restored_from_the_spool_at_start(
+    tmp_path: Path, ct_b_files: list[Path]
+) -> None:
+    """The receivers commit rows with synchronous=NORMAL: a power cut may lose the last
+    ones, never their files (fsynced before the answer). Simulated by deleting the last
+    rows (and their counts) as a lost tail of the write-ahead log would."""
+    files = StudyMaker(ct_b_files).make(tmp_path / "study", 10)
+    sent = {sop_of(path) for path in files}
+    with _node(tmp_path) as (proc, port, db_url):
+        out = subprocess.run(
+            ["storescu", "-aec", "SCPNODE", "127.0.0.1", str(port), *map(str, files)],
+            capture_output=True,
+            env=DCMTK_ENV,
+            check=False,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert proc.stop() == 0
+    lost = sorted(sent)[:3]
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        paths = [
+            Path(
+                str(
+                    conn.execute(
+                        text("SELECT path FROM instances WHERE sop_instance_uid = :u"), {"u": uid}
+                    ).scalar_one()
+                )
+            )
+            for uid in lost
+        ]
+        for uid in lost:
+            conn.execute(text("DELETE FROM instances WHERE sop_instance_uid = :u"), {"u": uid})
+        conn.execute(text("UPDATE series SET instance_count = 7, frame_count = 7"))
+        conn.execute(text("UPDATE studies SET instance_count = 7"))
+    engine.dispose()
+    # A write a crash interrupted (never acknowledged) is removed, not recorded.
+    part = paths[0].with_name("1.2.3.4.part")
+    part.write_bytes(b"torn")
+    with _node(tmp_path) as (proc, _port, db_url):
+        _check_stored_once(db_url, sent)
+        assert sorted(
+            Path(str(p)) for (p,) in _rows(db_url, "SELECT path FROM instances")
+        ) == sorted(Path(str(p)) for p in (tmp_path / "spool").rglob("*.dcm"))
+        assert _rows(db_url, "SELECT instance_count FROM studies") == [(10,)]
+        assert _rows(db_url, "SELECT instance_count, frame_count FROM series") == [(10, 10)]
+        assert not part.exists()
+        assert proc.stop() == 0
+    assert '"msg":"spooled instances without a row recorded"' in proc.log.read_text()
+
+
+def test_one_receiver_runs_in_the_node_process_and_shows_on_the_health_page(
+    tmp_path: Path, ct_b_files: list[Path]
+) -> None:
+    port = free_port()
+    config = write_config(
+        tmp_path, port, free_port(), node={"receivers": 1}, settle={"quiet_s": 600.0}
+    )
+    proc = NodeProc("receive", config, tmp_path, "receive", port=port).start()
+    try:
+        assert proc.process is not None
+        assert receiver_pids(proc.process.pid) == []  # no spawned receiver
+        files = StudyMaker(ct_b_files).make(tmp_path / "study", 5)
+        out = subprocess.run(
+            ["storescu", "-aec", "SCPNODE", "127.0.0.1", str(port), *map(str, files)],
+            capture_output=True,
+            env=DCMTK_ENV,
+            check=False,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        _check_stored_once(f"sqlite:///{tmp_path / 'node.db'}", {sop_of(f) for f in files})
+        health = _healthz(tomllib.loads(config.read_text())["web"]["port"])
+        (receiver,) = health["receivers"]
+        assert receiver["pid"] == proc.process.pid and receiver["alive"]
+        assert receiver["instances"] == 5 and receiver["connections"] >= 1
+        assert health["checks"]["receiver 0"]["ok"]
+    finally:
         assert proc.stop() == 0

@@ -34,6 +34,7 @@ from scp_node.queue.records import DeliveryTarget, InstanceRecord
 from scp_node.queue.retry import RetryPolicy
 from scp_node.settings import WebSection
 from scp_node.web import NodeRuntime, WebServer, create_app
+from scp_node.web.health import ReceiverStatus
 from tests.support.seeded import PAIR_NEW_SEG, PAIR_OLD_SEG, seed_superseding_pair
 
 TOKEN = "s3cret-admin-token-0123"
@@ -383,6 +384,30 @@ def test_healthz_and_health_page_say_which_model_is_down(site: Site) -> None:
     page = site.request("GET", "/health").text
     assert 'data-check="model broken" data-ok="false"' in page
     assert "labels.0.type: Field required" in page
+
+
+def test_healthz_and_health_page_show_each_receiver(site: Site) -> None:
+    site.runtime.receivers = lambda: [
+        ReceiverStatus(0, 4101, True, 0, connections=3, instances=120, refused=1),
+        ReceiverStatus(1, None, False, 2, connections=2, instances=80, refused=0),
+    ]
+    answer = site.request("GET", "/healthz")
+    assert answer.status == 503
+    body = answer.json()
+    assert body["checks"]["receiver 0"]["ok"] is True
+    assert body["checks"]["receiver 1"] == {"ok": False, "detail": "pid None, down, 2 restarts"}
+    assert body["receivers"][0] == {
+        "index": 0,
+        "pid": 4101,
+        "alive": True,
+        "restarts": 0,
+        "connections": 3,
+        "instances": 120,
+        "refused": 1,
+    }
+    page = site.request("GET", "/health").text
+    assert 'data-receiver="0" data-alive="true"' in page
+    assert 'data-receiver="1" data-alive="false"' in page
 
 
 def test_missing_job_is_404_and_wrong_state_is_409_without_a_read_first(site: Site) -> None:

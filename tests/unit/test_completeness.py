@@ -119,3 +119,40 @@ def test_settler_waits_quiet_s_after_its_start_before_the_quiet_rule(
     assert settler.run_once()
     (job,) = table.views.list()
     assert job.study_instance_uid == STUDY
+
+
+def test_each_series_whose_count_has_arrived_is_complete_even_in_an_incomplete_study() -> None:
+    gate = _gate({"1.6": {"1.6.1": 3, "1.6.2": 5}}, [])
+    decision = gate.decide([_study("1.6", {"1.6.1": 3, "1.6.2": 2}, quiet_s=0)], NOW)
+    assert decision.hold == {"1.6"}
+    assert decision.complete_series == {"1.6.1"}
+
+
+def test_a_series_the_pacs_count_says_is_complete_starts_its_per_series_job_at_once(
+    table: Table, clock: FakeClock, instance_factory: InstanceFactory
+) -> None:
+    first, second = STUDY + ".1", STUDY + ".2"
+    for series in (first, second):
+        for _ in range(2):
+            table.intake.record_instance(instance_factory(series=series, calling_ae="PACS"))
+    # The PACS holds 2 instances of the first series (all here) and 4 of the second.
+    gate = _gate({STUDY: {first: 2, second: 4}}, [])
+    settler = Settler(
+        table.settling,
+        ["per-series", "whole-study"],
+        quiet_s=10,
+        gate=gate,
+        clock=clock,
+        per_series=["per-series"],
+        series_quiet_s=600,
+    )
+    # No quiet wait at all, within the settler's start-up wait: the count says so.
+    assert settler.run_once()
+    jobs = [(j.model, j.series_instance_uid) for j in table.views.list()]
+    assert jobs == [("per-series", first)]
+    table.intake.record_instance(instance_factory(series=second, calling_ae="PACS"))
+    assert not settler.run_once()  # 3 of 4: the second series and the study wait
+    table.intake.record_instance(instance_factory(series=second, calling_ae="PACS"))
+    assert settler.run_once()
+    jobs = sorted((j.model, j.series_instance_uid or "") for j in table.views.list())
+    assert jobs == [("per-series", first), ("per-series", second), ("whole-study", "")]

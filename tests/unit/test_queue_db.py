@@ -31,6 +31,16 @@ def test_make_engine_creates_parent_dir_and_sets_pragmas(tmp_path: Path) -> None
         engine.dispose()
 
 
+def test_intake_engine_commits_without_waiting_for_the_disk(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}", synchronous="NORMAL")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        engine.dispose()
+
+
 def test_make_engine_rejects_garbage_url() -> None:
     with pytest.raises(ConfigError, match=r"database\.url"):
         make_engine("not a url at all")
