@@ -119,3 +119,22 @@ def test_settler_waits_quiet_s_after_its_start_before_the_quiet_rule(
     assert settler.run_once()
     (job,) = table.views.list()
     assert job.study_instance_uid == STUDY
+
+
+def test_settler_knows_when_the_next_study_turns_quiet(
+    table: Table, clock: FakeClock, instance_factory: InstanceFactory
+) -> None:
+    # The sweep runs at that moment rather than at its next poll (up to poll_s late).
+    settler = Settler(table.settling, ["m"], quiet_s=10, clock=clock)
+    assert settler.next_quiet_in() is None
+    table.intake.record_instance(instance_factory())
+    # Not before the settler's own quiet start (it started just now, too).
+    assert settler.next_quiet_in() == 10
+    clock.advance(30)
+    table.intake.record_instance(instance_factory())
+    clock.advance(4)
+    assert settler.next_quiet_in() == 6
+    clock.advance(6)
+    assert settler.next_quiet_in() is None  # quiet now: the sweep settles it
+    assert settler.run_once()
+    assert settler.next_quiet_in() is None
