@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,32 @@ def stage_data(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return data
 
 
+def handoffs(events: list[dict[str, Any]], durations: dict[str, float]) -> dict[str, float]:
+    """Seconds between the stages, where the job waits on a poll or a wake-up.
+
+    ``settle``: last instance received -> job queued, beyond the quiet wait; ``claim``:
+    queued -> claimed by the worker; ``to_delivery``: SEG written (end of the seg stage)
+    -> its delivery claimed by the dispatcher; ``delivered``: delivery claimed -> job done.
+    """
+
+    def first_at(stage: str) -> datetime | None:
+        found = next((e["at"] for e in events if e["stage"] == stage), None)
+        return None if found is None else datetime.fromisoformat(found)
+
+    seg, claimed, done = first_at("seg"), first_at("deliver"), first_at("done")
+    result = {
+        "settle": float(durations.get("settle_wait", math.nan)) - QUIET_S,
+        "claim": float(durations.get("queue_wait", math.nan)),
+        "to_delivery": math.nan,
+        "delivered": math.nan,
+    }
+    if seg is not None and claimed is not None:
+        result["to_delivery"] = (claimed - seg).total_seconds()
+    if claimed is not None and done is not None:
+        result["delivered"] = (done - claimed).total_seconds()
+    return result
+
+
 def cpu_summary() -> str:
     """CPU model and the SIMD flags that decide int8 and fp32 kernel speed."""
     model, flags = "unknown CPU", set()
@@ -271,6 +298,7 @@ def run_size(work: Path, slices: int, threads: int, variant: str) -> dict[str, A
         "received_peak_mib": received_peak,
         "durations": jobs[0]["durations"],
         "stages": stage_data(report.get("events", [])),
+        "handoffs": handoffs(report.get("events", []), jobs[0]["durations"]),
         "latency_s": latency_s,
         "sent_bytes": seg_file.stat().st_size,
         "seg_types": seg_types(seg_file, files, work),
@@ -333,6 +361,23 @@ def inference_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def handoff_table(results: list[dict[str, Any]]) -> str:
+    """Waits between stages (polls and wake-ups), and what no stage or hand-off accounts for."""
+    header = [
+        "slices",
+        "settle sweep s",
+        "queued->claimed s",
+        "SEG written->delivery claimed s",
+        "delivery claimed->done s",
+    ]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in results:
+        h = r["handoffs"]
+        values = [h[k] for k in ("settle", "claim", "to_delivery", "delivered")]
+        lines.append(" | ".join([str(r["slices"]), *(f"{v:.3f}" for v in values)]))
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 600, 1000])
@@ -353,6 +398,8 @@ def main() -> None:
     out.write(table(results))
     out.write("\nInside inference (the slice runtime's steps):\n\n")
     out.write(inference_table(results))
+    out.write("\nHand-offs (from the job's events):\n\n")
+    out.write(handoff_table(results))
     sent = ", ".join(f"{r['sent_bytes'] / 2**20:.1f}" for r in results)
     variants = sorted({str(r["stages"].get("inference", {}).get("variant", "?")) for r in results})
     out.write(
