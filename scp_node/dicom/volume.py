@@ -14,7 +14,9 @@ Two steps, both plain functions of files on disk:
 * :func:`load_stack` decodes one stack's frames straight into one preallocated array
   (int16 when the rescaled values are whole numbers that fit, else float32; JPEG 2000
   through pylibjpeg; multi-frame frames one at a time through highdicom) and returns a
-  :class:`SourceVolume`: the array plus the headers the SEG needs.
+  :class:`SourceVolume`: the array plus the headers the SEG needs. Uncompressed
+  single-frame files are parsed once: :func:`read_stacks` notes where each file's pixel
+  data starts, and loading reads the pixels from there.
 
 Spacing regularity and the volume geometry (affine) come from highdicom
 (:func:`highdicom.spatial.get_volume_positions`, :class:`highdicom.VolumeGeometry`).
@@ -535,7 +537,9 @@ def load_stack(stack: Stack) -> SourceVolume:
     same values. A frame that does not fit (a fractional slope, MR scaled to floats) turns
     the array into ``float32`` once, and the remaining frames are written as floats.
     Decoded pixels are never kept in a dataset: each file is read, decoded into its place
-    and dropped; only ``stack.headers`` (without pixel data) stay.
+    and dropped; only ``stack.headers`` (without pixel data) stay. An uncompressed
+    (little-endian) single-frame file is not parsed again: its pixel data is read at the
+    offset :func:`read_stacks` found, and decoded by pydicom with the header's options.
 
     Parameters
     ----------
