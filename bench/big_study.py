@@ -19,6 +19,7 @@ The machine's CPU model and SIMD flags and its load average before and after are
 under the table: the numbers mean little without them.
 
 Run: .venv/bin/python bench/big_study.py [--sizes 200 600 1000] [--threads 2] [--variant auto]
+[--nice 0]
 Needs dcmtk (storescu, storescp) on the PATH. Imports no test code.
 """
 
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -106,7 +108,10 @@ def make_series(out: Path, slices: int) -> list[Path]:
     return paths
 
 
-def write_config(root: Path, port: int, pacs_port: int, threads: int, variant: str) -> Path:
+def write_config(
+    root: Path, ports: tuple[int, int, int], threads: int, variant: str, nice: int | None
+) -> Path:
+    port, pacs_port, web_port = ports
     sections: dict[str, dict[str, Any]] = {
         "node": {"ae_title": "SCPNODE", "host": "127.0.0.1", "port": port},
         "storage": {"spool_dir": str(root / "spool"), "min_free_bytes": 0},
@@ -122,9 +127,10 @@ def write_config(root: Path, port: int, pacs_port: int, threads: int, variant: s
             "poll_s": 0.2,
             "threads": threads,
             "variant": variant,
+            **({} if nice is None else {"nice": nice}),
         },
         "log": {"level": "WARNING", "dir": str(root / "log")},
-        "web": {"host": "127.0.0.1", "port": free_port()},
+        "web": {"host": "127.0.0.1", "port": web_port},
     }
     lines = []
     for name, values in sections.items():
@@ -206,26 +212,36 @@ def handoffs(events: list[dict[str, Any]], durations: dict[str, float]) -> dict[
     """Seconds between the stages, where the job waits on a poll or a wake-up.
 
     ``settle``: last instance received -> job queued, beyond the quiet wait; ``claim``:
-    queued -> claimed by the worker; ``to_delivery``: SEG written (end of the seg stage)
-    -> its delivery claimed by the dispatcher; ``delivered``: delivery claimed -> job done.
+    queued -> claimed by the worker; ``to_complete``: SEG written (end of the seg stage)
+    -> the worker's result recorded (the inference event without a duration);
+    ``to_delivery``: result recorded -> its delivery claimed by the dispatcher;
+    ``delivered``: delivery claimed -> job done.
     """
 
-    def first_at(stage: str) -> datetime | None:
-        found = next((e["at"] for e in events if e["stage"] == stage), None)
+    def first_at(stage: str, *, timed: bool | None = None) -> datetime | None:
+        found = next(
+            (
+                e["at"]
+                for e in events
+                if e["stage"] == stage and (timed is None or (e["duration_s"] is not None) == timed)
+            ),
+            None,
+        )
         return None if found is None else datetime.fromisoformat(found)
 
-    seg, claimed, done = first_at("seg"), first_at("deliver"), first_at("done")
-    result = {
+    seg, completed = first_at("seg"), first_at("inference", timed=False)
+    claimed, done = first_at("deliver"), first_at("done")
+
+    def between(start: datetime | None, end: datetime | None) -> float:
+        return math.nan if start is None or end is None else (end - start).total_seconds()
+
+    return {
         "settle": float(durations.get("settle_wait", math.nan)) - QUIET_S,
         "claim": float(durations.get("queue_wait", math.nan)),
-        "to_delivery": math.nan,
-        "delivered": math.nan,
+        "to_complete": between(seg, completed),
+        "to_delivery": between(completed, claimed),
+        "delivered": between(claimed, done),
     }
-    if seg is not None and claimed is not None:
-        result["to_delivery"] = (claimed - seg).total_seconds()
-    if claimed is not None and done is not None:
-        result["delivered"] = (done - claimed).total_seconds()
-    return result
 
 
 def cpu_summary() -> str:
@@ -242,14 +258,25 @@ def cpu_summary() -> str:
     return f"{model}; flags: {' '.join(simd)}"
 
 
-def run_size(work: Path, slices: int, threads: int, variant: str) -> dict[str, Any]:
+def healthy(web_port: int) -> bool:
+    """``/healthz`` says ok: receivers, models (variant chosen and verified) and stages run."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=5) as reply:
+            return bool(json.loads(reply.read()).get("status") == "ok")
+    except (OSError, ValueError):
+        return False
+
+
+def run_size(
+    work: Path, slices: int, threads: int, variant: str, nice: int | None
+) -> dict[str, Any]:
     files = make_series(work / f"series-{slices}", slices)
     root = work / f"node-{slices}"
     root.mkdir()
     pacs_dir = root / "pacs"
     pacs_dir.mkdir()
-    port, pacs_port = free_port(), free_port()
-    config = write_config(root, port, pacs_port, threads, variant)
+    port, pacs_port, web_port = free_port(), free_port(), free_port()
+    config = write_config(root, (port, pacs_port, web_port), threads, variant, nice)
     pacs = subprocess.Popen(
         ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
         env=ENV,
@@ -265,6 +292,8 @@ def run_size(work: Path, slices: int, threads: int, variant: str) -> dict[str, A
     )
     try:
         wait_for(lambda: port_open(port) and port_open(pacs_port), 300, "the node and PACS")
+        # Start-up work (choosing and verifying the variant) must not overlap the receive.
+        wait_for(lambda: healthy(web_port), 600, "the node to be healthy")
         subprocess.run(
             ["storescu", "-aec", "SCPNODE", "127.0.0.1", str(port), *map(str, files)],
             check=True,
@@ -367,13 +396,14 @@ def handoff_table(results: list[dict[str, Any]]) -> str:
         "slices",
         "settle sweep s",
         "queued->claimed s",
-        "SEG written->delivery claimed s",
+        "SEG written->result recorded s",
+        "result recorded->delivery claimed s",
         "delivery claimed->done s",
     ]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in results:
         h = r["handoffs"]
-        values = [h[k] for k in ("settle", "claim", "to_delivery", "delivered")]
+        values = [h[k] for k in ("settle", "claim", "to_complete", "to_delivery", "delivered")]
         lines.append(" | ".join([str(r["slices"]), *(f"{v:.3f}" for v in values)]))
     return "\n".join(lines) + "\n"
 
@@ -387,11 +417,20 @@ def main() -> None:
         default="auto",
         help='[worker] variant: "auto" (fastest verified here), "" (the card\'s), or a name',
     )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=None,
+        help="[worker] nice (default: the node's); 0 on a machine shared with other work, "
+        "where niced stages wait behind it",
+    )
     args = parser.parse_args()
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="scp-node-big-study-"))
     try:
-        results = [run_size(work, slices, args.threads, args.variant) for slices in args.sizes]
+        results = [
+            run_size(work, slices, args.threads, args.variant, args.nice) for slices in args.sizes
+        ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = sys.stdout
@@ -404,7 +443,8 @@ def main() -> None:
     variants = sorted({str(r["stages"].get("inference", {}).get("variant", "?")) for r in results})
     out.write(
         f"\n{cpu_summary()}\n{os.cpu_count()} CPU(s), {args.threads} torch thread(s), "
-        f"variant {args.variant or 'card'} -> {', '.join(variants)}; settle wait {QUIET_S} s, "
+        f"variant {args.variant or 'card'} -> {', '.join(variants)}; worker nice "
+        f"{'default' if args.nice is None else args.nice}; settle wait {QUIET_S} s, "
         f"{SLICE_MM} mm slices, uncompressed 512x512 CT, model {MODEL}; load average "
         f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n"
         "BINARY/LABELMAP columns: the node's build_segmentation run here on the node's "
