@@ -19,6 +19,7 @@ The machine's CPU model and SIMD flags and its load average before and after are
 under the table: the numbers mean little without them.
 
 Run: .venv/bin/python bench/big_study.py [--sizes 200 600 1000] [--threads 2] [--variant auto]
+[--nice 0]
 Needs dcmtk (storescu, storescp) on the PATH. Imports no test code.
 """
 
@@ -35,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +108,10 @@ def make_series(out: Path, slices: int) -> list[Path]:
     return paths
 
 
-def write_config(root: Path, port: int, pacs_port: int, threads: int, variant: str) -> Path:
+def write_config(
+    root: Path, ports: tuple[int, int, int], threads: int, variant: str, nice: int | None
+) -> Path:
+    port, pacs_port, web_port = ports
     sections: dict[str, dict[str, Any]] = {
         "node": {"ae_title": "SCPNODE", "host": "127.0.0.1", "port": port},
         "storage": {"spool_dir": str(root / "spool"), "min_free_bytes": 0},
@@ -121,9 +127,10 @@ def write_config(root: Path, port: int, pacs_port: int, threads: int, variant: s
             "poll_s": 0.2,
             "threads": threads,
             "variant": variant,
+            **({} if nice is None else {"nice": nice}),
         },
         "log": {"level": "WARNING", "dir": str(root / "log")},
-        "web": {"host": "127.0.0.1", "port": free_port()},
+        "web": {"host": "127.0.0.1", "port": web_port},
     }
     lines = []
     for name, values in sections.items():
@@ -201,6 +208,42 @@ def stage_data(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return data
 
 
+def handoffs(events: list[dict[str, Any]], durations: dict[str, float]) -> dict[str, float]:
+    """Seconds between the stages, where the job waits on a poll or a wake-up.
+
+    ``settle``: last instance received -> job queued, beyond the quiet wait; ``claim``:
+    queued -> claimed by the worker; ``to_complete``: SEG written (end of the seg stage)
+    -> the worker's result recorded (the inference event without a duration);
+    ``to_delivery``: result recorded -> its delivery claimed by the dispatcher;
+    ``delivered``: delivery claimed -> job done.
+    """
+
+    def first_at(stage: str, *, timed: bool | None = None) -> datetime | None:
+        found = next(
+            (
+                e["at"]
+                for e in events
+                if e["stage"] == stage and (timed is None or (e["duration_s"] is not None) == timed)
+            ),
+            None,
+        )
+        return None if found is None else datetime.fromisoformat(found)
+
+    seg, completed = first_at("seg"), first_at("inference", timed=False)
+    claimed, done = first_at("deliver"), first_at("done")
+
+    def between(start: datetime | None, end: datetime | None) -> float:
+        return math.nan if start is None or end is None else (end - start).total_seconds()
+
+    return {
+        "settle": float(durations.get("settle_wait", math.nan)) - QUIET_S,
+        "claim": float(durations.get("queue_wait", math.nan)),
+        "to_complete": between(seg, completed),
+        "to_delivery": between(completed, claimed),
+        "delivered": between(claimed, done),
+    }
+
+
 def cpu_summary() -> str:
     """CPU model and the SIMD flags that decide int8 and fp32 kernel speed."""
     model, flags = "unknown CPU", set()
@@ -215,14 +258,25 @@ def cpu_summary() -> str:
     return f"{model}; flags: {' '.join(simd)}"
 
 
-def run_size(work: Path, slices: int, threads: int, variant: str) -> dict[str, Any]:
+def healthy(web_port: int) -> bool:
+    """``/healthz`` says ok: receivers, models (variant chosen and verified) and stages run."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=5) as reply:
+            return bool(json.loads(reply.read()).get("status") == "ok")
+    except (OSError, ValueError):
+        return False
+
+
+def run_size(
+    work: Path, slices: int, threads: int, variant: str, nice: int | None
+) -> dict[str, Any]:
     files = make_series(work / f"series-{slices}", slices)
     root = work / f"node-{slices}"
     root.mkdir()
     pacs_dir = root / "pacs"
     pacs_dir.mkdir()
-    port, pacs_port = free_port(), free_port()
-    config = write_config(root, port, pacs_port, threads, variant)
+    port, pacs_port, web_port = free_port(), free_port(), free_port()
+    config = write_config(root, (port, pacs_port, web_port), threads, variant, nice)
     pacs = subprocess.Popen(
         ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
         env=ENV,
@@ -238,6 +292,8 @@ def run_size(work: Path, slices: int, threads: int, variant: str) -> dict[str, A
     )
     try:
         wait_for(lambda: port_open(port) and port_open(pacs_port), 300, "the node and PACS")
+        # Start-up work (choosing and verifying the variant) must not overlap the receive.
+        wait_for(lambda: healthy(web_port), 600, "the node to be healthy")
         subprocess.run(
             ["storescu", "-aec", "SCPNODE", "127.0.0.1", str(port), *map(str, files)],
             check=True,
@@ -271,6 +327,7 @@ def run_size(work: Path, slices: int, threads: int, variant: str) -> dict[str, A
         "received_peak_mib": received_peak,
         "durations": jobs[0]["durations"],
         "stages": stage_data(report.get("events", [])),
+        "handoffs": handoffs(report.get("events", []), jobs[0]["durations"]),
         "latency_s": latency_s,
         "sent_bytes": seg_file.stat().st_size,
         "seg_types": seg_types(seg_file, files, work),
@@ -333,6 +390,24 @@ def inference_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def handoff_table(results: list[dict[str, Any]]) -> str:
+    """Waits between stages (polls and wake-ups), and what no stage or hand-off accounts for."""
+    header = [
+        "slices",
+        "settle sweep s",
+        "queued->claimed s",
+        "SEG written->result recorded s",
+        "result recorded->delivery claimed s",
+        "delivery claimed->done s",
+    ]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in results:
+        h = r["handoffs"]
+        values = [h[k] for k in ("settle", "claim", "to_complete", "to_delivery", "delivered")]
+        lines.append(" | ".join([str(r["slices"]), *(f"{v:.3f}" for v in values)]))
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 600, 1000])
@@ -342,22 +417,34 @@ def main() -> None:
         default="auto",
         help='[worker] variant: "auto" (fastest verified here), "" (the card\'s), or a name',
     )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=None,
+        help="[worker] nice (default: the node's); 0 on a machine shared with other work, "
+        "where niced stages wait behind it",
+    )
     args = parser.parse_args()
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="scp-node-big-study-"))
     try:
-        results = [run_size(work, slices, args.threads, args.variant) for slices in args.sizes]
+        results = [
+            run_size(work, slices, args.threads, args.variant, args.nice) for slices in args.sizes
+        ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = sys.stdout
     out.write(table(results))
     out.write("\nInside inference (the slice runtime's steps):\n\n")
     out.write(inference_table(results))
+    out.write("\nHand-offs (from the job's events):\n\n")
+    out.write(handoff_table(results))
     sent = ", ".join(f"{r['sent_bytes'] / 2**20:.1f}" for r in results)
     variants = sorted({str(r["stages"].get("inference", {}).get("variant", "?")) for r in results})
     out.write(
         f"\n{cpu_summary()}\n{os.cpu_count()} CPU(s), {args.threads} torch thread(s), "
-        f"variant {args.variant or 'card'} -> {', '.join(variants)}; settle wait {QUIET_S} s, "
+        f"variant {args.variant or 'card'} -> {', '.join(variants)}; worker nice "
+        f"{'default' if args.nice is None else args.nice}; settle wait {QUIET_S} s, "
         f"{SLICE_MM} mm slices, uncompressed 512x512 CT, model {MODEL}; load average "
         f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n"
         "BINARY/LABELMAP columns: the node's build_segmentation run here on the node's "

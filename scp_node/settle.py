@@ -33,6 +33,8 @@ from scp_node.stage_loop import run_stage
 logger = logging.getLogger(__name__)
 
 CountQuery = Callable[[Peer, str], dict[str, int]]
+#: A sweep meant for a study's quiet deadline runs this much after it (clock granularity).
+_DEADLINE_MARGIN_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -194,8 +196,41 @@ class Settler:
         self._series_quiet_from = clock() + timedelta(seconds=series_quiet_s)
 
     def run(self, stop: threading.Event, poll_s: float) -> None:
-        """Sweep every ``poll_s`` until ``stop`` is set."""
-        run_stage("settle", self.run_once, stop, poll_s)
+        """Sweep every ``poll_s`` until ``stop`` is set, and when a study turns quiet.
+
+        A study whose quiet period ends before the next poll is swept for at that moment,
+        not up to ``poll_s`` later: that wait is part of every job's latency.
+        """
+
+        def sweep() -> bool:
+            if self.run_once():
+                return True
+            due_in = self.next_quiet_in()
+            if due_in is None or due_in >= poll_s:
+                return False
+            stop.wait(due_in + _DEADLINE_MARGIN_S)
+            return True  # sweep again at once: the study is quiet now
+
+        run_stage("settle", sweep, stop, poll_s)
+
+    def next_quiet_in(self) -> float | None:
+        """Seconds until the next unsettled study becomes quiet by the quiet rule.
+
+        ``None`` when no unsettled study has its quiet deadline ahead (none waits, or each
+        is past it and settles, or is held, by the sweeps themselves).
+
+        Raises
+        ------
+        QueueError
+            If the job table cannot be read.
+        """
+        now = self._clock()
+        deadlines = [
+            max(study.last_received_at + timedelta(seconds=self.quiet_s), self._quiet_from)
+            for study in self.settling.unsettled_studies()
+        ]
+        ahead = [deadline for deadline in deadlines if deadline > now]
+        return (min(ahead) - now).total_seconds() if ahead else None
 
     def run_once(self) -> bool:
         """One sweep; True when it queued or requeued a job.

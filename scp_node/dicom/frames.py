@@ -29,6 +29,7 @@ __all__ = [
     "frames_of",
     "normal_of",
     "read_header",
+    "read_image_header",
     "to_float",
 ]
 
@@ -55,6 +56,9 @@ class SourceFrame:
     frame_number: int | None
     #: ImagePositionPatient (mm, LPS) of the frame's first pixel.
     position: tuple[float, float, float]
+    #: Single-frame files: where the PixelData element starts in the file, as found when the
+    #: header was read (so loading need not parse the header again); ``None`` when unknown.
+    pixel_data_offset: int | None = None
 
 
 @dataclass
@@ -95,6 +99,36 @@ def read_header(path: Path, *, stop_before_pixels: bool) -> Dataset:
     return ds
 
 
+def read_image_header(path: Path) -> tuple[Dataset, int | None]:
+    """Read one file's header (no pixel data) and where its PixelData element starts.
+
+    pydicom stops reading in front of the pixel data and leaves the file there: that
+    position lets :func:`scp_node.dicom.volume.load_stack` read the pixels without parsing
+    the header a second time.
+
+    Returns
+    -------
+    tuple of (pydicom.dataset.Dataset, int or None)
+        The header, as :func:`read_header` with ``stop_before_pixels=True``, and the file
+        offset of the (7FE0,0010) element's tag; ``None`` when the file ends there.
+
+    Raises
+    ------
+    SeriesError
+        As :func:`read_header`.
+    """
+    try:
+        with path.open("rb") as handle:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
+            offset = handle.tell()
+            at_end = not handle.read(1)
+    except Exception as exc:  # parsing arbitrary bytes fails in many ways (struct.error, ...)
+        raise SeriesError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if "SOPClassUID" not in ds and "Modality" not in ds:
+        raise SeriesError(f"{path.name}: unreadable (not a DICOM image: no SOPClassUID, Modality)")
+    return ds, None if at_end else offset
+
+
 def check_consistent(reference: tuple[Path, Dataset], path: Path, ds: Dataset) -> None:
     """Check that ``ds`` may share a stack with the ``(path, dataset)`` of ``reference``.
 
@@ -112,7 +146,9 @@ def check_consistent(reference: tuple[Path, Dataset], path: Path, ds: Dataset) -
             raise SeriesError(f"{path.name}: {keyword} differs from {reference_path.name}")
 
 
-def frames_of(path: Path, ds: Dataset, start: int) -> list[FrameHeader]:
+def frames_of(
+    path: Path, ds: Dataset, start: int, pixel_data_offset: int | None = None
+) -> list[FrameHeader]:
     """The frames of one image instance (its header ``ds``, read from ``path``).
 
     Parameters
@@ -123,6 +159,9 @@ def frames_of(path: Path, ds: Dataset, start: int) -> list[FrameHeader]:
         The instance's header (pixel data not needed).
     start : int
         Receive order of the first frame (ties between duplicates go to the later one).
+    pixel_data_offset : int or None, optional
+        Where the PixelData element starts in ``path`` (:func:`read_image_header`); kept
+        in the frame of a single-frame image.
 
     Returns
     -------
@@ -160,6 +199,7 @@ def frames_of(path: Path, ds: Dataset, start: int) -> list[FrameHeader]:
             str(ds.SOPInstanceUID),
             None,
             _position(_vector(ds.ImagePositionPatient, 3, path.name, "ImagePositionPatient")),
+            pixel_data_offset,
         )
         splits: dict[str, Hashable] = {
             "temporal position": _int(ds.get("TemporalPositionIdentifier")),

@@ -14,7 +14,9 @@ Two steps, both plain functions of files on disk:
 * :func:`load_stack` decodes one stack's frames straight into one preallocated array
   (int16 when the rescaled values are whole numbers that fit, else float32; JPEG 2000
   through pylibjpeg; multi-frame frames one at a time through highdicom) and returns a
-  :class:`SourceVolume`: the array plus the headers the SEG needs.
+  :class:`SourceVolume`: the array plus the headers the SEG needs. Uncompressed
+  single-frame files are parsed once: :func:`read_stacks` notes where each file's pixel
+  data starts, and loading reads the pixels from there.
 
 Spacing regularity and the volume geometry (affine) come from highdicom
 (:func:`highdicom.spatial.get_volume_positions`, :class:`highdicom.VolumeGeometry`).
@@ -35,8 +37,13 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from highdicom.spatial import get_volume_positions
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import data_element_generator
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.utils import as_pixel_options
 from pydicom.pixels.utils import pixel_array as decode_pixel_array
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from scp_node.dicom.frames import (
@@ -46,6 +53,7 @@ from scp_node.dicom.frames import (
     frames_of,
     normal_of,
     read_header,
+    read_image_header,
     to_float,
 )
 from scp_node.errors import SeriesError
@@ -71,6 +79,9 @@ MAX_SPACING_DEVIATION = 0.10
 GEOMETRY_TOLERANCE = 1e-4
 #: Stacking direction this far (degrees) off the slice normal is a sheared (tilted) grid.
 SHEAR_TOLERANCE_DEG = 0.5
+#: Uncompressed syntaxes whose pixels :func:`load_stack` reads straight from the file.
+_NATIVE_LITTLE_ENDIAN = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+_PIXEL_DATA = Tag("PixelData")
 
 
 @dataclass(frozen=True)
@@ -250,7 +261,7 @@ def read_series(paths: Sequence[Path]) -> list[Stack]:
     non_images = 0
     reference: tuple[Path, Dataset] | None = None
     for path in paths:
-        ds = read_header(path, stop_before_pixels=True)
+        ds, pixel_data_offset = read_image_header(path)
         if "Rows" not in ds or "Columns" not in ds:
             non_images += 1
             continue
@@ -259,7 +270,7 @@ def read_series(paths: Sequence[Path]) -> list[Stack]:
         else:
             check_consistent(reference, path, ds)
         try:
-            frames.extend(frames_of(path, ds, len(frames)))
+            frames.extend(frames_of(path, ds, len(frames), pixel_data_offset))
         except SeriesError as exc:
             refusals.append(str(exc))
     if reference is None:
@@ -394,10 +405,8 @@ def _make_stack(series_uid: str, modality: str, label: str, frames: list[FrameHe
     geometry = None
     if not spacing_notes and shear <= SHEAR_TOLERANCE_DEG:
         geometry = _geometry(kept, orientation, spacing)
-    headers: list[Dataset] = []
-    for frame in kept:
-        if not any(frame.header is seen for seen in headers):
-            headers.append(frame.header)
+    # One header per instance, in frame order (a multi-frame instance's frames share one).
+    headers = list({id(frame.header): frame.header for frame in kept}.values())
     return Stack(
         series_instance_uid=series_uid,
         label=label,
@@ -528,7 +537,9 @@ def load_stack(stack: Stack) -> SourceVolume:
     same values. A frame that does not fit (a fractional slope, MR scaled to floats) turns
     the array into ``float32`` once, and the remaining frames are written as floats.
     Decoded pixels are never kept in a dataset: each file is read, decoded into its place
-    and dropped; only ``stack.headers`` (without pixel data) stay.
+    and dropped; only ``stack.headers`` (without pixel data) stay. An uncompressed
+    (little-endian) single-frame file is not parsed again: its pixel data is read at the
+    offset :func:`read_stacks` found, and decoded by pydicom with the header's options.
 
     Parameters
     ----------
@@ -553,10 +564,18 @@ def load_stack(stack: Stack) -> SourceVolume:
     by_path: dict[Path, list[int]] = defaultdict(list)
     for index, frame in enumerate(stack.frames):
         by_path[frame.path].append(index)
+    # Single-frame stacks keep one header per frame, in frame order.
+    headers = stack.headers if len(stack.headers) == stack.slices else None
     for path, indices in by_path.items():
         if stack.frames[indices[0]].frame_number is None:
             for index in indices:
-                _decode_single(path, stack.rows, stack.columns, target, index)
+                frame = stack.frames[index]
+                header = None if headers is None else headers[index]
+                if header is not None and str(header.SOPInstanceUID) != frame.sop_instance_uid:
+                    header = None
+                _decode_single(
+                    path, stack.rows, stack.columns, target, index, header, frame.pixel_data_offset
+                )
         else:
             _decode_frames(path, [(i, stack.frames[i].frame_number or 0) for i in indices], target)
     volume = SourceVolume(
@@ -585,13 +604,28 @@ class _Target:
         self.array: np.ndarray = np.empty(shape, dtype=np.int16)
 
     def put_stored(
-        self, index: int, pixels: np.ndarray, slope: float | None, intercept: float | None
+        self,
+        index: int,
+        pixels: np.ndarray,
+        slope: float | None,
+        intercept: float | None,
+        stored_range: tuple[int, int] | None = None,
     ) -> None:
-        """Write stored values ``pixels`` of frame ``index`` with their rescale applied."""
+        """Write stored values ``pixels`` of frame ``index`` with their rescale applied.
+
+        ``stored_range`` bounds the values ``pixels`` can hold (from BitsStored): when the
+        rescaled bounds fit in int16, the pixels need not be scanned for their extremes.
+        """
         slope = 1.0 if slope is None else slope
         intercept = intercept or 0.0
         if self.array.dtype == np.int16 and slope == 1.0 and float(intercept).is_integer():
             offset = int(intercept)
+            if stored_range is not None and (
+                stored_range[0] + offset >= self._LOW and stored_range[1] + offset <= self._HIGH
+            ):
+                # Every sum fits in int16, so int16 arithmetic (wrapping in between) is exact.
+                np.add(pixels, offset, out=self.array[index], dtype=np.int16, casting="unsafe")
+                return
             if pixels.size == 0 or (
                 int(pixels.min()) + offset >= self._LOW and int(pixels.max()) + offset <= self._HIGH
             ):
@@ -661,7 +695,33 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
         )
 
 
-def _decode_single(path: Path, rows: int, columns: int, target: _Target, index: int) -> None:
+def _decode_single(
+    path: Path,
+    rows: int,
+    columns: int,
+    target: _Target,
+    index: int,
+    header: Dataset | None = None,
+    pixel_data_offset: int | None = None,
+) -> None:
+    """Decode one single-frame file into ``target[index]``.
+
+    With the ``header`` read at selection and the offset of its pixel data, uncompressed
+    pixels are read from there (the header is not parsed again); otherwise, or when the
+    file does not hold what the header said, the whole file is read and decoded.
+    """
+    if header is not None and pixel_data_offset is not None:
+        native = _read_native_pixels(path, header, pixel_data_offset, rows, columns)
+        if native is not None:
+            pixels, stored_range = native
+            target.put_stored(
+                index,
+                pixels,
+                to_float(header.get("RescaleSlope")),
+                to_float(header.get("RescaleIntercept")),
+                stored_range,
+            )
+            return
     ds = read_header(path, stop_before_pixels=False)
     if "PixelData" not in ds:
         raise SeriesError(f"{path.name}: PixelData is missing")
@@ -681,6 +741,64 @@ def _decode_single(path: Path, rows: int, columns: int, target: _Target, index: 
     target.put_stored(
         index, pixels, to_float(ds.get("RescaleSlope")), to_float(ds.get("RescaleIntercept"))
     )
+
+
+def _read_native_pixels(
+    path: Path, header: Dataset, offset: int, rows: int, columns: int
+) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """Uncompressed little-endian pixels of a single-frame file, read from ``offset``.
+
+    pydicom parses the element at ``offset`` (without reading its value) and decodes the
+    value with the options of ``header``, exactly as it decodes a whole dataset (unused
+    high bits cleared), so the result is the same array. Returns the pixels and the range
+    their stored values can take (from BitsStored and PixelRepresentation), or ``None``
+    when this path does not apply (compressed, big endian, deflated) or the file does not
+    hold a whole PixelData element of the expected size there.
+    """
+    implicit_vr, little_endian = header.original_encoding
+    syntax = getattr(header, "file_meta", FileMetaDataset()).get("TransferSyntaxUID")
+    if syntax is None and implicit_vr is not None:
+        syntax = ImplicitVRLittleEndian if implicit_vr else ExplicitVRLittleEndian
+    if syntax not in _NATIVE_LITTLE_ENDIAN or implicit_vr is None or not little_endian:
+        return None
+    if implicit_vr != (syntax == ImplicitVRLittleEndian):
+        return None
+    try:
+        options = as_pixel_options(header, pixel_keyword="PixelData")
+        bits_stored = int(options["bits_stored"])
+        signed = int(options["pixel_representation"]) == 1
+        if (
+            int(options["rows"]) != rows
+            or int(options["columns"]) != columns
+            or int(options.get("number_of_frames", 1) or 1) != 1
+            or int(options["samples_per_pixel"]) != 1
+            or not 0 < bits_stored <= int(options["bits_allocated"]) <= 16
+        ):
+            return None
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            element = next(data_element_generator(handle, implicit_vr, True, defer_size=0))
+            if (
+                not isinstance(element, RawDataElement)
+                or element.tag != _PIXEL_DATA
+                or element.value is not None  # read, not deferred: undefined length
+            ):
+                return None
+            handle.seek(element.value_tell)
+            value = handle.read(element.length)
+        if len(value) != element.length:
+            return None
+        if element.VR:
+            options["pixel_vr"] = element.VR
+        pixels, _ = get_decoder(syntax).as_array(value, **options)
+    except Exception:  # anything unexpected: decode the whole file instead
+        logger.debug("pixel data not read at its offset", exc_info=True)
+        return None
+    if pixels.shape != (rows, columns):
+        return None
+    if signed:
+        return pixels, (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1)
+    return pixels, (0, (1 << bits_stored) - 1)
 
 
 def _decode_frames(path: Path, targets: list[tuple[int, int]], target: _Target) -> None:

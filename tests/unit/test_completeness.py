@@ -156,3 +156,22 @@ def test_a_series_the_pacs_count_says_is_complete_starts_its_per_series_job_at_o
     assert settler.run_once()
     jobs = sorted((j.model, j.series_instance_uid or "") for j in table.views.list())
     assert jobs == [("per-series", first), ("per-series", second), ("whole-study", "")]
+
+
+def test_settler_knows_when_the_next_study_turns_quiet(
+    table: Table, clock: FakeClock, instance_factory: InstanceFactory
+) -> None:
+    # The sweep runs at that moment rather than at its next poll (up to poll_s late).
+    settler = Settler(table.settling, ["m"], quiet_s=10, clock=clock)
+    assert settler.next_quiet_in() is None
+    table.intake.record_instance(instance_factory())
+    # Not before the settler's own quiet start (it started just now, too).
+    assert settler.next_quiet_in() == 10
+    clock.advance(30)
+    table.intake.record_instance(instance_factory())
+    clock.advance(4)
+    assert settler.next_quiet_in() == 6
+    clock.advance(6)
+    assert settler.next_quiet_in() is None  # quiet now: the sweep settles it
+    assert settler.run_once()
+    assert settler.next_quiet_in() is None

@@ -13,10 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from scp_node.dicom.selection import SeriesRules, choose_stack
-from scp_node.dicom.volume import load_volume, read_stacks
+from scp_node.dicom.volume import Stack, load_stack, load_volume, read_stacks
 from scp_node.errors import SeriesError
 
 CopySeries = Callable[..., list[Path]]
@@ -327,3 +327,90 @@ def test_load_volume_rejects_empty_and_unreadable(tmp_path: Path) -> None:
     missing = tmp_path / "missing.dcm"
     with pytest.raises(SeriesError, match=r"missing\.dcm"):
         load_volume([missing])
+
+
+# --- uncompressed pixels read at their offset (issue 10: big studies parse each file once) --
+
+
+def _stored_values(path: Path) -> np.ndarray:
+    """pydicom's own decoding of a whole file, rescaled: what a volume slice must hold."""
+    source = pydicom.dcmread(path)
+    return source.pixel_array.astype(np.float32) * float(source.RescaleSlope) + float(
+        source.RescaleIntercept
+    )
+
+
+def _stacks(files: list[Path]) -> list[Stack]:
+    stacks = read_stacks({"s": files})["s"]
+    assert not isinstance(stacks, str), stacks
+    return stacks
+
+
+def _uncompressed(syntax: str) -> Callable[[int, Dataset], None]:
+    def change(_: int, ds: Dataset) -> None:
+        ds.decompress()  # JPEG 2000 -> Explicit VR Little Endian, pixels as decoded
+        ds.file_meta.TransferSyntaxUID = syntax
+
+    return change
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_load_volume_reads_uncompressed_pixels_at_their_offset(
+    ct_b_files: list[Path], copy_series: CopySeries, syntax: str
+) -> None:
+    files = copy_series(ct_b_files[:6], "native", _uncompressed(syntax))
+    (stack,) = _stacks(files)
+    for frame in stack.frames:
+        # Where pydicom, deferring the value, says the PixelData element starts.
+        deferred = pydicom.dcmread(frame.path, defer_size=1024)
+        header_length = 8 if syntax == ImplicitVRLittleEndian else 12
+        assert deferred.file_meta.TransferSyntaxUID == syntax
+        expected = deferred.get_item("PixelData", keep_deferred=True).value_tell - header_length
+        assert frame.pixel_data_offset == expected
+    expected = [_stored_values(frame.path) for frame in stack.frames]
+    # The headers were read while selecting: loading does not parse them again (here it
+    # could not), it reads the pixels where the header said they start.
+    for frame in stack.frames:
+        assert frame.pixel_data_offset is not None
+        with frame.path.open("r+b") as handle:
+            handle.write(b"\xff" * frame.pixel_data_offset)
+    with pytest.raises(SeriesError, match="unreadable"):
+        load_volume([stack.frames[0].path])
+    volume = load_stack(stack)
+    assert volume.array.dtype == np.int16
+    assert all("PixelData" not in ds for ds in volume.datasets)
+    for index, values in enumerate(expected):
+        np.testing.assert_array_equal(volume.array[index], values)
+
+
+def test_load_volume_clears_unused_high_bits_as_pydicom_does(
+    ct_b_files: list[Path], copy_series: CopySeries
+) -> None:
+    # Signed 12-bit values in 16-bit words whose 4 unused bits hold junk: the value is the
+    # low 12 bits, sign-extended (PS3.5 8.1.1), as pydicom decodes it.
+    def signed_12_bits(index: int, ds: Dataset) -> None:
+        _uncompressed(ExplicitVRLittleEndian)(index, ds)
+        stored = ds.pixel_array.astype(np.uint16)
+        ds.PixelData = ((stored & 0x0FFF) | 0xA000).astype("<u2").tobytes()
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 12, 11
+
+    files = copy_series(ct_b_files[:4], "signed12", signed_12_bits)
+    volume = load_volume(files)
+    assert volume.array.dtype == np.int16
+    assert volume.array.min() < -1024  # negative stored values came through sign-extended
+    for index, frame in enumerate(volume.frames):
+        np.testing.assert_array_equal(volume.array[index], _stored_values(frame.path))
+
+
+def test_load_stack_reads_a_file_rewritten_since_its_header_was_read(
+    ct_b_files: list[Path], copy_series: CopySeries
+) -> None:
+    files = copy_series(ct_b_files[:4], "moved", _uncompressed(ExplicitVRLittleEndian))
+    (stack,) = _stacks(files)
+    # The same instance written again with a longer header: its pixel data moved.
+    moved = pydicom.dcmread(files[2])
+    moved.ImageComments = "x" * 1000
+    moved.save_as(files[2])
+    volume = load_stack(stack)
+    for index, frame in enumerate(volume.frames):
+        np.testing.assert_array_equal(volume.array[index], _stored_values(frame.path))
