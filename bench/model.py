@@ -1,8 +1,9 @@
 """Benchmark: the variants of a model folder side by side, on this machine's CPU.
 
-Rows, in one run: fp32 eager (torch), fp32 ONNX Runtime, int8 ONNX Runtime, int8 torch FX
-(the last three built from the unpruned network in a temporary copy of the model), then the
-card's own variants (pruned, its exports and int8 files). Each variant runs in its own
+Rows, in one run: fp32 eager (torch), fp32 ONNX Runtime, int8 ONNX Runtime, the same two
+files in OpenVINO (when installed), int8 torch FX (all built from the unpruned network in a
+temporary copy of the model), then the card's own variants (pruned, its exports and int8
+files, ONNX Runtime and OpenVINO). Each variant runs in its own
 process, so its peak RSS is its own:
 
 1. ms per slice of the whole ``Predictor.predict`` on subject B's real 20-slice 512x512
@@ -48,9 +49,10 @@ from scp_node.dicom.volume import load_volume  # noqa: E402
 from scp_node.inference.predictor import Predictor  # noqa: E402
 from scp_node.inference.preprocess import resampled_shape  # noqa: E402
 from scp_node.inference.registry import REFERENCE_VARIANT, ModelSpec  # noqa: E402
+from scp_node.inference.runtime.onnx import openvino_available  # noqa: E402
 from scp_node.inference.verify import cpu_flags, label_dice  # noqa: E402
 from scp_node.training.prune import count_flops  # noqa: E402
-from scp_node.training.variants import load_network, quantize_model  # noqa: E402
+from scp_node.training.variants import load_network, quantize_model, write_variant  # noqa: E402
 
 SUBJECT_B = REPO.parent / "shared" / "data" / "ct-abdomen-b"
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
@@ -150,6 +152,8 @@ def _flops(spec: ModelSpec, name: str, size: tuple[int, int]) -> int:
 def _row_label(spec: ModelSpec, name: str) -> str:
     weights = spec.variant(name)
     runtime = {"state_dict": "eager", "torchscript": "FX", "onnx": "ORT"}[weights.format]
+    if weights.format == "onnx" and weights.engine == "openvino":
+        runtime = "OpenVINO"
     return f"{name} ({weights.precision} {runtime})"
 
 
@@ -181,13 +185,25 @@ def main() -> None:
             shutil.copytree(args.model, model_dir)
             torch.set_num_threads(args.threads)
             quantize_model(model_dir, SUBJECT_B.parent, source=REFERENCE_VARIANT)
+            if openvino_available():
+                _openvino_rows(model_dir, ("fp32-onnx", "fp32-int8-ort"))
         _run(args, model_dir, Path(scratch))
+
+
+def _openvino_rows(model_dir: Path, names: tuple[str, ...]) -> None:
+    """Record OpenVINO twins (``-ort``/``-onnx`` -> ``-ov``) of ONNX Runtime variants."""
+    spec = ModelSpec.from_model_dir(model_dir)
+    for name in names:
+        twin = name.removesuffix("-onnx").removesuffix("-ort") + "-ov"
+        weights = spec.variant(name).model_copy(update={"engine": "openvino"})
+        write_variant(model_dir, twin, weights)
 
 
 def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
     spec = ModelSpec.from_model_dir(model_dir)
     names = args.variants or [REFERENCE_VARIANT, *spec.variants]
-    order = {n: i for i, n in enumerate(["fp32", "fp32-onnx", "fp32-int8-ort", "fp32-int8-fx"])}
+    first = ["fp32", "fp32-onnx", "fp32-ov", "fp32-int8-ort", "fp32-int8-ov", "fp32-int8-fx"]
+    order = {n: i for i, n in enumerate(first)}
     names.sort(key=lambda n: order.get(n, len(order)))
     volume = load_volume(sorted((SUBJECT_B / "dicom").glob("*.dcm")))
     size = resampled_shape(volume.shape[1:], volume.spacing_zyx[1:], spec.input.spacing_mm)

@@ -297,6 +297,13 @@ def machine_key(spec: ModelSpec, names: list[str], threads: int) -> str:
         parts.append(f"onnxruntime={onnxruntime.__version__}")
     except ImportError:  # pragma: no cover - a runtime dependency
         pass
+    if any(spec.variant(n).engine == "openvino" for n in names):
+        try:
+            import openvino
+
+            parts.append(f"openvino={openvino.__version__}")
+        except ImportError:
+            pass
     files = [spec.variant(n).file for n in names]
     if spec.verify.file is not None:
         files.append(spec.verify.file)
