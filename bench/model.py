@@ -17,7 +17,9 @@ process, so its peak RSS is its own:
 6. the network's GOP/s (FLOPs of its fp32 source: int8 variants do the same operations in
    int8) as a fraction of this machine's measured fp32 / int8 GEMM peak.
 
-It prints the CPU model and flags (avx2, avx512f, avx512_vnni, avx_vnni, amx) first.
+It prints the CPU model and flags (avx2, avx512f, avx512_vnni, avx_vnni, amx) first, and the
+load average at the start and the end (wall times on a shared machine follow the load;
+the CPU-time columns much less).
 
 Run: .venv/bin/python bench/model.py [--model models/ct-abdomen] [--threads 2] [--rounds 3]
 Prints a Markdown table to stdout. Needs only the node's own code (never ``tests/``).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import shutil
 import statistics
@@ -71,14 +74,17 @@ def _child(args: argparse.Namespace) -> None:
     spacing = volume.spacing_zyx
     predictor = Predictor("cpu", threads=args.threads)
     predictor.load(spec, args.child)
-    predictor.predict(volume.array[:4], spacing)  # warm-up: lazy init, ORT session
+    # Warm-up on the whole series: lazy init, ORT session, OpenVINO compiling per shape.
+    predictor.predict(volume.array, spacing)
     predictor.stage_s = dict.fromkeys(STAGES, 0.0)
     per_slice: list[float] = []
+    cpu_per_slice: list[float] = []
     labels = np.empty(0)
     for _round in range(args.rounds):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         labels = predictor.predict(volume.array, spacing)
         per_slice.append(1000 * (time.perf_counter() - started) / volume.shape[0])
+        cpu_per_slice.append(1000 * (time.process_time() - cpu_started) / volume.shape[0])
     spent = dict(predictor.stage_s)
     total_stage = sum(spent.values())
     stages = {k: 1000 * v / (args.rounds * volume.shape[0]) for k, v in spent.items()}
@@ -92,14 +98,25 @@ def _child(args: argparse.Namespace) -> None:
         del study
     figures = {
         "ms_per_slice": statistics.median(per_slice),
+        "cpu_ms_per_slice": statistics.median(cpu_per_slice),
         "stages_ms_per_slice": stages,
         "network_share": spent["network"] / total_stage if total_stage else None,
         "ms_per_study": studies,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": _peak_rss_mib(),
     }
     out = Path(args.out)
     np.savez_compressed(out.with_suffix(".npz"), labels=labels)
     out.write_text(json.dumps(figures))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``): unlike ``ru_maxrss``, which survives
+    ``execve`` and so would report the parent's peak (the parent quantises the fp32
+    network before it starts the children), it starts afresh in each child."""
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- the machine ----------------------------------------------------------------------------
@@ -210,6 +227,7 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
 
     model, flags = cpu_flags()
     present = [f for f in FLAGS if f in flags.split()]
+    load_before = os.getloadavg()
     fp32_peak, int8_peak = gemm_peaks(args.threads)
     results: dict[str, dict[str, Any]] = {}
     labels: dict[str, np.ndarray] = {}
@@ -234,9 +252,11 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
         return mapped
 
     reference_ms = results[REFERENCE_VARIANT]["ms_per_slice"] if "fp32" in results else None
+    reference_cpu = results[REFERENCE_VARIANT]["cpu_ms_per_slice"] if "fp32" in results else None
     label_names = [label.name for label in spec.labels]
     studies = [str(s) for s in args.study_slices]
     header = ["variant", "ms/slice", *[f"ms/{s}-slice study" for s in studies], "x fp32"]
+    header += ["CPU ms/slice", "x fp32 CPU"]
     header += ["prepare", "resample in", "network", "labels", "network share"]
     header += ["peak RSS MiB", "GOP/s", "% of peak"]
     header += [f"agreement Dice {n} vs fp32" for n in label_names]
@@ -251,6 +271,8 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
         row = [_row_label(spec, name), f"{figures['ms_per_slice']:.1f}"]
         row += [f"{figures['ms_per_study'][s]:.0f}" for s in studies]
         row.append(f"{reference_ms / figures['ms_per_slice']:.2f}" if reference_ms else "-")
+        row.append(f"{figures['cpu_ms_per_slice']:.1f}")
+        row.append(f"{reference_cpu / figures['cpu_ms_per_slice']:.2f}" if reference_cpu else "-")
         row += [f"{stage[k]:.1f}" for k in STAGES]
         row.append(f"{100 * (figures['network_share'] or 0):.0f}%")
         row += [f"{figures['peak_rss_mib']:.0f}", f"{gops:.1f}", f"{100 * gops / peak:.0f}%"]
@@ -274,7 +296,17 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
         f"{volume.shape[1]}x{volume.shape[2]} -> {size[0]}x{size[1]} at the model spacing; "
         f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds, median; "
         f"stage columns in ms/slice; x fp32 = fp32 eager / variant (whole predict); "
+        f"CPU ms = process CPU time (all threads; steadier than wall time on a shared "
+        f"machine); "
         f"GOP/s = the network's fp32-source FLOPs / network time\n\n"
+    )
+    load_after = os.getloadavg()
+    out.write(
+        "load average (1, 5, 15 min) at start "
+        + ", ".join(f"{v:.2f}" for v in load_before)
+        + "; at end "
+        + ", ".join(f"{v:.2f}" for v in load_after)
+        + f" ({os.cpu_count()} CPUs)\n\n"
     )
     out.write("| " + " | ".join(header) + " |\n")
     out.write("|" + "---|" * len(header) + "\n")
