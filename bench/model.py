@@ -1,8 +1,9 @@
 """Benchmark: the variants of a model folder side by side, on this machine's CPU.
 
-Rows, in one run: fp32 eager (torch), fp32 ONNX Runtime, int8 ONNX Runtime, int8 torch FX
-(the last three built from the unpruned network in a temporary copy of the model), then the
-card's own variants (pruned, its exports and int8 files). Each variant runs in its own
+Rows, in one run: fp32 eager (torch), fp32 ONNX Runtime, int8 ONNX Runtime, the same two
+files in OpenVINO (when installed), int8 torch FX (all built from the unpruned network in a
+temporary copy of the model), then the card's own variants (pruned, its exports and int8
+files, ONNX Runtime and OpenVINO). Each variant runs in its own
 process, so its peak RSS is its own:
 
 1. ms per slice of the whole ``Predictor.predict`` on subject B's real 20-slice 512x512
@@ -16,7 +17,9 @@ process, so its peak RSS is its own:
 6. the network's GOP/s (FLOPs of its fp32 source: int8 variants do the same operations in
    int8) as a fraction of this machine's measured fp32 / int8 GEMM peak.
 
-It prints the CPU model and flags (avx2, avx512f, avx512_vnni, avx_vnni, amx) first.
+It prints the CPU model and flags (avx2, avx512f, avx512_vnni, avx_vnni, amx) first, and the
+load average at the start and the end (wall times on a shared machine follow the load;
+the CPU-time columns much less).
 
 Run: .venv/bin/python bench/model.py [--model models/ct-abdomen] [--threads 2] [--rounds 3]
 Prints a Markdown table to stdout. Needs only the node's own code (never ``tests/``).
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import shutil
 import statistics
@@ -48,9 +52,10 @@ from scp_node.dicom.volume import load_volume  # noqa: E402
 from scp_node.inference.predictor import Predictor  # noqa: E402
 from scp_node.inference.preprocess import resampled_shape  # noqa: E402
 from scp_node.inference.registry import REFERENCE_VARIANT, ModelSpec  # noqa: E402
+from scp_node.inference.runtime.onnx import openvino_available  # noqa: E402
 from scp_node.inference.verify import cpu_flags, label_dice  # noqa: E402
 from scp_node.training.prune import count_flops  # noqa: E402
-from scp_node.training.variants import load_network, quantize_model  # noqa: E402
+from scp_node.training.variants import load_network, quantize_model, write_variant  # noqa: E402
 
 SUBJECT_B = REPO.parent / "shared" / "data" / "ct-abdomen-b"
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
@@ -69,14 +74,17 @@ def _child(args: argparse.Namespace) -> None:
     spacing = volume.spacing_zyx
     predictor = Predictor("cpu", threads=args.threads)
     predictor.load(spec, args.child)
-    predictor.predict(volume.array[:4], spacing)  # warm-up: lazy init, ORT session
+    # Warm-up on the whole series: lazy init, ORT session, OpenVINO compiling per shape.
+    predictor.predict(volume.array, spacing)
     predictor.stage_s = dict.fromkeys(STAGES, 0.0)
     per_slice: list[float] = []
+    cpu_per_slice: list[float] = []
     labels = np.empty(0)
     for _round in range(args.rounds):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         labels = predictor.predict(volume.array, spacing)
         per_slice.append(1000 * (time.perf_counter() - started) / volume.shape[0])
+        cpu_per_slice.append(1000 * (time.process_time() - cpu_started) / volume.shape[0])
     spent = dict(predictor.stage_s)
     total_stage = sum(spent.values())
     stages = {k: 1000 * v / (args.rounds * volume.shape[0]) for k, v in spent.items()}
@@ -90,14 +98,25 @@ def _child(args: argparse.Namespace) -> None:
         del study
     figures = {
         "ms_per_slice": statistics.median(per_slice),
+        "cpu_ms_per_slice": statistics.median(cpu_per_slice),
         "stages_ms_per_slice": stages,
         "network_share": spent["network"] / total_stage if total_stage else None,
         "ms_per_study": studies,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": _peak_rss_mib(),
     }
     out = Path(args.out)
     np.savez_compressed(out.with_suffix(".npz"), labels=labels)
     out.write_text(json.dumps(figures))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``): unlike ``ru_maxrss``, which survives
+    ``execve`` and so would report the parent's peak (the parent quantises the fp32
+    network before it starts the children), it starts afresh in each child."""
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- the machine ----------------------------------------------------------------------------
@@ -150,6 +169,8 @@ def _flops(spec: ModelSpec, name: str, size: tuple[int, int]) -> int:
 def _row_label(spec: ModelSpec, name: str) -> str:
     weights = spec.variant(name)
     runtime = {"state_dict": "eager", "torchscript": "FX", "onnx": "ORT"}[weights.format]
+    if weights.format == "onnx" and weights.engine == "openvino":
+        runtime = "OpenVINO"
     return f"{name} ({weights.precision} {runtime})"
 
 
@@ -181,19 +202,32 @@ def main() -> None:
             shutil.copytree(args.model, model_dir)
             torch.set_num_threads(args.threads)
             quantize_model(model_dir, SUBJECT_B.parent, source=REFERENCE_VARIANT)
+            if openvino_available():
+                _openvino_rows(model_dir, ("fp32-onnx", "fp32-int8-ort"))
         _run(args, model_dir, Path(scratch))
+
+
+def _openvino_rows(model_dir: Path, names: tuple[str, ...]) -> None:
+    """Record OpenVINO twins (``-ort``/``-onnx`` -> ``-ov``) of ONNX Runtime variants."""
+    spec = ModelSpec.from_model_dir(model_dir)
+    for name in names:
+        twin = name.removesuffix("-onnx").removesuffix("-ort") + "-ov"
+        weights = spec.variant(name).model_copy(update={"engine": "openvino"})
+        write_variant(model_dir, twin, weights)
 
 
 def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
     spec = ModelSpec.from_model_dir(model_dir)
     names = args.variants or [REFERENCE_VARIANT, *spec.variants]
-    order = {n: i for i, n in enumerate(["fp32", "fp32-onnx", "fp32-int8-ort", "fp32-int8-fx"])}
+    first = ["fp32", "fp32-onnx", "fp32-ov", "fp32-int8-ort", "fp32-int8-ov", "fp32-int8-fx"]
+    order = {n: i for i, n in enumerate(first)}
     names.sort(key=lambda n: order.get(n, len(order)))
     volume = load_volume(sorted((SUBJECT_B / "dicom").glob("*.dcm")))
     size = resampled_shape(volume.shape[1:], volume.spacing_zyx[1:], spec.input.spacing_mm)
 
     model, flags = cpu_flags()
     present = [f for f in FLAGS if f in flags.split()]
+    load_before = os.getloadavg()
     fp32_peak, int8_peak = gemm_peaks(args.threads)
     results: dict[str, dict[str, Any]] = {}
     labels: dict[str, np.ndarray] = {}
@@ -218,9 +252,11 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
         return mapped
 
     reference_ms = results[REFERENCE_VARIANT]["ms_per_slice"] if "fp32" in results else None
+    reference_cpu = results[REFERENCE_VARIANT]["cpu_ms_per_slice"] if "fp32" in results else None
     label_names = [label.name for label in spec.labels]
     studies = [str(s) for s in args.study_slices]
     header = ["variant", "ms/slice", *[f"ms/{s}-slice study" for s in studies], "x fp32"]
+    header += ["CPU ms/slice", "x fp32 CPU"]
     header += ["prepare", "resample in", "network", "labels", "network share"]
     header += ["peak RSS MiB", "GOP/s", "% of peak"]
     header += [f"agreement Dice {n} vs fp32" for n in label_names]
@@ -235,6 +271,8 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
         row = [_row_label(spec, name), f"{figures['ms_per_slice']:.1f}"]
         row += [f"{figures['ms_per_study'][s]:.0f}" for s in studies]
         row.append(f"{reference_ms / figures['ms_per_slice']:.2f}" if reference_ms else "-")
+        row.append(f"{figures['cpu_ms_per_slice']:.1f}")
+        row.append(f"{reference_cpu / figures['cpu_ms_per_slice']:.2f}" if reference_cpu else "-")
         row += [f"{stage[k]:.1f}" for k in STAGES]
         row.append(f"{100 * (figures['network_share'] or 0):.0f}%")
         row += [f"{figures['peak_rss_mib']:.0f}", f"{gops:.1f}", f"{100 * gops / peak:.0f}%"]
@@ -258,7 +296,17 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
         f"{volume.shape[1]}x{volume.shape[2]} -> {size[0]}x{size[1]} at the model spacing; "
         f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds, median; "
         f"stage columns in ms/slice; x fp32 = fp32 eager / variant (whole predict); "
+        f"CPU ms = process CPU time (all threads; steadier than wall time on a shared "
+        f"machine); "
         f"GOP/s = the network's fp32-source FLOPs / network time\n\n"
+    )
+    load_after = os.getloadavg()
+    out.write(
+        "load average (1, 5, 15 min) at start "
+        + ", ".join(f"{v:.2f}" for v in load_before)
+        + "; at end "
+        + ", ".join(f"{v:.2f}" for v in load_after)
+        + f" ({os.cpu_count()} CPUs)\n\n"
     )
     out.write("| " + " | ".join(header) + " |\n")
     out.write("|" + "---|" * len(header) + "\n")

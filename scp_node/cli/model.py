@@ -262,7 +262,9 @@ def model_optimize(
     patches: Annotated[int, typer.Option(help="Calibration patches (3-D models).")] = 8,
     engine: Annotated[
         list[str] | None,
-        typer.Option(help="3-D models: ort, openvino (repeatable; default: installed ones)."),
+        typer.Option(
+            help="ort, openvino (repeatable; 3-D default: installed ones; 2-D default: ort)."
+        ),
     ] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
 ) -> None:
@@ -285,18 +287,24 @@ def model_optimize(
         if ModelSpec.from_model_dir(model_dir).kind == "volume":
             _optimize_volume(model_dir, calibration, holdout, min_dice, patches, engine)
             return
-        result = optimize_model(
-            model_dir,
-            calibration=calibration,
-            holdout=holdout,
-            data_dir=data_dir,
-            source=source,
-            name=name,
-            min_dice=min_dice,
-            slices=slices,
-        )
-    console.print(result.describe(), markup=False, soft_wrap=True)
-    if not result.kept:
+        engines = engine or ["ort"]
+        results = [
+            optimize_model(
+                model_dir,
+                calibration=calibration,
+                holdout=holdout,
+                data_dir=data_dir,
+                source=source,
+                name=name if len(engines) == 1 else None,
+                min_dice=min_dice,
+                slices=slices,
+                engine=one,
+            )
+            for one in engines
+        ]
+    for result in results:
+        console.print(result.describe(), markup=False, soft_wrap=True)
+    if not all(result.kept for result in results):
         raise typer.Exit(1)
 
 

@@ -120,8 +120,8 @@ class WeightsSpec(_Card):
     #: ``[weights]``): start-up verification compares with that network's fp32 output.
     #: ``None``: a ``state_dict`` variant is its own reference, anything else fp32's.
     source: str | None = None
-    #: Engine that runs an ``onnx`` variant of a volume card: ``ort`` (ONNX Runtime) or
-    #: ``openvino`` (OpenVINO's CPU plugin, an optional package).
+    #: Engine that runs an ``onnx`` variant (slice or volume card): ``ort`` (ONNX Runtime)
+    #: or ``openvino`` (OpenVINO's CPU plugin, an optional package).
     engine: Literal["ort", "openvino"] = "ort"
 
     @model_validator(mode="after")

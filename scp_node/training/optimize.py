@@ -1,5 +1,5 @@
-"""``scp-node model optimize``: an int8 ONNX Runtime variant of any 2-D card, kept only if it
-agrees with its fp32 network.
+"""``scp-node model optimize``: an int8 ONNX variant of any 2-D card (run by ONNX Runtime or
+OpenVINO), kept only if it agrees with its fp32 network.
 
 Sources: our own ``state_dict`` cards (exported with ``forward_padded``), bring-your-own
 ONNX files (used as they are) and TorchScript files (exported to ONNX). Calibration uses real
@@ -30,6 +30,7 @@ from scp_node.dicom.volume import load_volume
 from scp_node.errors import ModelError
 from scp_node.inference.predictor import OnnxModule, Predictor, model_input
 from scp_node.inference.registry import REFERENCE_VARIANT, ModelSpec, WeightsSpec
+from scp_node.inference.runtime.onnx import ENGINES
 from scp_node.inference.verify import label_dice
 from scp_node.training.data import TRAIN_FILE, TrainConfig
 from scp_node.training.quantize import (
@@ -182,8 +183,9 @@ def optimize_model(
     name: str | None = None,
     min_dice: float = 0.98,
     slices: int = 32,
+    engine: str = "ort",
 ) -> GateResult:
-    """Build an int8 ONNX Runtime variant of ``source`` and keep it only if it agrees.
+    """Build an int8 ONNX variant of ``source`` and keep it only if it agrees.
 
     Parameters
     ----------
@@ -200,11 +202,15 @@ def optimize_model(
     source
         The fp32 variant quantised (``"fp32"`` = ``[weights]``).
     name
-        Variant name; default ``<source>-int8-ort`` (``int8-ort`` for ``fp32``).
+        Variant name; default ``<source>-int8-ort`` (``int8-ort`` for ``fp32``; ``-ov``
+        for OpenVINO).
     min_dice
         The gate: every label's Dice against ``source`` must reach it.
     slices
         Calibration slices (evenly spread).
+    engine
+        ``"ort"`` or ``"openvino"``: the engine that runs the variant, in the gate as on
+        the node. The int8 QDQ file is ONNX Runtime's quantiser's either way.
 
     Returns
     -------
@@ -219,7 +225,9 @@ def optimize_model(
     """
     spec = ModelSpec.from_model_dir(model_dir)
     stem = "" if source == REFERENCE_VARIANT else f"{source}-"
-    name = name or f"{stem}int8-ort"
+    if engine not in ENGINES:
+        raise ModelError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+    name = name or f"{stem}int8-{'ov' if engine == 'openvino' else 'ort'}"
     file = f"{name}.onnx"
     if calibration is not None:
         volumes = dicom_inputs(spec, calibration)
@@ -249,7 +257,7 @@ def optimize_model(
     reference = Predictor("cpu")
     reference.load(spec, source)
     candidate = Predictor("cpu")
-    candidate.load_module(OnnxModule(model_dir / file), spec, pad_multiple=multiple)
+    candidate.load_module(OnnxModule(model_dir / file, engine=engine), spec, pad_multiple=multiple)
     scores = agreement_dice(reference, candidate, held, len(spec.labels) + 1)
     dice = {label.name: round(s, 4) for label, s in zip(spec.labels, scores, strict=True)}
     kept = min(scores) >= min_dice
@@ -262,7 +270,12 @@ def optimize_model(
         model_dir,
         name,
         WeightsSpec(
-            format="onnx", file=file, pad_multiple=multiple, precision="int8", source=source
+            format="onnx",
+            file=file,
+            pad_multiple=multiple,
+            precision="int8",
+            source=source,
+            engine=engine,
         ),
     )
     if spec.verify.file is None:

@@ -57,6 +57,31 @@ def test_optimize_byo_model_keeps_an_agreeing_int8_variant(
     assert predictor.variant == "int8-ort"
 
 
+def test_optimize_for_openvino_gates_and_records_the_engine(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    folder = tmp_path / "byo-bright"
+    folder.mkdir()
+    (folder / "model.toml").write_text(CARD.format(fmt="onnx", file=_export("onnx", folder)))
+    series = shared_data / "ct-abdomen-b" / "dicom"
+    command = ["model", "optimize", str(folder), "--calibration", str(series), "--slices", "4"]
+    result = runner.invoke(app, [*command, "--engine", "openvino", "--engine", "ort"])
+    assert result.exit_code == 0, result.output
+    for name in ("int8-ov", "int8-ort"):
+        assert f"variant {name} kept: Dice vs fp32 on 10 held-out slices: bright " in (
+            result.stdout
+        )
+    spec = ModelSpec.from_model_dir(folder)
+    assert spec.variant("int8-ov").engine == "openvino"
+    assert spec.variant("int8-ort").engine == "ort"
+    _predictor, selection = select_variant(
+        spec, lambda: Predictor("cpu", threads=1), requested="int8-ov"
+    )
+    assert selection.verified and selection.chosen == "int8-ov" and not selection.rejected
+    refused = runner.invoke(app, [*command, "--engine", "tensorrt"])
+    assert refused.exit_code == 2 and "unknown engine 'tensorrt'" in refused.output
+
+
 def test_gate_refuses_a_variant_that_disagrees(tmp_path: Path, shared_data: Path) -> None:
     model = tmp_path / "ct-abdomen"
     shutil.copytree(REPO_ROOT / "models" / "ct-abdomen", model)

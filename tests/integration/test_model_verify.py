@@ -36,6 +36,8 @@ from tests.support.net import free_port, wait_until
 
 SHIPPED = REPO_ROOT / "models" / "ct-abdomen"
 BROKEN = "pruned-int8-ort"
+#: The same broken file run by OpenVINO: verified (and refused) on its own.
+BROKEN_TWIN = "pruned-int8-ov"
 REJECTED = re.compile(rf"variant {BROKEN} rejected on this machine: Dice (0\.\d\d) < 0\.99")
 runner = CliRunner()
 
@@ -59,7 +61,8 @@ def _set_runtime(model_dir: Path, cpu: str) -> None:
     text = re.sub(r'(?m)^cpu = "[^"]*"$', f'cpu = "{cpu}"', card.read_text())
     text = re.sub(
         r"(?m)^cpu_order = .*$",
-        f'cpu_order = ["{BROKEN}", "pruned-onnx", "pruned-int8-fx", "pruned", "fp32"]',
+        f'cpu_order = ["{BROKEN}", "pruned-onnx", "pruned-int8-fx", "pruned-ov", '
+        f'"{BROKEN_TWIN}", "pruned", "fp32"]',
         text,
     )
     card.write_text(text)
@@ -166,6 +169,8 @@ def test_auto_picks_a_verified_variant_and_caches_the_timings(
     checks = {c.variant: c for c in first.checks}
     assert set(checks) == {"fp32", *spec.variants}
     assert not checks[BROKEN].ok and checks[BROKEN].ms_per_slice is None
+    assert not checks[BROKEN_TWIN].ok and checks[BROKEN_TWIN].ms_per_slice is None
+    assert first.chosen != BROKEN_TWIN
     assert first.chosen != BROKEN and checks[first.chosen].ok
     assert predictor.variant == first.chosen
     timed = first.timings_ms

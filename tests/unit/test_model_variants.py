@@ -167,6 +167,23 @@ def test_onnx_export_matches_and_int8_qdq_is_close(net: AttentionUNet, tmp_path:
         OnnxModule(tmp_path / "fp32.onnx.missing")
 
 
+def test_openvino_engine_runs_the_same_files(net: AttentionUNet, tmp_path: Path) -> None:
+    export_onnx(net, tmp_path / "fp32.onnx", torch.rand(1, 1, 32, 32))
+    quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", [torch.rand(4, 1, 32, 32)])
+    fp32 = OnnxModule(tmp_path / "fp32.onnx", threads=1, engine="openvino")
+    int8 = OnnxModule(tmp_path / "int8.onnx", threads=1, engine="openvino")
+    with torch.inference_mode():
+        # Sizes and batches change between calls (each size is compiled on first use).
+        for x in (torch.rand(3, 1, 40, 56), torch.rand(1, 1, 32, 32), torch.rand(2, 1, 40, 56)):
+            reference = net(x)
+            torch.testing.assert_close(fp32(x), reference, rtol=1e-4, atol=1e-4)
+            assert _agreement(reference, int8(x)) > 0.9
+    with pytest.raises(ModelError, match="cannot read"):
+        OnnxModule(tmp_path / "fp32.onnx.missing", engine="openvino")
+    with pytest.raises(ModelError, match="unknown engine"):
+        OnnxModule(tmp_path / "fp32.onnx", engine="tensorrt")
+
+
 def test_card_variants_and_runtime_choice(model_dir: Path, net: AttentionUNet) -> None:
     pruned = prune_attention_unet(net, 0.5)
     torch.save(pruned.state_dict(), model_dir / "pruned.pt")
