@@ -203,7 +203,8 @@ Result = tuple[float, float, float, Path, dict[str, float]]
 
 def _run(which: str, args: argparse.Namespace, ct: Path) -> Result:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    labels = Path(f"/tmp/bench-model3d-{which}.npy")
+    # One file per parent process: two benchmarks may run at once.
+    labels = Path(f"/tmp/bench-model3d-{os.getpid()}-{which}.npy")
     command = [sys.executable, __file__, "--child", which, "--model-dir", str(args.model_dir)]
     command += ["--ct", str(ct), "--threads", str(args.threads), "--labels", str(labels)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
