@@ -132,10 +132,54 @@ def _child(which: str, model_dir: Path, ct: Path, threads: int, labels_out: Path
         predictor.initialize_from_trained_model_folder(
             str(spec.weights_path), (0,), "checkpoint_final.pth"
         )
+        network = predictor.network
+        clock = {"seconds": 0.0, "started": 0.0}
+
+        def _before(_module: object, _inputs: object) -> None:
+            clock["started"] = time.perf_counter()
+
+        def _after(_module: object, _inputs: object, _output: object) -> None:
+            clock["seconds"] += time.perf_counter() - clock["started"]
+
+        network.register_forward_pre_hook(_before)
+        network.register_forward_hook(_after)
         # The same orientation our runtime feeds the network (the card's), flipped back.
         oriented = np.ascontiguousarray(np.flip(image, flips)) if flips else image
-        labels = predictor.predict_single_npy_array(oriented[None], {"spacing": list(spacing)})
+        # predict_single_npy_array's three steps, timed one by one.
+        began = time.perf_counter()
+        from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+        from nnunetv2.inference.export_prediction import (
+            convert_predicted_logits_to_segmentation_with_correct_shape,
+        )
+
+        adapter = PreprocessAdapterFromNpy(
+            [oriented[None]],
+            [None],
+            [{"spacing": list(spacing)}],
+            [None],
+            predictor.plans_manager,
+            predictor.dataset_json,
+            predictor.configuration_manager,
+            num_threads_in_multithreaded=1,
+        )
+        case = next(adapter)
+        prepared_at = time.perf_counter()
+        logits = predictor.predict_logits_from_preprocessed_data(case["data"]).cpu()
+        ran = time.perf_counter()
+        labels = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits,
+            predictor.plans_manager,
+            predictor.configuration_manager,
+            predictor.label_manager,
+            case["data_properties"],
+        )
         labels = np.flip(labels, flips) if flips else labels
+        network_s = clock["seconds"]
+        stages = {
+            "prepare": prepared_at - began,
+            "network": ran - prepared_at,
+            "resample_out": time.perf_counter() - ran,
+        }
     else:
         from scp_node.inference.registry import ModelSpec
         from scp_node.inference.runtime import load_runtime
@@ -148,14 +192,19 @@ def _child(which: str, model_dir: Path, ct: Path, threads: int, labels_out: Path
         runtime.model.networks = tuple(timed)  # type: ignore[assignment]
         labels = runtime.predict(image, spacing)
         network_s = sum(t.seconds for t in timed)
+        stages = dict(runtime.stage_s)
     seconds = time.perf_counter() - started
     np.save(labels_out, np.asarray(labels, dtype=np.uint8))
-    print(json.dumps({"seconds": seconds, "network_s": network_s}))  # noqa: T201
+    print(json.dumps({"seconds": seconds, "network_s": network_s, "stages": stages}))  # noqa: T201
 
 
-def _run(which: str, args: argparse.Namespace, ct: Path) -> tuple[float, float, float, Path]:
+Result = tuple[float, float, float, Path, dict[str, float]]
+
+
+def _run(which: str, args: argparse.Namespace, ct: Path) -> Result:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    labels = Path(f"/tmp/bench-model3d-{which}.npy")
+    # One file per parent process: two benchmarks may run at once.
+    labels = Path(f"/tmp/bench-model3d-{os.getpid()}-{which}.npy")
     command = [sys.executable, __file__, "--child", which, "--model-dir", str(args.model_dir)]
     command += ["--ct", str(ct), "--threads", str(args.threads), "--labels", str(labels)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
@@ -165,7 +214,8 @@ def _run(which: str, args: argparse.Namespace, ct: Path) -> tuple[float, float, 
     if status != 0:
         raise RuntimeError(f"{which} run failed: {output}")
     result = json.loads(output.strip().splitlines()[-1])
-    return result["seconds"], result["network_s"], usage.ru_maxrss / 1024, labels
+    seconds, stages = result["seconds"], result["stages"]
+    return seconds, result["network_s"], usage.ru_maxrss / 1024, labels, stages
 
 
 def _dice(a: np.ndarray, b: np.ndarray, values: list[int]) -> list[float]:
@@ -204,7 +254,8 @@ def main() -> None:
     if not ct.exists():
         _make_ct(args.slices, ct)
     runs = args.only or ["nnunet", "fp32", *spec.variants]
-    results: dict[str, list[tuple[float, float, float, Path]]] = {w: [] for w in runs}
+    results: dict[str, list[Result]] = {w: [] for w in runs}
+    load_before = os.getloadavg()
     for _round in range(args.rounds):
         for which in runs:
             results[which].append(_run(which, args, ct))
@@ -216,6 +267,8 @@ def main() -> None:
     fp32 = np.load(results["fp32"][-1][3]) if "fp32" in results else reference
     base = statistics.median(r[0] for r in results[runs[0]])
     print(f"CPU: {model}; int8-relevant flags: {present}")  # noqa: T201
+    load = " / ".join(f"{x:.1f}" for x in load_before)
+    print(f"load average before: {load}; after: {os.getloadavg()[0]:.1f}")  # noqa: T201
     print(  # noqa: T201
         f"{args.slices} slices 512x512, {args.threads} threads, {args.rounds} round(s); "
         f"Dice per label ({', '.join(names)}) vs {runs[0]}; worst label vs fp32 torch"
@@ -234,6 +287,18 @@ def main() -> None:
             f"{which:<10} {seconds:>8.1f} {net:>10} {rss:>8.0f} {base / seconds:>9.2f} "
             f"{' '.join(f'{d:.3f}' for d in dice):<30} {worst_fp32:>11.3f}"
         )
+    print("stages, s (median; load: model loading and the rest outside the stages)")  # noqa: T201
+    names_s = ("load", "prepare", "network", "resample_out", "labels")
+    print(f"{'run':<10} " + " ".join(f"{n:>12}" for n in names_s))  # noqa: T201
+    for which, rows in results.items():
+        cells = []
+        for name in names_s:
+            if name == "load":
+                values_s = [r[0] - sum(r[4].values()) for r in rows]
+            else:
+                values_s = [r[4].get(name, float("nan")) for r in rows]
+            cells.append(f"{statistics.median(values_s):>12.1f}")
+        print(f"{which:<10} " + " ".join(cells))  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -7,8 +7,12 @@ float16, so a 25-class 112x112x128 case stays a few MB). Before the worker takes
 :func:`select_volume_variant` runs each candidate's network on the patch and compares the
 per-label Dice of the argmax with ``labels`` and the largest logit error on the sampled
 voxels; a variant below ``verify.min_dice`` is not used and the next one in the card's
-order is tried (``fp32`` last). With ``cpu = "auto"`` every candidate is verified and the
-fastest verified one runs; its timings are cached per machine like the 2-D ones.
+order is tried (``fp32`` last). With ``cpu = "auto"`` the candidates are verified and timed
+in the card's order (``model optimize`` writes it fastest first, as measured where it ran)
+for at most :data:`AUTO_BUDGET_S` seconds, the first that passes always: one full-size
+patch of the fp32 network alone can take longer than that on two cores, and the fp32
+result is stored, not recomputed. The fastest verified one runs; the ranking of those
+timed is cached per machine like the 2-D one, so later starts verify only the chosen one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from scp_node.inference.runtime.volume import VolumePredictor
 from scp_node.inference.verify import VariantCheck, VariantSelection, cpu_flags, label_dice
 
 __all__ = [
+    "AUTO_BUDGET_S",
     "VolumeReference",
     "check_volume_variant",
     "network_logits",
@@ -39,6 +44,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds an uncached ``auto`` start spends verifying and timing candidates: once one has
+#: passed, the next is tried only if the time so far plus the slowest try so far fits.
+AUTO_BUDGET_S = 8.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,7 @@ def select_volume_variant(
     *,
     requested: str | None = None,
     cache_dir: Path | None = None,
+    budget_s: float = AUTO_BUDGET_S,
 ) -> tuple[VolumePredictor, VariantSelection]:
     """Load the variant of a volume card this machine should run, verified.
 
@@ -189,6 +199,9 @@ def select_volume_variant(
         A variant name, ``"auto"``, or ``None`` / ``""`` for the card's ``[runtime]``.
     cache_dir
         Folder of the per-machine timing cache for ``"auto"``; ``None`` times every start.
+    budget_s
+        ``"auto"`` without a cached ranking: seconds to spend on candidates once one has
+        passed (see :data:`AUTO_BUDGET_S`); ``math.inf`` times them all.
 
     Returns
     -------
@@ -219,7 +232,19 @@ def select_volume_variant(
         ranked = _cached_ranking(cache_path, key)
         if ranked is not None:
             names, cached = ranked, True
-    for name in names:
+    timing = want == AUTO_VARIANT and not cached
+    slowest_s = 0.0
+    for position, name in enumerate(names):
+        spent = time.perf_counter() - started
+        if timing and chosen is not None and spent + slowest_s > budget_s:
+            logger.info(
+                "model %s: %.1f s spent verifying; not timed on this machine: %s",
+                spec.name,
+                spent,
+                ", ".join(names[position:]),
+            )
+            break
+        tried = time.perf_counter()
         try:
             runtime = make_runtime(name)
         except ModelError as exc:
@@ -230,6 +255,7 @@ def select_volume_variant(
             continue
         check = check_volume_variant(runtime, spec, case)
         checks.append(check)
+        slowest_s = max(slowest_s, time.perf_counter() - tried)
         if not check.ok:
             continue
         if want != AUTO_VARIANT or cached:

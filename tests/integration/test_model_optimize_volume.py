@@ -10,6 +10,7 @@ network trained briefly); calibration and held-out data are subject B's DICOM se
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import urllib.request
@@ -122,11 +123,22 @@ def test_optimize_keeps_verified_variants_and_startup_rejects_a_broken_one(
     assert labels.shape == volume.array.shape
     assert set(np.unique(labels)) <= {0, *(label.value for label in spec.labels)}
 
-    # ``auto`` verifies and times every candidate and runs a verified one.
-    _runtime, auto = select_volume_variant(spec, _make(spec), cache_dir=tmp_path / "var")
+    # ``auto`` with no budget verifies and times every candidate and runs a verified one.
+    _runtime, auto = select_volume_variant(
+        spec, _make(spec), cache_dir=tmp_path / "var", budget_s=math.inf
+    )
     assert auto.requested == "auto" and auto.chosen in (*spec.runtime.cpu_order, "fp32")
     assert {c.variant for c in auto.checks} == {*spec.runtime.cpu_order, "fp32"}
     assert all(c.ok for c in auto.checks)
+    # Out of budget, the first candidate in the card's order that passes runs; the ranking
+    # of what was timed is cached, so the next start verifies the chosen variant only.
+    _runtime, quick = select_volume_variant(
+        spec, _make(spec), cache_dir=tmp_path / "quick", budget_s=0.0
+    )
+    first = spec.runtime.cpu_order[0]
+    assert quick.chosen == first and [c.variant for c in quick.checks] == [first]
+    _runtime, again = select_volume_variant(spec, _make(spec), cache_dir=tmp_path / "quick")
+    assert again.cached and again.chosen == first and len(again.checks) == 1
 
     # The same file broken on this machine: rejected with the reason, the next one runs.
     _negate_output_layer(model / int8.file)

@@ -147,3 +147,64 @@ def test_a_volume_card_runs_with_resampling_both_ways(tmp_path: Path, orientatio
     assert agreement > 0.97
     assert (labels[15:25, 18:32, 26:44] == 9).all()
     assert (labels[:5] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "new_shape"),
+    [((1, 20, 37, 41), (13, 50, 17)), ((2, 9, 30, 30), (9, 12, 64))],
+)
+def test_separable_resample_equals_nnunets_resampling(
+    shape: tuple[int, ...], new_shape: tuple[int, int, int]
+) -> None:
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        resample_data_or_seg_to_shape,
+    )
+
+    from scp_node.inference.formats.nnunetv2 import _separable_resample
+
+    data = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = resample_data_or_seg_to_shape(
+            data, new_shape, [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], is_seg=False, order=3
+        )
+    got = _separable_resample(data, new_shape, 3)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-4
+    # Clipped to the input's range, as skimage's resize clips.
+    assert got.min() >= data.min() and got.max() <= data.max()
+
+
+def test_nnunet_preparation_falls_back_to_nnunets_resampling_for_separate_z() -> None:
+    """Anisotropic spacing (separate z) and other functions stay nnU-Net's own."""
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        resample_data_or_seg_to_shape,
+    )
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    from scp_node.inference.formats.nnunetv2 import _SeparableResampling
+
+    kwargs = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    manager = ConfigurationManager(
+        {
+            "resampling_fn_data": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": kwargs,
+            "architecture": {"network_class_name": "", "arch_kwargs": {}},
+        }
+    )
+    data = np.random.default_rng(3).normal(size=(1, 6, 24, 24)).astype(np.float32)
+    resample = _SeparableResampling(manager).resampling_fn_data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        thick = resample(data, (15, 20, 20), [5.0, 0.8, 0.8], [2.0, 1.0, 1.0])
+        expected = resample_data_or_seg_to_shape(
+            data, (15, 20, 20), [5.0, 0.8, 0.8], [2.0, 1.0, 1.0], order=3, force_separate_z=None
+        )
+    assert np.array_equal(thick, expected)
+    iso = resample(data, (8, 30, 30), [1.0, 1.0, 1.0], [0.75, 0.8, 0.8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected_iso = resample_data_or_seg_to_shape(
+            data, (8, 30, 30), [1.0, 1.0, 1.0], [0.75, 0.8, 0.8], order=3, force_separate_z=None
+        )
+    assert np.abs(iso - expected_iso).max() < 1e-4

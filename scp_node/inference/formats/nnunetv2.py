@@ -235,6 +235,106 @@ def _coded_labels(values: dict[str, int], dataset_path: Path, card: Path) -> lis
     return labels
 
 
+def _spline_matrix(n_in: int, n_out: int, order: int) -> torch.Tensor:
+    """(n_out, n_in) float32: ``skimage.transform.resize`` of a 1-D signal of ``n_in``
+    samples to ``n_out`` (spline ``order``, edge mode, no anti-aliasing, no clipping) as a
+    matrix, found by resizing the unit impulses."""
+    from skimage.transform import resize
+
+    impulses = np.eye(n_in)
+    columns = resize(  # type: ignore[no-untyped-call]
+        impulses, (n_out, n_in), order=order, mode="edge", anti_aliasing=False, clip=False
+    )
+    return torch.from_numpy(np.ascontiguousarray(columns)).float()
+
+
+def _separable_resample(
+    data: npt.NDArray[np.float32], new_shape: Any, order: int
+) -> npt.NDArray[np.float32]:
+    """nnU-Net's ``resample_data_or_seg_to_shape`` of an image without separate z, axis by
+    axis.
+
+    nnU-Net resizes with ``skimage.transform.resize`` (``scipy.ndimage.zoom``): a spline
+    prefilter along every axis of the whole float64 volume, then a 4x4x4 evaluation per
+    output voxel, on one core. A B-spline resize is a tensor product of one 1-D linear
+    map per axis, so the same result comes from three matrix products in float32 on all
+    torch threads, the largest axis shrinking first; the output is clipped to the input's
+    range as ``resize`` clips it.
+    """
+    target = [int(n) for n in new_shape]
+    out = np.empty((data.shape[0], *target), dtype=np.float32)
+    for channel in range(data.shape[0]):
+        volume = torch.from_numpy(np.ascontiguousarray(data[channel], dtype=np.float32))
+        low, high = volume.min(), volume.max()
+        z, y, x = (int(n) for n in volume.shape)
+        if x != target[2]:
+            volume = torch.matmul(volume.reshape(-1, x), _spline_matrix(x, target[2], order).T)
+            x = target[2]
+        volume = volume.reshape(z, y, x)
+        if y != target[1]:
+            volume = torch.matmul(_spline_matrix(y, target[1], order), volume)
+            y = target[1]
+        if z != target[0]:
+            volume = torch.matmul(_spline_matrix(z, target[0], order), volume.reshape(z, y * x))
+        out[channel] = torch.clamp(volume.reshape(target), low, high).numpy()
+    return out
+
+
+class _SeparableResampling:
+    """A configuration manager for inference: images resampled by
+    :func:`_separable_resample` where that is nnU-Net's own resampling, by nnU-Net's
+    otherwise (separate z, other functions); no segmentation resampled (there is none at
+    inference); everything else is the wrapped manager's."""
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+    @property
+    def resampling_fn_seg(self) -> Any:
+        """Leaves the segmentation as it is: at inference ``crop_to_nonzero`` makes one
+        from the non-zero mask, which nnU-Net resamples (seconds) and then drops."""
+
+        def keep(seg: Any, *_args: Any) -> Any:
+            return seg
+
+        return keep
+
+    @property
+    def resampling_fn_data(self) -> Any:
+        from nnunetv2.configuration import ANISO_THRESHOLD
+        from nnunetv2.preprocessing.resampling.default_resampling import (
+            determine_do_sep_z_and_axis,
+        )
+
+        own = self._manager.resampling_fn_data
+        configuration = self._manager.configuration
+        kwargs = dict(configuration.get("resampling_fn_data_kwargs") or {})
+        if configuration.get("resampling_fn_data") != "resample_data_or_seg_to_shape" or (
+            kwargs.get("is_seg", False)
+        ):
+            return own
+
+        def resample(
+            data: npt.NDArray[np.float32], new_shape: Any, current: Any, new: Any
+        ) -> npt.NDArray[np.float32]:
+            separate, _axis = determine_do_sep_z_and_axis(
+                kwargs.get("force_separate_z", False),
+                current,
+                new,
+                kwargs.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD),
+            )
+            if separate or data.ndim != 4:
+                return np.asarray(own(data, new_shape, current, new))
+            if tuple(data.shape[1:]) == tuple(int(n) for n in new_shape):
+                return data
+            return _separable_resample(data, new_shape, int(kwargs.get("order", 3)))
+
+        return resample
+
+
 class NnunetModel:
     """One configuration of an nnU-Net folder, its folds loaded, ready for the volume runtime.
 
@@ -262,6 +362,7 @@ class NnunetModel:
         self._configuration = configuration_manager
         self._dataset = dataset_json
         self._preprocessor = DefaultPreprocessor(verbose=False)
+        self._resampling = _SeparableResampling(configuration_manager)
         patch = [int(p) for p in configuration_manager.patch_size]
         self.patch_size: tuple[int, int, int] = (patch[0], patch[1], patch[2])
         self.tile_step_size = tile_step_size
@@ -281,7 +382,7 @@ class NnunetModel:
             # nnU-Net's resampling warns about its own deprecated scipy/skimage uses.
             warnings.simplefilter("ignore")
             data, _seg, properties = self._preprocessor.run_case_npy(
-                volume[None], None, properties, self._plans, self._configuration, self._dataset
+                volume[None], None, properties, self._plans, self._resampling, self._dataset
             )
         transpose = tuple(self._plans.transpose_forward)
         current = [float(spacing_zyx[i]) for i in transpose]

@@ -31,6 +31,7 @@ from scp_node.inference.runtime.geometry import AXIAL, reorientation
 from scp_node.inference.runtime.window import sliding_window_logits
 
 __all__ = [
+    "STAGES",
     "Prepared",
     "VolumeModel",
     "VolumePredictor",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The stages :attr:`VolumePredictor.stage_s` times.
+STAGES = ("prepare", "network", "resample_out", "labels")
 
 #: Largest float32 working set (bytes) of one resampling chunk.
 _CHUNK_BYTES = 256 * 2**20
@@ -128,19 +132,38 @@ def orientation_flips(orientation: str) -> tuple[int, ...]:
     return turn.flips
 
 
-def _axis_coordinates(
+def _interpolation_matrix(
     n_out: int, n_in: int, nearest: bool, scale: float | None = None
 ) -> torch.Tensor:
-    """grid_sample coordinates (align_corners=False) of ``n_out`` cells over ``n_in``.
+    """(n_out, n_in) float32 weights of linear interpolation along one axis.
 
-    ``scale``: input voxels per output voxel with the first centres on one point;
-    ``None``: the two grids cover the same extent.
+    Output voxel ``i`` sits at input coordinate ``(i + 0.5) * n_in / n_out - 0.5`` (cell
+    centres, both grids over the same extent: ``scale`` ``None``) or ``i * scale`` (first
+    centres on one point), clamped to the input (edge mode); ``nearest`` rounds it. Each row
+    has at most two non-zero weights, summing to 1.
     """
     index = torch.arange(n_out, dtype=torch.float64)
     centres = (index + 0.5) * (n_in / n_out) - 0.5 if scale is None else index * scale
+    centres = torch.clamp(centres, 0, n_in - 1)
     if nearest:
-        centres = torch.clamp(torch.round(centres), 0, n_in - 1)
-    return ((centres + 0.5) / n_in * 2 - 1).float()
+        centres = torch.round(centres)
+    low = torch.floor(centres).long()
+    high = torch.clamp(low + 1, max=n_in - 1)
+    weight = centres - low
+    matrix = torch.zeros((n_out, n_in), dtype=torch.float64)
+    matrix.index_put_((index.long(), low), 1 - weight, accumulate=True)
+    matrix.index_put_((index.long(), high), weight, accumulate=True)
+    return matrix.float()
+
+
+def _keep_larger(
+    candidates: torch.Tensor, first: int, best: torch.Tensor, index: torch.Tensor
+) -> None:
+    """Fold (classes, ...) ``candidates`` numbered from ``first`` into a running argmax."""
+    values, which = torch.max(candidates, dim=0)
+    better = values > best  # strict: on a tie the lower class index stays
+    torch.where(better, values, best, out=best)
+    torch.where(better, which.to(index.dtype) + first, index, out=index)
 
 
 def resample_argmax(
@@ -153,9 +176,13 @@ def resample_argmax(
 ) -> npt.NDArray[np.uint16]:
     """Class index of the largest logit after resampling ``logits`` to ``shape``.
 
-    Trilinear with cell-centre alignment (as ``skimage.transform.resize`` order 1, which
-    nnU-Net uses), nearest along ``nearest_axis``; done in slabs of output slices and in
-    chunks of classes with a running maximum, so memory stays near ``_CHUNK_BYTES``.
+    Trilinear with cell-centre alignment (as ``skimage.transform.resize`` order 1 with edge
+    mode, which nnU-Net uses), nearest along ``nearest_axis``. Linear interpolation is
+    separable: z first, at the logits' in-plane size, as a product with a (n_out, n_in)
+    weight matrix, then in-plane by ``F.interpolate`` (bilinear, cell centres) or by two
+    more such products (nearest or corner-aligned axes); a fraction of the cost of a
+    gather per output voxel (``grid_sample``). Done in slabs of output slices and in chunks of
+    classes with a running maximum, so memory stays near ``_CHUNK_BYTES``.
 
     Parameters
     ----------
@@ -179,42 +206,54 @@ def resample_argmax(
     """
     classes = int(logits.shape[0])
     out_shape = tuple(int(s) for s in shape)
+    per_slice = out_shape[1] * out_shape[2] * 4
     if tuple(logits.shape[1:]) == out_shape and (scale is None or all(s == 1 for s in scale)):
         best = torch.full(out_shape, -torch.inf)
         index = torch.zeros(out_shape, dtype=torch.int32)
-        for k in range(classes):
-            plane = logits[k].float()
-            better = plane > best
-            index[better] = k
-            torch.maximum(best, plane, out=best)
+        class_chunk = max(1, min(classes, _CHUNK_BYTES // max(1, per_slice * out_shape[0])))
+        for c0 in range(0, classes, class_chunk):
+            _keep_larger(logits[c0 : c0 + class_chunk].float(), c0, best, index)
         return index.numpy().astype(np.uint16)
-    coords = [
-        _axis_coordinates(
+    along_z, along_y, along_x = (
+        _interpolation_matrix(
             n_out, int(n_in), nearest_axis == axis, None if scale is None else float(scale[axis])
         )
         for axis, (n_out, n_in) in enumerate(zip(out_shape, logits.shape[1:], strict=True))
-    ]
-    per_slice = out_shape[1] * out_shape[2] * 4
+    )
+    across_x = along_x.T.contiguous()
+    # Cell-centre alignment in-plane is what F.interpolate computes (align_corners=False).
+    in_plane_bilinear = scale is None and nearest_axis not in (1, 2)
+    in_y, in_x = int(logits.shape[2]), int(logits.shape[3])
     slab = slab or max(1, min(out_shape[0], _CHUNK_BYTES // (per_slice * 8)))
     class_chunk = max(1, min(classes, _CHUNK_BYTES // max(1, per_slice * slab)))
     result = np.empty(out_shape, dtype=np.uint16)
     for z0 in range(0, out_shape[0], slab):
-        zc = coords[0][z0 : z0 + slab]
-        gz, gy, gx = torch.meshgrid(zc, coords[1], coords[2], indexing="ij")
-        # grid_sample takes (x, y, z) order in the last axis.
-        grid = torch.stack((gx, gy, gz), dim=-1)[None]
-        best = torch.full(grid.shape[1:4], -torch.inf)
-        index = torch.zeros(grid.shape[1:4], dtype=torch.int32)
+        rows = along_z[z0 : z0 + slab]
+        used = torch.nonzero(rows.any(dim=0)).flatten()
+        first, last = int(used[0]), int(used[-1]) + 1
+        rows = rows[:, first:last]
+        depth = int(rows.shape[0])
+        best = torch.full((depth, *out_shape[1:]), -torch.inf)
+        index = torch.zeros((depth, *out_shape[1:]), dtype=torch.int32)
         for c0 in range(0, classes, class_chunk):
-            chunk = logits[c0 : c0 + class_chunk].float()[None]
-            sampled = F.grid_sample(
-                chunk, grid, mode="bilinear", padding_mode="border", align_corners=False
-            )[0]
-            for k in range(sampled.shape[0]):
-                better = sampled[k] > best
-                index[better] = c0 + k
-                torch.maximum(best, sampled[k], out=best)
-        result[z0 : z0 + slab] = index.numpy()
+            chunk = logits[c0 : c0 + class_chunk, first:last].float()
+            count = int(chunk.shape[0])
+            # z: (depth, used) @ (count, used, y * x) -> (count, depth, y * x)
+            planes = torch.matmul(rows, chunk.reshape(count, last - first, in_y * in_x))
+            if in_plane_bilinear:
+                # The same weights as the matrices, by torch's vectorised kernel.
+                planes = F.interpolate(
+                    planes.reshape(1, count * depth, in_y, in_x),
+                    size=out_shape[1:],
+                    mode="bilinear",
+                    align_corners=False,
+                )
+            else:
+                # x: one product over every row of every plane; y: per plane.
+                planes = torch.matmul(planes.reshape(-1, in_x), across_x)
+                planes = torch.matmul(along_y, planes.reshape(count * depth, in_y, out_shape[2]))
+            _keep_larger(planes.reshape(count, depth, *out_shape[1:]), c0, best, index)
+        result[z0 : z0 + depth] = index.numpy()
     return result
 
 
@@ -246,6 +285,11 @@ class VolumePredictor:
         self.batch_size = batch_size or (4 if self._device.type == "cuda" else 1)
         self._model: VolumeModel | None = None
         self.variant = "fp32"
+        #: Seconds spent per stage of :meth:`predict` since construction (``prepare``:
+        #: reorientation and the format's preprocessing, resampling in included;
+        #: ``network``: sliding window with blending; ``resample_out``: logits back onto
+        #: the source grid and argmax; ``labels``: uncrop, orientation undone, label values).
+        self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
 
     @property
     def device(self) -> str:
@@ -310,6 +354,7 @@ class VolumePredictor:
         # A view: the format's preprocessing copies anyway, so no extra volume in memory.
         oriented = turn.apply(np.asarray(volume, dtype=np.float32))
         prepared = model.prepare(oriented, turn.spacing(spacing_zyx))
+        prepared_at = time.perf_counter()
         if isinstance(model, WindowedModel):
             logits = model.sliding_window(prepared.data, self._device, self.batch_size)
         else:
@@ -323,10 +368,12 @@ class VolumePredictor:
                 mirror_axes=model.mirror_axes,
                 device=self._device,
             )
+        ran = time.perf_counter()
         indices = resample_argmax(
             logits, prepared.crop_shape, nearest_axis=prepared.nearest_axis, scale=prepared.scale
         )
         del logits
+        resampled = time.perf_counter()
         full = np.zeros(prepared.full_shape, dtype=np.uint16)
         full[prepared.bbox] = indices
         full = turn.undo(full.transpose(prepared.transpose_backward))
@@ -334,6 +381,11 @@ class VolumePredictor:
         labels: npt.NDArray[np.unsignedinteger] = lut[full]
         if max(model.class_values) <= 255:
             labels = labels.astype(np.uint8)
+        stage = self.stage_s
+        stage["prepare"] += prepared_at - started
+        stage["network"] += ran - prepared_at
+        stage["resample_out"] += resampled - ran
+        stage["labels"] += time.perf_counter() - resampled
         logger.info(
             "predicted volume of %d slices %dx%d in %.2f s (%s)",
             volume.shape[0],
