@@ -12,10 +12,8 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +26,7 @@ from scp_node.inference.device import torch_device
 from scp_node.inference.nets import build_network
 from scp_node.inference.preprocess import resample_inplane, resampled_shape
 from scp_node.inference.registry import ModelSpec
+from scp_node.inference.runtime.onnx import openvino_session, ort_session
 
 __all__ = [
     "OnnxModule",
@@ -622,9 +621,9 @@ class OnnxModule(nn.Module):
         self.engine = engine
         self.device_type = "cpu"
         if engine == "openvino":
-            self._run = _openvino_session(path, threads)
+            self._run = openvino_session(path, threads)
         elif engine == "ort":
-            self._run, self.device_type = _ort_session(path, threads, cuda=cuda)
+            self._run, self.device_type = ort_session(path, threads, cuda=cuda)
         else:
             raise ModelError(f"{path}: unknown engine {engine!r} (known: ort, openvino)")
 
@@ -632,88 +631,3 @@ class OnnxModule(nn.Module):
         """(batch, channels, rows, columns) float32 -> logits of the graph's first output."""
         inputs = np.ascontiguousarray(x.detach().float().cpu().numpy())
         return torch.from_numpy(self._run(inputs)).to(x.device)
-
-
-_Run = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
-
-
-def _ort_session(path: Path, threads: int, *, cuda: bool) -> tuple[_Run, str]:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover - a runtime dependency
-        raise ModelError("onnx weights need the onnxruntime package") from exc
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own untyped exception classes
-        raise ModelError(f"cannot load ONNX model {path}: {exc}") from exc
-    name = session.get_inputs()[0].name
-    device = "cuda" if session.get_providers()[0].startswith("CUDA") else "cpu"
-
-    def run(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        (logits, *_rest) = session.run(None, {name: x})
-        return np.ascontiguousarray(logits, dtype=np.float32)
-
-    return run, device
-
-
-def _openvino_session(path: Path, threads: int) -> _Run:
-    """OpenVINO CPU runs of ``path``, each compiled for a fixed input shape.
-
-    A graph compiled for a fixed shape runs markedly faster than one with a dynamic batch
-    or size (its int8 convolutions: 6.1 vs 10.0 ms of CPU per 176x176 slice on one thread
-    of an AVX-512 VNNI EPYC). A study has one slice size and a constant batch, so a
-    compile (about a second) is paid once per size; a smaller batch (a study's last) is
-    zero-padded to the smallest compiled batch of its size rather than compiled again.
-    The last ``_OPENVINO_SHAPES`` shapes stay compiled. fp32 precision hint: on CPUs
-    with AVX-512 BF16 or AMX the plugin would otherwise run fp32 graphs in bf16, and the
-    card's verification is against fp32.
-    """
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise ModelError(
-            f"{path}: engine 'openvino' needs the openvino package (pip install openvino)"
-        ) from exc
-    core = ov.Core()
-    try:
-        model = core.read_model(str(path))
-    except Exception as exc:  # OpenVINO raises RuntimeError and its own classes
-        raise ModelError(f"cannot read {path} with OpenVINO: {exc}") from exc
-    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
-    compiled: dict[tuple[int, ...], Callable[[npt.NDArray[np.float32]], Any]] = {}
-
-    def compile_for(shape: tuple[int, ...]) -> Callable[[npt.NDArray[np.float32]], Any]:
-        sized = model.clone()
-        sized.reshape({0: list(shape)})
-        try:
-            network = core.compile_model(sized, "CPU", config)
-        except Exception as exc:  # OpenVINO raises RuntimeError and its own classes
-            raise ModelError(f"cannot compile {path} with OpenVINO: {exc}") from exc
-        request = network.create_infer_request()
-        output = network.outputs[0]
-        return lambda x: request.infer({0: x})[output]
-
-    def run(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        count, rest = x.shape[0], tuple(x.shape[1:])
-        fits = [k for k in compiled if k[1:] == rest and k[0] >= count]
-        key = min(fits) if fits else (count, *rest)
-        infer = compiled.pop(key, None) or compile_for(key)
-        compiled[key] = infer  # most recently used last
-        while len(compiled) > _OPENVINO_SHAPES:
-            del compiled[next(iter(compiled))]
-        if key[0] > count:
-            x = np.concatenate([x, np.zeros((key[0] - count, *rest), dtype=x.dtype)])
-        # The request reuses its output buffer on the next call: copy.
-        return np.array(infer(x)[:count], dtype=np.float32)
-
-    return run
-
-
-#: Slice sizes an OpenVINO variant keeps compiled at once.
-_OPENVINO_SHAPES = 4
