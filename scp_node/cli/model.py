@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -379,13 +379,24 @@ def model_compare(
 
     from scp_node.training.compare import Comparison, compare, load_results, summarise
 
+    def report(record: dict[str, Any]) -> None:
+        scores = ", ".join(
+            f"{key} {value:.3f}" for key, value in record["heldout_b"].items() if "_" in key
+        )
+        err_console.print(
+            f"{record['row']['name']} seed {record['seed']}: "
+            f"{record['train']['minutes']:.1f} min, B {scores}"
+        )
+
     torch.set_num_threads(threads)
     with on_error(default=2):
         comparison = Comparison.from_file(comparison_file)
         if table_only:
             results = load_results(out, comparison)
         else:
-            results = compare(comparison, out, data_dir, resume=resume, rows=row, device=device)
+            results = compare(
+                comparison, out, data_dir, resume=resume, rows=row, device=device, on_run=report
+            )
     header, lines = summarise(results)
     table = Table(*header, title=f"{comparison_file} ({len(results)} runs)")
     for line in lines:

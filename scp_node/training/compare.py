@@ -40,7 +40,7 @@ import statistics
 import time
 import tomllib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -403,6 +403,7 @@ def compare(
     resume: bool = False,
     rows: Sequence[str] | None = None,
     device: str = "cpu",
+    on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every (row, seed) not yet saved; return all saved results.
 
@@ -421,6 +422,8 @@ def compare(
         Only these row names (others' saved results still appear in the returned list).
     device
         Training device (``"cpu"``, ``"cuda"``, ``"auto"``); evaluation is on the CPU.
+    on_run
+        Called with each new run's record as soon as it is saved (progress reports).
 
     Raises
     ------
@@ -446,7 +449,9 @@ def compare(
                 logger.info("kept %s seed %d (saved)", row.name, seed)
                 continue
             logger.info("training %s seed %d into %s", row.name, seed, run_dir)
-            run_one(comparison, row, seed, run_dir, data_dir, device=device)
+            record = run_one(comparison, row, seed, run_dir, data_dir, device=device)
+            if on_run is not None:
+                on_run(record)
     return load_results(out_dir, comparison)
 
 
