@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -358,3 +358,60 @@ def _volume_selection(
         spec, make, requested=variant or worker.variant or None, cache_dir=worker.variant_cache_dir
     )
     return selection
+
+
+@app.command("compare")
+def model_compare(
+    comparison_file: Annotated[Path, typer.Argument(help="Comparison TOML (base folder, rows).")],
+    out: Annotated[Path, typer.Option(help="Runs go to <out>/<row>/seed-<seed>/.")] = Path(
+        "var/compare"
+    ),
+    data_dir: DataDirOption = Path("../shared/data"),
+    resume: Annotated[bool, typer.Option(help="Keep saved runs, train the missing ones.")] = False,
+    row: Annotated[list[str] | None, typer.Option(help="Only this row (repeatable).")] = None,
+    table_only: Annotated[
+        bool, typer.Option("--table-only", help="Train nothing: print the table of saved runs.")
+    ] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest here).")] = 1,
+    device: Annotated[str, typer.Option(help="Training device: cpu, cuda or auto.")] = "cpu",
+) -> None:
+    """Train each row x seed of a comparison file, evaluate all the same way, print the table.
+
+    Every run is evaluated on subject B through the worker's path (as `model evaluate`,
+    fp32) and on subject A's held-out blocks; its figures are saved as result.json, so
+    rows can be trained in separate sessions (--resume, --row) and the table rebuilt from
+    what is saved (--table-only). Writes <out>/table.md and <out>/table.json.
+    """
+    import torch
+    from rich.table import Table
+
+    from scp_node.training.compare import Comparison, compare, load_results, summarise
+
+    def report(record: dict[str, Any]) -> None:
+        scores = ", ".join(
+            f"{key} {value:.3f}" for key, value in record["heldout_b"].items() if "_" in key
+        )
+        err_console.print(
+            f"{record['row']['name']} seed {record['seed']}: "
+            f"{record['train']['minutes']:.1f} min, B {scores}"
+        )
+
+    torch.set_num_threads(threads)
+    with on_error(default=2):
+        comparison = Comparison.from_file(comparison_file)
+        if table_only:
+            results = load_results(out, comparison)
+        else:
+            results = compare(
+                comparison, out, data_dir, resume=resume, rows=row, device=device, on_run=report
+            )
+    header, lines = summarise(results)
+    table = Table(*header, title=f"{comparison_file} ({len(results)} runs)")
+    for line in lines:
+        table.add_row(*line)
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    markdown += ["| " + " | ".join(line) + " |" for line in lines]
+    (out / "table.md").write_text("\n".join(markdown) + "\n")
+    (out / "table.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -64,9 +64,10 @@ _CS_MAX_LENGTH = 16
 def content_label_for(model_name: str) -> str:
     """ContentLabel (a valid CS, at most 16 characters) derived from a model name.
 
-    Upper case; characters other than ``A-Z``, ``0-9``, space and ``_`` become ``_``.
+    Upper case; characters other than ``A-Z``, ``0-9``, space and ``_`` become ``_``; no
+    trailing space or ``_`` (a CS value may not end with either).
     """
-    label = _CS_INVALID.sub("_", model_name.upper())[:_CS_MAX_LENGTH].strip()
+    label = _CS_INVALID.sub("_", model_name.upper())[:_CS_MAX_LENGTH].strip(" _")
     return label or "SEGMENTATION"
 
 

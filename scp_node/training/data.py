@@ -25,6 +25,7 @@ from scp_node.errors import ModelError
 from scp_node.inference.preprocess import normalise, resample_inplane, resampled_shape
 
 __all__ = [
+    "LOSSES",
     "CropSampler",
     "Subject",
     "TrainConfig",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 TRAIN_FILE = "train.toml"
+
+#: Values of ``[train] loss`` in ``train.toml``.
+LOSSES = ("dice+wce", "dice")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,12 @@ class TrainConfig:
     weight_decay: float = 1e-4
     ce_class_weights: tuple[float, ...] = ()
     dice_weight: float = 1.0
+    #: Loss: ``"dice+wce"`` (soft Dice + cross-entropy weighted by ``ce_class_weights``) or
+    #: ``"dice"`` (soft Dice alone); see :func:`scp_node.training.train.make_loss`.
+    loss: str = "dice+wce"
+    #: Weight of the edge term (mean absolute difference between neighbouring pixels of the
+    #: foreground probabilities); 0 disables it. The notes propose 0.1-0.5.
+    edge_weight: float = 0.0
     foreground_fraction: float = 0.6
     patience: int = 10
     val_block: int = 5
@@ -103,7 +113,7 @@ class TrainConfig:
                     inputs[key] = tuple(inputs[key])
                 if key in train:
                     train[key] = tuple(train[key])
-            return cls(
+            config = cls(
                 subject=data["subject"],
                 image_file=data.get("image", "ct.nii.gz"),
                 labels_file=data.get("labels", "labels.nii.gz"),
@@ -117,6 +127,11 @@ class TrainConfig:
             raise ModelError(f"{path}: missing key {exc}") from exc
         except TypeError as exc:
             raise ModelError(f"{path}: {exc}") from exc
+        if config.loss not in LOSSES:
+            raise ModelError(f"{path}: loss {config.loss!r} is not one of {', '.join(LOSSES)}")
+        if config.edge_weight < 0:
+            raise ModelError(f"{path}: edge_weight must be >= 0, got {config.edge_weight}")
+        return config
 
     @property
     def num_classes(self) -> int:

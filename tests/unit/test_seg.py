@@ -376,6 +376,8 @@ def test_write_into_missing_folder_fails_cleanly(
 def test_content_label_for() -> None:
     assert content_label_for("liver-unet.v1") == "LIVER_UNET_V1"
     assert content_label_for("a" * 40) == "A" * 16
+    # Cut at 16 characters right after a separator: no trailing "_" (highdicom refuses it).
+    assert content_label_for("ct-abdomen-unet-2d") == "CT_ABDOMEN_UNET"
 
 
 def test_laterality_modifier_is_written_inside_the_property_type(
