@@ -39,6 +39,7 @@ from scp_node.inference.verify_volume import select_volume_variant
 from scp_node.settings import load_settings
 from scp_node.training import optimize_volume
 from tests.support.config import write_config
+from tests.support.monai_bundle import inference_config
 from tests.support.net import free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -394,7 +395,7 @@ class _Unexportable(torch.nn.Module):
         return out
 
 
-def test_a_torchscript_only_bundle_is_exported_or_refused_with_the_reason(
+def test_a_bundle_is_exported_from_torchscript_or_refused_with_the_reason(
     monai_bundle: Path, tmp_path: Path, shared_data: Path
 ) -> None:
     plain = load_runtime(ModelSpec.from_model_dir(_bundle_dir(tmp_path / "a", monai_bundle)))
@@ -432,3 +433,16 @@ def test_a_torchscript_only_bundle_is_exported_or_refused_with_the_reason(
             model, calibration=shared_data / "ct-abdomen-b" / "dicom", engines=("ort",)
         )
     assert (model / "model.toml").read_text() == card
+
+    # A SimpleInferer runs the network on the whole volume: no fixed patch to export at.
+    config = inference_config()
+    config["inferer"] = {"_target_": "SimpleInferer"}
+    whole = tmp_path / "whole"
+    shutil.copytree(monai_bundle, whole)
+    (whole / "configs" / "inference.json").write_text(json.dumps(config), encoding="utf-8")
+    model = _bundle_dir(tmp_path / "d", whole)
+    with pytest.raises(ModelError, match="inferer has no roi_size"):
+        optimize_volume.optimize_volume_model(
+            model, calibration=shared_data / "ct-abdomen-b" / "dicom", engines=("ort",)
+        )
+    assert not any(model.glob("*.onnx"))
