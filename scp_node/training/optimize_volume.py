@@ -36,8 +36,9 @@ from torch import nn
 from scp_node.dicom.volume import load_volume
 from scp_node.errors import ModelError
 from scp_node.inference.registry import CARD_FILE, ModelSpec, WeightsSpec
+from scp_node.inference.runtime.geometry import AXIAL, reorientation
 from scp_node.inference.runtime.onnx import ENGINES, Engine, openvino_available
-from scp_node.inference.runtime.volume import VolumeModel, VolumePredictor, orientation_flips
+from scp_node.inference.runtime.volume import VolumeModel, VolumePredictor
 from scp_node.inference.runtime.window import window_starts
 from scp_node.inference.verify import REFERENCE_FILE, label_dice
 from scp_node.inference.verify_volume import VolumeReference, network_logits
@@ -173,9 +174,8 @@ def dicom_studies(folder: Path) -> list[Study]:
 def _prepared(model: VolumeModel, study: Study) -> npt.NDArray[np.float32]:
     """The network-space data of a study, as :class:`VolumePredictor` prepares it."""
     volume, spacing = study
-    flips = orientation_flips(model.orientation)
-    oriented = np.flip(volume, flips) if flips else volume
-    return model.prepare(oriented, spacing).data
+    turn = reorientation(AXIAL, model.orientation)
+    return model.prepare(turn.apply(volume), turn.spacing(spacing)).data
 
 
 def calibration_patches(
