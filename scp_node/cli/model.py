@@ -241,7 +241,10 @@ def model_status(
 @app.command("optimize")
 def model_optimize(
     model_dir: Annotated[
-        Path, typer.Argument(help="models/<name> (our card, TorchScript, ONNX, nnU-Net folder)")
+        Path,
+        typer.Argument(
+            help="models/<name> (our card, TorchScript, ONNX, nnU-Net folder, MONAI bundle)"
+        ),
     ],
     calibration: Annotated[
         Path | None, typer.Option(help="Folder of DICOM series to calibrate int8 on.")
@@ -272,10 +275,10 @@ def model_optimize(
 
     The variant is kept (recorded in model.toml) only if every label's Dice against the fp32
     source on held-out slices is >= --min-dice; every label is reported. Exit status 1 when
-    the gate refuses it. nnU-Net folders (3-D): fp32 and int8 ONNX variants per engine
-    (ONNX Runtime, OpenVINO), gated on whole held-out volumes, kept ones recorded with
-    cpu = "auto" and a reference patch; exit status 1 when none is kept. MONAI bundles are
-    not handled yet.
+    the gate refuses it. nnU-Net folders and MONAI bundles (3-D): fp32 and int8 ONNX
+    variants per engine (ONNX Runtime, OpenVINO) at the plans' patch or the bundle
+    inferer's roi_size, gated on whole held-out volumes, kept ones recorded with
+    cpu = "auto" and a reference patch; exit status 1 when none is kept.
     """
     import torch
 

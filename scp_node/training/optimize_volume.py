@@ -1,8 +1,11 @@
-"""``scp-node model optimize`` for volume cards (nnU-Net v2 folders): exported and int8
-variants of the 3-D network, kept only if the whole-volume result agrees with fp32.
+"""``scp-node model optimize`` for volume cards (nnU-Net v2 folders and MONAI bundles):
+exported and int8 variants of the 3-D network, kept only if the whole-volume result agrees
+with fp32.
 
-Steps: the fold's network is exported to ONNX with the plans' fixed patch shape
-(:func:`export_volume_onnx`, opset :data:`OPSET`); ONNX Runtime's static quantiser writes
+Steps: the network (an nnU-Net fold's, or a bundle's ``network_def`` or ``models/model.ts``)
+is exported to ONNX with a fixed patch shape, the plans' patch size or the bundle inferer's
+``roi_size`` (:func:`export_volume_onnx`, opset :data:`OPSET`); ONNX Runtime's static
+quantiser writes
 an int8 QDQ copy calibrated on patches of real studies (``--calibration``, a folder of
 DICOM series, prepared exactly as the runtime prepares them), with per-channel weights and
 ``reduce_range`` so that ONNX Runtime's u8s8 kernels are correct on CPUs without VNNI.
@@ -33,8 +36,9 @@ from torch import nn
 from scp_node.dicom.volume import load_volume
 from scp_node.errors import ModelError
 from scp_node.inference.registry import CARD_FILE, ModelSpec, WeightsSpec
+from scp_node.inference.runtime.geometry import AXIAL, reorientation
 from scp_node.inference.runtime.onnx import ENGINES, Engine, openvino_available
-from scp_node.inference.runtime.volume import VolumeModel, VolumePredictor, orientation_flips
+from scp_node.inference.runtime.volume import VolumeModel, VolumePredictor
 from scp_node.inference.runtime.window import window_starts
 from scp_node.inference.verify import REFERENCE_FILE, label_dice
 from scp_node.inference.verify_volume import VolumeReference, network_logits
@@ -148,6 +152,13 @@ def export_volume_onnx(network: nn.Module, path: Path, patch_size: tuple[int, in
                 dynamo=False,
             )
     except Exception as exc:  # the exporter raises many unrelated types
+        if isinstance(network, torch.jit.ScriptModule):
+            raise ModelError(
+                f"cannot export the network to {path}: torch.onnx cannot export this "
+                f"TorchScript module ({exc}); give the weights as a state dict with the "
+                "network's definition instead (a MONAI bundle's models/model.pt and "
+                "network_def)"
+            ) from exc
         raise ModelError(f"cannot export the network to {path}: {exc}") from exc
 
 
@@ -163,9 +174,8 @@ def dicom_studies(folder: Path) -> list[Study]:
 def _prepared(model: VolumeModel, study: Study) -> npt.NDArray[np.float32]:
     """The network-space data of a study, as :class:`VolumePredictor` prepares it."""
     volume, spacing = study
-    flips = orientation_flips(model.orientation)
-    oriented = np.flip(volume, flips) if flips else volume
-    return model.prepare(oriented, spacing).data
+    turn = reorientation(AXIAL, model.orientation)
+    return model.prepare(turn.apply(volume), turn.spacing(spacing)).data
 
 
 def calibration_patches(
@@ -248,7 +258,8 @@ def optimize_volume_model(
     Parameters
     ----------
     model_dir
-        A ``format = "nnunetv2"`` model folder (one fold).
+        A ``format = "nnunetv2"`` model folder (one fold) or a ``format = "monai_bundle"``
+        one whose inferer is a ``SlidingWindowInferer`` (its ``roi_size`` is the patch).
     calibration
         Folder of DICOM series; int8 activation ranges come from their patches.
     holdout
@@ -271,15 +282,17 @@ def optimize_volume_model(
     Raises
     ------
     ModelError
-        The card is not a single-fold volume card, an engine is unknown or not installed,
-        the network cannot be exported, or there is no calibration or held-out data.
+        The card is not a single-fold nnU-Net card nor a MONAI bundle with a ``roi_size``,
+        an engine is unknown or not installed, the network cannot be exported (a
+        TorchScript module torch.onnx cannot export), or there is no calibration or
+        held-out data.
     """
     from scp_node.inference.runtime import load_runtime
 
     spec = ModelSpec.from_model_dir(model_dir)
-    if spec.kind != "volume" or spec.nnunet is None:
-        raise ModelError(f"{spec.name}: not a volume card of an nnU-Net folder")
-    if len(spec.nnunet.folds) != 1:
+    if spec.kind != "volume" or spec.format not in ("nnunetv2", "monai_bundle"):
+        raise ModelError(f"{spec.name}: not a volume card of an nnU-Net folder or MONAI bundle")
+    if spec.nnunet is not None and len(spec.nnunet.folds) != 1:
         raise ModelError(
             f"{spec.name}: optimize handles one fold, the card runs {spec.nnunet.folds}"
         )
@@ -291,14 +304,19 @@ def optimize_volume_model(
             raise ModelError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
         if engine == "openvino" and not openvino_available():
             raise ModelError("engine openvino needs the openvino package (pip install openvino)")
-    calibrate, held, note = _split(calibration, holdout)
-    if not held:
-        raise ModelError("no held-out study for the agreement gate")
     reference = load_runtime(spec, "cpu", threads)
     assert isinstance(reference, VolumePredictor)
     model = reference.model
+    if min(model.patch_size) < 1:
+        raise ModelError(
+            f"{spec.name}: the bundle's inferer has no roi_size (not a SlidingWindowInferer): "
+            "an exported network needs a fixed patch shape"
+        )
     fp32_file, int8_file = "network-fp32.onnx", "network-int8.onnx"
     export_volume_onnx(model.networks[0], model_dir / fp32_file, model.patch_size)
+    calibrate, held, note = _split(calibration, holdout)
+    if not held:
+        raise ModelError("no held-out study for the agreement gate")
     batches = calibration_patches(model, calibrate, patches)
     convs = conv_nodes(model_dir / fp32_file)
     quantize_onnx(
