@@ -4,7 +4,8 @@ A folder ``<trainer>__<plans>__<configuration>/`` holds ``dataset.json``, ``plan
 ``fold_N/checkpoint_final.pth``. The node reproduces ``nnUNetPredictor``'s inference:
 nnU-Net's own preprocessing (transpose per plans, crop to the non-zero box, its
 normalisation from ``foreground_intensity_properties_per_channel``, resampling to the
-configuration's spacing) via :class:`DefaultPreprocessor`, the network from the plans'
+configuration's spacing) via :class:`DefaultPreprocessor`, or for CT slab by slab from the
+source's int16 with the same result (:meth:`NnunetModel.prepare`), the network from the plans'
 ``architecture`` built with ``dynamic_network_architectures``, and the sliding window,
 fold averaging and resampling back done by :mod:`scp_node.inference.runtime.volume`.
 

@@ -7,8 +7,10 @@ normalise, resample to the network's spacing), Gaussian-blended sliding windows
 (:func:`~scp_node.inference.runtime.window.sliding_window_logits`, or the format's own
 inferer), logits resampled back onto the cropped source grid in slabs and per-class chunks
 with a running argmax (memory bounded whatever the study's length and the number of
-classes), the crop and transpose undone, the reorientation undone, class indices mapped to
-the card's label values.
+classes) straight into the crop box of the label map (seen through the transpose and the
+reorientation, so no second label-sized array), class indices mapped to the card's label
+values in place. The source is handed to the format in its own dtype (int16 for CT); no
+float32 copy of it is made here.
 """
 
 from __future__ import annotations
