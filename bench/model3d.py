@@ -4,8 +4,10 @@ card (ONNX Runtime fp32/int8, OpenVINO fp32/int8), on one CT, in one run.
 
 Each run is a fresh process (peak RSS is that run's alone) on the same number of threads.
 The CT is subject A resampled to a clinical grid (512 x 512 at 0.78 mm, ``--slices``
-slices 1 mm apart). Dice is per label against ``nnUNetPredictor``'s labels (and the
-worst label against our fp32 torch run), so it measures the whole predict, not a patch.
+slices 1 mm apart), rounded to int16 as the worker's ``load_stack`` hands a CT over (peak
+RSS then counts the source as the node holds it). Dice is per label against
+``nnUNetPredictor``'s labels (and the worst label against our fp32 torch run), so it
+measures the whole predict, not a patch.
 
     python bench/model3d.py --model-dir DIR --slices 200 --threads 2 --rounds 1
 
@@ -89,7 +91,8 @@ def _make_ct(slices: int, out: Path) -> None:
     ct = nib.as_closest_canonical(nib.load(SHARED / "ct-abdomen-a" / "ct.nii.gz"))
     data = torch.from_numpy(np.asarray(ct.dataobj, dtype=np.float32).transpose(2, 1, 0).copy())
     resized = F.interpolate(data[None, None], size=(slices, 512, 512), mode="trilinear")[0, 0]
-    np.save(out, resized.numpy())
+    del data
+    np.save(out, torch.round(resized).to(torch.int16).numpy())
 
 
 class _Timed:
@@ -250,7 +253,7 @@ def main() -> None:
     from scp_node.inference.verify import cpu_flags
 
     spec = ModelSpec.from_model_dir(args.model_dir)
-    ct = Path(f"/tmp/bench-nnunet-ct-{args.slices}.npy")
+    ct = Path(f"/tmp/bench-nnunet-ct-{args.slices}-int16.npy")
     if not ct.exists():
         _make_ct(args.slices, ct)
     runs = args.only or ["nnunet", "fp32", *spec.variants]

@@ -112,6 +112,44 @@ def test_matches_nnunet_predictor_on_the_same_image_and_folder(
         assert dice >= 0.99, f"{label.name}: Dice {dice:.4f} against nnUNetPredictor"
 
 
+def test_streamed_preparation_equals_nnunets_preprocessing(
+    nnunet_folder: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slab by slab from int16 (no float32 copy of the volume): nnU-Net's crop box, shapes
+    and, up to float rounding, its preprocessed array."""
+    import warnings
+
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+    from scp_node.inference.formats import nnunetv2
+
+    image_ras, spacing = _subject_a_ras(shared_data)
+    # Zeros around part of the volume, so the crop box is not the whole grid.
+    source = np.zeros((image_ras.shape[0] + 5, *image_ras.shape[1:]), dtype=np.int16)
+    source[3:-2, 4:, :-6] = np.rint(image_ras[:, 4:, :-6])
+    model = nnunetv2.load_nnunet(nnunet_folder, "3d_fullres", (0,))
+    # A few slices per slab, so the volume takes many.
+    monkeypatch.setattr(nnunetv2, "_SLAB_BYTES", 4 * 7 * source.shape[1] * source.shape[2])
+    prepared = model.prepare(source, spacing)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected, _seg, properties = DefaultPreprocessor(verbose=False).run_case_npy(
+            source[None].astype(np.float32),
+            None,
+            {"spacing": list(spacing)},
+            model._plans,
+            model._configuration,
+            model._dataset,
+        )
+    box = tuple(slice(int(a), int(b)) for a, b in properties["bbox_used_for_cropping"])
+    assert prepared.bbox == box and prepared.bbox[0] == slice(3, source.shape[0] - 2)
+    assert prepared.crop_shape == tuple(properties["shape_after_cropping_and_before_resampling"])
+    assert prepared.full_shape == source.shape
+    assert prepared.data.dtype == np.float32 and prepared.data.shape == expected.shape
+    assert np.abs(prepared.data - expected).max() < 1e-3
+
+
 def test_a_checkpoint_that_needs_arbitrary_pickle_is_refused(
     nnunet_folder: Path, tmp_path: Path
 ) -> None:

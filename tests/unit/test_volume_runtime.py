@@ -54,7 +54,14 @@ def test_resample_argmax_equals_trilinear_resize_then_argmax() -> None:
     got = resample_argmax(logits, shape, slab=4)
     # Ties aside (none with random logits), the same class everywhere.
     assert (got == expected_index).mean() > 0.999
-    assert got.dtype == np.uint16 and got.shape == shape
+    assert got.dtype == np.uint8 and got.shape == shape
+    # Into a view of a bigger map (the crop box of a label map), nothing else written.
+    whole = np.full((shape[0] + 2, *shape[1:]), 9, dtype=np.uint16)
+    into = resample_argmax(logits, shape, slab=4, out=whole[1:-1])
+    assert into.base is not None and np.array_equal(whole[1:-1], got)
+    assert (whole[0] == 9).all() and (whole[-1] == 9).all()
+    with pytest.raises(ValueError, match="out must be"):
+        resample_argmax(logits, shape, out=np.empty(shape, dtype=np.int32))
     same_grid = resample_argmax(logits, logits.shape[1:])
     assert np.array_equal(same_grid, logits.argmax(0).numpy())
 

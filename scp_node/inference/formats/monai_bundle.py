@@ -659,7 +659,7 @@ class BundleModel:
                 raise ModelError(f"{plan.config}: {step.key}: {exc}") from exc
 
     def prepare(
-        self, volume: npt.NDArray[np.float32], spacing_zyx: tuple[float, float, float]
+        self, volume: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]
     ) -> Prepared:
         """The bundle's transforms on a (z, y, x) volume already in its orientation.
 
@@ -673,7 +673,9 @@ class BundleModel:
         spacing = np.array(spacing_zyx[::-1], dtype=np.float64)
         affine = torch.from_numpy(np.diag([*spacing, 1.0]))
         data: Any = MetaTensor(
-            torch.from_numpy(np.ascontiguousarray(volume.transpose(2, 1, 0)))[None],
+            torch.from_numpy(np.ascontiguousarray(volume.transpose(2, 1, 0), dtype=np.float32))[
+                None
+            ],
             affine=affine,
         )
         with torch.inference_mode():

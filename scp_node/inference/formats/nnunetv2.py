@@ -4,7 +4,8 @@ A folder ``<trainer>__<plans>__<configuration>/`` holds ``dataset.json``, ``plan
 ``fold_N/checkpoint_final.pth``. The node reproduces ``nnUNetPredictor``'s inference:
 nnU-Net's own preprocessing (transpose per plans, crop to the non-zero box, its
 normalisation from ``foreground_intensity_properties_per_channel``, resampling to the
-configuration's spacing) via :class:`DefaultPreprocessor`, the network from the plans'
+configuration's spacing) via :class:`DefaultPreprocessor`, or for CT slab by slab from the
+source's int16 with the same result (:meth:`NnunetModel.prepare`), the network from the plans'
 ``architecture`` built with ``dynamic_network_architectures``, and the sliding window,
 fold averaging and resampling back done by :mod:`scp_node.inference.runtime.volume`.
 
@@ -280,6 +281,73 @@ def _separable_resample(
     return out
 
 
+#: Largest float32 slab of the source volume the streamed preprocessing holds at once.
+_SLAB_BYTES = 64 * 2**20
+
+
+def _slab(shape: tuple[int, ...]) -> int:
+    """Slices along axis 0 per slab of the streamed preprocessing."""
+    return max(1, _SLAB_BYTES // max(1, 4 * int(np.prod(shape[1:]))))
+
+
+def _nonzero_box(volume: npt.NDArray[Any]) -> tuple[slice, slice, slice] | None:
+    """nnU-Net's ``crop_to_nonzero`` box of a (z, y, x) volume, slab by slab.
+
+    nnU-Net fills the holes of the non-zero mask before taking its bounding box; a hole
+    lies inside the box, so the box of the non-zero voxels is the same, and no full-size
+    mask is needed. ``None`` when every voxel is zero.
+    """
+    rows = np.zeros(volume.shape[0], dtype=bool)
+    plane = np.zeros(volume.shape[1:], dtype=bool)
+    step = _slab(volume.shape)
+    for z0 in range(0, volume.shape[0], step):
+        nonzero = volume[z0 : z0 + step] != 0
+        rows[z0 : z0 + step] = nonzero.any(axis=(1, 2))
+        plane |= nonzero.any(axis=0)
+    if not rows.any():
+        return None
+    (z,) = np.nonzero(rows)
+    y = np.nonzero(plane.any(axis=1))[0]
+    x = np.nonzero(plane.any(axis=0))[0]
+    return (
+        slice(int(z[0]), int(z[-1]) + 1),
+        slice(int(y[0]), int(y[-1]) + 1),
+        slice(int(x[0]), int(x[-1]) + 1),
+    )
+
+
+def _streamed_resample(
+    volume: npt.NDArray[Any], normalise: Any, new_shape: Any, order: int
+) -> npt.NDArray[np.float32]:
+    """``_separable_resample(normalise(volume as float32))`` without a float32 copy of
+    ``volume``: each slab of source slices is converted, normalised (voxel by voxel) and
+    resampled in-plane, then the whole (small) in-plane-resampled stack along z, and the
+    result clipped to the normalised range; the same products in the same order."""
+    target = [int(n) for n in new_shape]
+    z, y, x = (int(n) for n in volume.shape)
+    across_x = _spline_matrix(x, target[2], order).T if x != target[2] else None
+    along_y = _spline_matrix(y, target[1], order) if y != target[1] else None
+    planes = np.empty((z, target[1], target[2]), dtype=np.float32)
+    low, high = np.inf, -np.inf
+    step = _slab(volume.shape)
+    for z0 in range(0, z, step):
+        chunk = normalise(np.array(volume[z0 : z0 + step], dtype=np.float32))
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+        depth = int(chunk.shape[0])
+        slab = torch.from_numpy(chunk)
+        if across_x is not None:
+            slab = torch.matmul(slab.reshape(-1, x), across_x)
+        slab = slab.reshape(depth, y, target[2])
+        if along_y is not None:
+            slab = torch.matmul(along_y, slab)
+        planes[z0 : z0 + depth] = slab.numpy()
+        del chunk, slab
+    stack = torch.from_numpy(planes)
+    if z != target[0]:
+        stack = torch.matmul(_spline_matrix(z, target[0], order), stack.reshape(z, -1))
+    return torch.clamp(stack.reshape(target), low, high).numpy()
+
+
 class _SeparableResampling:
     """A configuration manager for inference: images resampled by
     :func:`_separable_resample` where that is nnU-Net's own resampling, by nnU-Net's
@@ -302,35 +370,42 @@ class _SeparableResampling:
 
         return keep
 
-    @property
-    def resampling_fn_data(self) -> Any:
+    def spline_order(self, current: Any, new: Any) -> int | None:
+        """Spline order of nnU-Net's image resampling from spacing ``current`` to ``new``
+        when :func:`_separable_resample` reproduces it, else ``None`` (separate z, another
+        resampling function)."""
         from nnunetv2.configuration import ANISO_THRESHOLD
         from nnunetv2.preprocessing.resampling.default_resampling import (
             determine_do_sep_z_and_axis,
         )
 
-        own = self._manager.resampling_fn_data
         configuration = self._manager.configuration
         kwargs = dict(configuration.get("resampling_fn_data_kwargs") or {})
         if configuration.get("resampling_fn_data") != "resample_data_or_seg_to_shape" or (
             kwargs.get("is_seg", False)
         ):
-            return own
+            return None
+        separate, _axis = determine_do_sep_z_and_axis(
+            kwargs.get("force_separate_z", False),
+            current,
+            new,
+            kwargs.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD),
+        )
+        return None if separate else int(kwargs.get("order", 3))
+
+    @property
+    def resampling_fn_data(self) -> Any:
+        own = self._manager.resampling_fn_data
 
         def resample(
             data: npt.NDArray[np.float32], new_shape: Any, current: Any, new: Any
         ) -> npt.NDArray[np.float32]:
-            separate, _axis = determine_do_sep_z_and_axis(
-                kwargs.get("force_separate_z", False),
-                current,
-                new,
-                kwargs.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD),
-            )
-            if separate or data.ndim != 4:
+            order = self.spline_order(current, new)
+            if order is None or data.ndim != 4:
                 return np.asarray(own(data, new_shape, current, new))
             if tuple(data.shape[1:]) == tuple(int(n) for n in new_shape):
                 return data
-            return _separable_resample(data, new_shape, int(kwargs.get("order", 3)))
+            return _separable_resample(data, new_shape, order)
 
         return resample
 
@@ -372,21 +447,37 @@ class NnunetModel:
         self.class_values: tuple[int, ...] = tuple(int(v) for v in label_manager.all_labels)
 
     def prepare(
-        self, volume: npt.NDArray[np.float32], spacing_zyx: tuple[float, float, float]
+        self, volume: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]
     ) -> Prepared:
-        """nnU-Net's preprocessing of one single-channel (z, y, x) volume."""
+        """nnU-Net's preprocessing of one single-channel (z, y, x) volume (any real dtype).
+
+        With a voxel-wise normalisation (CT) and nnU-Net's default resampling without
+        separate z, done slab by slab (:meth:`_prepare_streamed`): memory stays near the
+        network-grid array whatever the study's length. Otherwise by nnU-Net's own
+        ``DefaultPreprocessor``, which holds a float32 copy of the volume.
+        """
         from nnunetv2.preprocessing.resampling.default_resampling import get_do_separate_z
 
-        properties: dict[str, Any] = {"spacing": [float(s) for s in spacing_zyx]}
-        with warnings.catch_warnings():
-            # nnU-Net's resampling warns about its own deprecated scipy/skimage uses.
-            warnings.simplefilter("ignore")
-            data, _seg, properties = self._preprocessor.run_case_npy(
-                volume[None], None, properties, self._plans, self._resampling, self._dataset
-            )
-        transpose = tuple(self._plans.transpose_forward)
+        transpose = tuple(int(a) for a in self._plans.transpose_forward)
         current = [float(spacing_zyx[i]) for i in transpose]
         target = [float(s) for s in self._configuration.spacing]
+        prepared = self._prepare_streamed(volume.transpose(transpose), current, target)
+        if prepared is None:
+            properties: dict[str, Any] = {"spacing": [float(s) for s in spacing_zyx]}
+            with warnings.catch_warnings():
+                # nnU-Net's resampling warns about its own deprecated scipy/skimage uses.
+                warnings.simplefilter("ignore")
+                data, _seg, properties = self._preprocessor.run_case_npy(
+                    volume[None], None, properties, self._plans, self._resampling, self._dataset
+                )
+            (z0, z1), (y0, y1), (x0, x1) = properties["bbox_used_for_cropping"]
+            bbox = (slice(int(z0), int(z1)), slice(int(y0), int(y1)), slice(int(x0), int(x1)))
+            crop_shape = _triple(properties["shape_after_cropping_and_before_resampling"])
+            full_shape = _triple(properties["shape_before_cropping"])
+            prepared = (np.ascontiguousarray(data, dtype=np.float32), bbox, crop_shape)
+            del data, _seg
+        else:
+            full_shape = _triple(volume.transpose(transpose).shape)
         # nnU-Net resamples logits back with order 0 along a much coarser axis.
         nearest_axis: int | None = None
         for spacing in (target, current):
@@ -395,15 +486,61 @@ class NnunetModel:
                 if len(axes) == 1:
                     nearest_axis = int(axes[0])
                 break
-        (z0, z1), (y0, y1), (x0, x1) = properties["bbox_used_for_cropping"]
+        data, bbox, crop_shape = prepared
         return Prepared(
-            data=np.ascontiguousarray(data, dtype=np.float32),
-            crop_shape=_triple(properties["shape_after_cropping_and_before_resampling"]),
-            bbox=(slice(int(z0), int(z1)), slice(int(y0), int(y1)), slice(int(x0), int(x1))),
-            full_shape=_triple(properties["shape_before_cropping"]),
+            data=data,
+            crop_shape=crop_shape,
+            bbox=bbox,
+            full_shape=full_shape,
             transpose_backward=_triple(self._plans.transpose_backward),
             nearest_axis=nearest_axis,
         )
+
+    def _prepare_streamed(
+        self, volume: npt.NDArray[Any], current: list[float], target: list[float]
+    ) -> tuple[npt.NDArray[np.float32], tuple[slice, slice, slice], tuple[int, int, int]] | None:
+        """``DefaultPreprocessor.run_case_npy`` slab by slab on a transposed (z, y, x)
+        volume: crop to the non-zero box, normalise, resample (nnU-Net's order,
+        :func:`_separable_resample`'s products). ``None`` where that is not nnU-Net's
+        preprocessing of this volume (see :meth:`prepare`), or the volume is all zero."""
+        from nnunetv2.preprocessing.normalization.default_normalization_schemes import (
+            CTNormalization,
+            NoNormalization,
+        )
+        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+        # Voxel by voxel: no statistics of the image itself, so slab by slab is the same.
+        voxelwise = {"CTNormalization": CTNormalization, "NoNormalization": NoNormalization}
+        schemes = list(self._configuration.normalization_schemes)
+        if len(schemes) != 1 or schemes[0] not in voxelwise:
+            return None
+        order = self._resampling.spline_order(current, target)
+        if order is None:
+            return None
+        bbox = _nonzero_box(volume)
+        if bbox is None:
+            return None
+        cropped = volume[bbox]
+        crop_shape = _triple(cropped.shape)
+        new_shape = compute_new_shape(crop_shape, current, target)
+        normaliser = voxelwise[schemes[0]](
+            use_mask_for_norm=self._configuration.use_mask_for_norm[0],
+            intensityproperties=self._plans.foreground_intensity_properties_per_channel["0"],
+        )
+
+        def normalise(slab: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return np.asarray(normaliser.run(slab, None), dtype=np.float32)
+
+        if tuple(int(n) for n in new_shape) == crop_shape:
+            data = np.empty((1, *crop_shape), dtype=np.float32)
+            step = _slab(crop_shape)
+            for z0 in range(0, crop_shape[0], step):
+                data[0, z0 : z0 + step] = normalise(
+                    np.array(cropped[z0 : z0 + step], dtype=np.float32)
+                )
+        else:
+            data = _streamed_resample(cropped, normalise, new_shape, order)[None]
+        return np.ascontiguousarray(data), bbox, crop_shape
 
 
 def _triple(values: Any) -> tuple[int, int, int]:

@@ -7,8 +7,10 @@ normalise, resample to the network's spacing), Gaussian-blended sliding windows
 (:func:`~scp_node.inference.runtime.window.sliding_window_logits`, or the format's own
 inferer), logits resampled back onto the cropped source grid in slabs and per-class chunks
 with a running argmax (memory bounded whatever the study's length and the number of
-classes), the crop and transpose undone, the reorientation undone, class indices mapped to
-the card's label values.
+classes) straight into the crop box of the label map (seen through the transpose and the
+reorientation, so no second label-sized array), class indices mapped to the card's label
+values in place. The source is handed to the format in its own dtype (int16 for CT); no
+float32 copy of it is made here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -97,8 +99,11 @@ class VolumeModel(Protocol):
     orientation: str
 
     def prepare(
-        self, volume: npt.NDArray[np.float32], spacing_zyx: tuple[float, float, float]
-    ) -> Prepared: ...
+        self, volume: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]
+    ) -> Prepared:
+        """``volume``: (z, y, x) in the model's orientation, modality units, the source's
+        dtype (often int16), possibly a non-contiguous view; never modified."""
+        ...
 
 
 @runtime_checkable
@@ -173,7 +178,8 @@ def resample_argmax(
     nearest_axis: int | None = None,
     slab: int = 0,
     scale: Sequence[float] | None = None,
-) -> npt.NDArray[np.uint16]:
+    out: npt.NDArray[np.unsignedinteger] | None = None,
+) -> npt.NDArray[np.unsignedinteger]:
     """Class index of the largest logit after resampling ``logits`` to ``shape``.
 
     Trilinear with cell-centre alignment (as ``skimage.transform.resize`` order 1 with edge
@@ -198,14 +204,32 @@ def resample_argmax(
         Per axis, ``logits`` voxels per output voxel with the first voxel centres of the
         two grids on one point (see :attr:`Prepared.scale`); ``None``: the two grids cover
         the same extent.
+    out
+        Where to write the indices (``shape``, an unsigned integer dtype wide enough for
+        the class count; a view is fine, e.g. the cropped part of the whole label map), so
+        no second label-sized array is made; ``None``: a new one.
 
     Returns
     -------
     numpy.ndarray
-        (z, y, x) uint16 class indices (ties: the lowest index).
+        (z, y, x) class indices (ties: the lowest index): ``out``, or uint8 (uint16 from
+        257 classes on).
+
+    Raises
+    ------
+    ValueError
+        ``out`` has another shape or too narrow a dtype.
     """
     classes = int(logits.shape[0])
     out_shape = tuple(int(s) for s in shape)
+    if out is None:
+        out = np.empty(out_shape, dtype=np.uint8 if classes <= 256 else np.uint16)
+    elif out.shape != out_shape or not (
+        np.issubdtype(out.dtype, np.unsignedinteger) and classes - 1 <= np.iinfo(out.dtype).max
+    ):
+        raise ValueError(
+            f"out must be {out_shape} holding {classes} classes, got {out.shape} {out.dtype}"
+        )
     per_slice = out_shape[1] * out_shape[2] * 4
     if tuple(logits.shape[1:]) == out_shape and (scale is None or all(s == 1 for s in scale)):
         best = torch.full(out_shape, -torch.inf)
@@ -213,7 +237,8 @@ def resample_argmax(
         class_chunk = max(1, min(classes, _CHUNK_BYTES // max(1, per_slice * out_shape[0])))
         for c0 in range(0, classes, class_chunk):
             _keep_larger(logits[c0 : c0 + class_chunk].float(), c0, best, index)
-        return index.numpy().astype(np.uint16)
+        out[...] = index.numpy()
+        return out
     along_z, along_y, along_x = (
         _interpolation_matrix(
             n_out, int(n_in), nearest_axis == axis, None if scale is None else float(scale[axis])
@@ -226,7 +251,6 @@ def resample_argmax(
     in_y, in_x = int(logits.shape[2]), int(logits.shape[3])
     slab = slab or max(1, min(out_shape[0], _CHUNK_BYTES // (per_slice * 8)))
     class_chunk = max(1, min(classes, _CHUNK_BYTES // max(1, per_slice * slab)))
-    result = np.empty(out_shape, dtype=np.uint16)
     for z0 in range(0, out_shape[0], slab):
         rows = along_z[z0 : z0 + slab]
         used = torch.nonzero(rows.any(dim=0)).flatten()
@@ -253,8 +277,8 @@ def resample_argmax(
                 planes = torch.matmul(planes.reshape(-1, in_x), across_x)
                 planes = torch.matmul(along_y, planes.reshape(count * depth, in_y, out_shape[2]))
             _keep_larger(planes.reshape(count, depth, *out_shape[1:]), c0, best, index)
-        result[z0 : z0 + depth] = index.numpy()
-    return result
+        out[z0 : z0 + depth] = index.numpy()
+    return out
 
 
 class VolumePredictor:
@@ -351,8 +375,8 @@ class VolumePredictor:
             raise ValueError(f"spacing must be > 0, got {spacing_zyx}")
         started = time.perf_counter()
         turn = reorientation(AXIAL if direction is None else direction, model.orientation)
-        # A view: the format's preprocessing copies anyway, so no extra volume in memory.
-        oriented = turn.apply(np.asarray(volume, dtype=np.float32))
+        # A view in the source's dtype: the format converts (slab by slab where it can).
+        oriented = turn.apply(np.asarray(volume))
         prepared = model.prepare(oriented, turn.spacing(spacing_zyx))
         prepared_at = time.perf_counter()
         if isinstance(model, WindowedModel):
@@ -369,18 +393,27 @@ class VolumePredictor:
                 device=self._device,
             )
         ran = time.perf_counter()
-        indices = resample_argmax(
-            logits, prepared.crop_shape, nearest_axis=prepared.nearest_axis, scale=prepared.scale
+        # One label-sized array: the indices go straight into the crop box of the label
+        # map, seen in the network's axis order, and become label values there.
+        wide = max(model.class_values) > 255 or len(model.class_values) > 256
+        labels: npt.NDArray[np.unsignedinteger] = np.zeros(
+            volume.shape, dtype=np.uint16 if wide else np.uint8
         )
-        del logits
+        forward = tuple(int(a) for a in np.argsort(prepared.transpose_backward))
+        box = turn.apply(labels).transpose(forward)[prepared.bbox]
+        resample_argmax(
+            logits,
+            prepared.crop_shape,
+            nearest_axis=prepared.nearest_axis,
+            scale=prepared.scale,
+            out=box,
+        )
+        del logits, prepared
         resampled = time.perf_counter()
-        full = np.zeros(prepared.full_shape, dtype=np.uint16)
-        full[prepared.bbox] = indices
-        full = turn.undo(full.transpose(prepared.transpose_backward))
-        lut = np.asarray(model.class_values, dtype=np.uint16)
-        labels: npt.NDArray[np.unsignedinteger] = lut[full]
-        if max(model.class_values) <= 255:
-            labels = labels.astype(np.uint8)
+        if model.class_values != tuple(range(len(model.class_values))):
+            lut = np.asarray(model.class_values, dtype=labels.dtype)
+            for z0 in range(0, box.shape[0], 64):
+                box[z0 : z0 + 64] = lut[box[z0 : z0 + 64]]
         stage = self.stage_s
         stage["prepare"] += prepared_at - started
         stage["network"] += ran - prepared_at
