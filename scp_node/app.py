@@ -379,6 +379,13 @@ def run_node(
             ssl_context=server_context_from_settings(settings.tls),
             allowed_source_ips=settings.node.allowed_source_ips,
         )
+    # The receivers show on /healthz from the moment they accept, not only once the
+    # worker's models are verified (a sender may already be sending).
+    if isinstance(server, ReceiverPool):
+        runtime.receivers = server.status
+    elif server is not None:
+        in_process = server
+        runtime.receivers = lambda: [in_process.status()]
     if Stage.WORK in stages:
         # Receiving keeps priority over inference: the threads started from here on (the
         # worker and its torch threads, settle, dispatch) inherit this thread's lower
@@ -431,11 +438,6 @@ def run_node(
     runtime.threads = {thread.name: thread for thread in threads}
     if server is not None:
         runtime.receiving = lambda: not stop.is_set()
-    if isinstance(server, ReceiverPool):
-        runtime.receivers = server.status
-    elif server is not None:
-        in_process = server
-        runtime.receivers = lambda: [in_process.status()]
     runtime.starting = False
     logger.info("node ready")
 
