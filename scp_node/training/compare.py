@@ -52,6 +52,7 @@ from scp_node.errors import ModelError
 from scp_node.inference.nets import build_network
 from scp_node.inference.preprocess import stack_context
 from scp_node.training.data import LOSSES, TRAIN_FILE, TrainConfig, load_subject, split_slices
+from scp_node.training.variants import toml_value
 
 __all__ = [
     "Comparison",
@@ -144,29 +145,15 @@ class Comparison:
         )
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise ModelError(f"cannot write {value!r} to TOML")
-
-
 def _dump_toml(document: Mapping[str, Any]) -> str:
     """Top-level scalars, then one ``[table]`` per mapping, ``[[array]]`` per list of tables."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in document.items() if not _is_table(v)]
+    lines = [f"{k} = {toml_value(v)}" for k, v in document.items() if not _is_table(v)]
     for key, value in document.items():
         if isinstance(value, Mapping):
-            lines += ["", f"[{key}]", *(f"{k} = {_toml_value(v)}" for k, v in value.items())]
+            lines += ["", f"[{key}]", *(f"{k} = {toml_value(v)}" for k, v in value.items())]
         elif _is_table(value):
             for item in value:
-                lines += ["", f"[[{key}]]", *(f"{k} = {_toml_value(v)}" for k, v in item.items())]
+                lines += ["", f"[[{key}]]", *(f"{k} = {toml_value(v)}" for k, v in item.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,15 @@ __all__ = [
     "quantize_model",
     "replace_table",
     "set_runtime",
+    "toml_value",
     "write_variant",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML value (inline tables for mappings)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -55,15 +58,15 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
 def replace_table(text: str, header: str, body: dict[str, Any]) -> str:
     """``text`` with table ``[header]`` replaced (or appended) by ``body``."""
-    block = f"[{header}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in body.items())
+    block = f"[{header}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in body.items())
     pattern = re.compile(rf"^\[{re.escape(header)}\][^\n]*\n(?:(?!\[)[^\n]*\n?)*", re.MULTILINE)
     if pattern.search(text):
         return pattern.sub(lambda _m: block + "\n", text, count=1).rstrip("\n") + "\n"
