@@ -165,23 +165,12 @@ def recover_unrecorded(spool: Spool, intake: Intake) -> int:
             )
             continue
         pending.append(
-            InstanceRecord(
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                sop_instance_uid=header.sop_instance_uid,
+            header.record(
                 sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "")),
                 transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
-                modality=header.modality,
                 path=str(path),
                 size_bytes=len(data),
                 calling_ae=RECOVERED_CALLING_AE,
-                series_number=header.series_number,
-                series_description=header.series_description,
-                study_date=header.study_date,
-                body_part_examined=header.body_part_examined,
-                slice_thickness_mm=header.slice_thickness_mm,
-                orientation=header.orientation,
-                frame_count=header.frame_count,
             )
         )
         if len(pending) >= _RECOVER_BATCH:

@@ -13,7 +13,6 @@ from scp_node.dicom.status import Status
 from scp_node.dicom.validate import InstanceRejectedError, check_instance
 from scp_node.queue.group_commit import GroupCommit
 from scp_node.queue.intake import Intake
-from scp_node.queue.records import InstanceRecord
 from scp_node.spool import Spool
 
 if TYPE_CHECKING:
@@ -169,23 +168,12 @@ def _store(event: Event, ctx: StoreContext) -> int:
             logger.error("refused: no space left on the spool's disk", extra=log_ids)
             return int(Status.OUT_OF_RESOURCES)
         ctx.commit.record(
-            InstanceRecord(
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                sop_instance_uid=header.sop_instance_uid,
+            header.record(
                 sop_class_uid=details["affected_sop_class_uid"],
                 transfer_syntax_uid=details["transfer_syntax_uid"],
-                modality=header.modality,
                 path=str(path),
                 size_bytes=len(data),
                 calling_ae=calling_ae,
-                series_number=header.series_number,
-                series_description=header.series_description,
-                study_date=header.study_date,
-                body_part_examined=header.body_part_examined,
-                slice_thickness_mm=header.slice_thickness_mm,
-                orientation=header.orientation,
-                frame_count=header.frame_count,
             )
         )
         if ctx.metrics is not None:

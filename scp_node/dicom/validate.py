@@ -28,6 +28,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from scp_node.dicom.status import Status
 from scp_node.dicom.uids import is_valid_uid
+from scp_node.queue.records import InstanceRecord
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
@@ -107,6 +108,35 @@ class InstanceHeader:
     slice_thickness_mm: float | None = None
     orientation: tuple[float, ...] | None = None
     frame_count: int = 1
+
+    def record(
+        self,
+        *,
+        sop_class_uid: str,
+        transfer_syntax_uid: str,
+        path: str,
+        size_bytes: int,
+        calling_ae: str,
+    ) -> InstanceRecord:
+        """The job table's row for this instance, spooled at ``path``."""
+        return InstanceRecord(
+            study_instance_uid=self.study_instance_uid,
+            series_instance_uid=self.series_instance_uid,
+            sop_instance_uid=self.sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            modality=self.modality,
+            path=path,
+            size_bytes=size_bytes,
+            calling_ae=calling_ae,
+            series_number=self.series_number,
+            series_description=self.series_description,
+            study_date=self.study_date,
+            body_part_examined=self.body_part_examined,
+            slice_thickness_mm=self.slice_thickness_mm,
+            orientation=self.orientation,
+            frame_count=self.frame_count,
+        )
 
 
 def _float(ds: Dataset, keyword: str) -> float | None:
