@@ -109,7 +109,12 @@ def make_series(out: Path, slices: int) -> list[Path]:
 
 
 def write_config(
-    root: Path, ports: tuple[int, int, int], threads: int, variant: str, nice: int | None
+    root: Path,
+    ports: tuple[int, int, int],
+    threads: int,
+    variant: str,
+    nice: int | None,
+    log_level: str = "WARNING",
 ) -> Path:
     port, pacs_port, web_port = ports
     sections: dict[str, dict[str, Any]] = {
@@ -129,7 +134,7 @@ def write_config(
             "variant": variant,
             **({} if nice is None else {"nice": nice}),
         },
-        "log": {"level": "WARNING", "dir": str(root / "log")},
+        "log": {"level": log_level, "dir": str(root / "log")},
         "web": {"host": "127.0.0.1", "port": web_port},
     }
     lines = []
@@ -268,7 +273,7 @@ def healthy(web_port: int) -> bool:
 
 
 def run_size(
-    work: Path, slices: int, threads: int, variant: str, nice: int | None
+    work: Path, slices: int, threads: int, variant: str, nice: int | None, log_level: str
 ) -> dict[str, Any]:
     files = make_series(work / f"series-{slices}", slices)
     root = work / f"node-{slices}"
@@ -276,7 +281,7 @@ def run_size(
     pacs_dir = root / "pacs"
     pacs_dir.mkdir()
     port, pacs_port, web_port = free_port(), free_port(), free_port()
-    config = write_config(root, (port, pacs_port, web_port), threads, variant, nice)
+    config = write_config(root, (port, pacs_port, web_port), threads, variant, nice, log_level)
     pacs = subprocess.Popen(
         ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
         env=ENV,
@@ -424,15 +429,25 @@ def main() -> None:
         help="[worker] nice (default: the node's); 0 on a machine shared with other work, "
         "where niced stages wait behind it",
     )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work folder (series, node folders with their logs) and print its path",
+    )
+    parser.add_argument("--log-level", default="WARNING", help="[log] level of the node")
     args = parser.parse_args()
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="scp-node-big-study-"))
     try:
         results = [
-            run_size(work, slices, args.threads, args.variant, args.nice) for slices in args.sizes
+            run_size(work, slices, args.threads, args.variant, args.nice, args.log_level)
+            for slices in args.sizes
         ]
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            sys.stderr.write(f"work folder kept: {work}\n")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     out = sys.stdout
     out.write(table(results))
     out.write("\nInside inference (the slice runtime's steps):\n\n")

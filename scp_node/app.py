@@ -411,6 +411,7 @@ def run_node(
                 lease_s=settings.worker.lease_s,
                 heartbeat_s=settings.worker.heartbeat_s,
                 software_version=__version__,
+                prepare=True,
             ),
             wake_dispatch=wake_dispatch,
         )

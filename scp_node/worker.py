@@ -5,8 +5,10 @@ the job's events; the lease is renewed by a heartbeat thread while the job runs.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,11 +18,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from scp_node.dicom.frames import HeaderCache
 from scp_node.dicom.reference import InstanceReference
 from scp_node.dicom.selection import choose_stack
-from scp_node.dicom.volume import SourceVolume, describe, load_stack, read_stacks
+from scp_node.dicom.volume import SourceVolume, describe, load_stack, read_series, read_stacks
 from scp_node.durable import write_durably
 from scp_node.errors import (
     JobLeaseLostError,
@@ -59,6 +63,10 @@ from scp_node.stage_loop import run_stage
 logger = logging.getLogger(__name__)
 #: SeriesNumber of the overlay series (SEG 9901, KOS 9902, SR 9903).
 _SC_SERIES_NUMBER = 9904
+#: Incoming series whose geometry the worker has looked at (bounds its memory).
+_INSPECTED_SERIES = 1000
+#: Headers read ahead per idle round: a job queued meanwhile waits at most this many reads.
+_READ_AHEAD = 32
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,10 @@ class WorkerConfig:
     lease_s: float
     heartbeat_s: float
     software_version: str
+    #: Prepare ahead of the jobs: run the per-job code once at start (SEG build and write,
+    #: preview, measurements on a tiny synthetic series) and, while idle, ready each slice
+    #: model for the image size of the series arriving (OpenVINO compiles per size).
+    prepare: bool = False
 
 
 class _ModelDownError(Exception):
@@ -120,6 +132,12 @@ class Worker:
         self.pool = pool
         self.config = config
         self._wake_dispatch = wake_dispatch
+        #: Headers of arriving instances, read ahead while idle (``config.prepare``).
+        self.headers = HeaderCache()
+        self._read_after = 0
+        #: Incoming series looked at, and (model, rows, columns, pixel spacing) run once.
+        self._inspected: OrderedDict[str, None] = OrderedDict()
+        self._ready_for: set[tuple[str, int, int, float, float]] = set()
 
     def run(
         self, stop: threading.Event, poll_s: float = 1.0, wake: threading.Event | None = None
@@ -130,17 +148,21 @@ class Worker:
             "worker started",
             extra={"owner": self.config.owner, "models": ",".join(self.pool.served)},
         )
+        if self.config.prepare:
+            self.warm_up()
         run_stage("work", self.run_once, stop, poll_s, wake)
         logger.info("worker stopped", extra={"owner": self.config.owner})
 
     def run_once(self) -> bool:
-        """Claim and process one job; False when there was none."""
+        """Claim and process one job; False when there was none (with ``config.prepare``
+        the worker then reads ahead for the studies arriving: True while it did)."""
         served = self.pool.served
         if not served:
             return False
         job = self.jobs.claim(self.config.owner, self.config.lease_s, served)
         if job is None:
-            return False
+            # Reading ahead counts as work: the loop comes back at once, claiming first.
+            return self.config.prepare and self.prepare_for_incoming()
         with _Heartbeat(self.jobs, job, self.config.lease_s, self.config.heartbeat_s) as beat:
             try:
                 self._process(job)
@@ -156,6 +178,116 @@ class Worker:
         if beat.lost:
             logger.warning("lease was lost while the job ran", extra={"job_id": job.id})
         return True
+
+    def warm_up(self) -> None:
+        """Run a job's code after the network once, on a tiny synthetic CT series.
+
+        The first SEG a process builds loads highdicom's IOD tables and pydicom's code
+        dictionaries (about a second); the first preview, measurement and durable write
+        import and initialise their own parts. Paid here, at start, not by the first
+        study. A failure is logged, never fatal: the first job then pays it.
+        """
+        specs = [spec for spec in self.pool.specs.values() if spec.labels]
+        if not specs:
+            return
+        spec = specs[0]
+        began = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix="scp-node-warm-up-") as tmp:
+                folder = Path(tmp)
+                paths = _synthetic_series(folder)
+                volume = load_stack(read_series(paths)[0])
+                labelmap = np.zeros(volume.shape, dtype=np.uint8)
+                labelmap[:, 1:3, 1:3] = spec.labels[0].value
+                render_preview(volume.array, labelmap, spec.labels, window=_display_window(spec))
+                measure_segments(volume, labelmap, spec)
+                seg_types = {"binary", *(d.seg_type for d in self.config.destinations)}
+                for seg_type in sorted(seg_types):
+                    seg = build_segmentation(
+                        volume.without_pixels(),
+                        labelmap,
+                        spec,
+                        software_version=self.config.software_version,
+                        seg_type=seg_type,
+                    )
+                    if seg is not None:
+                        write_segmentation(seg, folder / f"{seg_type}.dcm")
+        except Exception:
+            logger.warning("warm-up failed; the first job pays it", exc_info=True)
+            return
+        logger.info("worker warmed up in %.2f s", time.perf_counter() - began)
+
+    def prepare_for_incoming(self) -> bool:
+        """Read ahead for the studies arriving or settling; True when there was some.
+
+        Reads the headers of up to :data:`_READ_AHEAD` newly received instances into
+        :attr:`headers` (a job's series selection then finds them parsed), and readies
+        each loaded slice model for the image size of each new series: OpenVINO compiles
+        a graph per input size on its first use (about a second), so one batch of zeros
+        of that series' rows, columns and pixel spacing runs through the model now, once
+        per size. Only models already loaded are used (loading one could evict another).
+        Never raises: what cannot be read here is read, or refused, by the job.
+        """
+        try:
+            incoming = self.jobs.incoming_instances(self._read_after, _READ_AHEAD)
+        except Exception:
+            logger.debug("incoming instances not read", exc_info=True)
+            return False
+        if not incoming:
+            return False
+        self._read_after = incoming[-1].id
+        loaded = [
+            self.pool.specs[name]
+            for name in self.pool.loaded
+            if name in self.pool.specs and self.pool.specs[name].kind == "slice"
+        ]
+        for instance in incoming:
+            header = self.headers.read_ahead(instance.path)
+            uid = instance.series_instance_uid
+            if header is None or uid in self._inspected:
+                continue
+            self._inspected[uid] = None
+            while len(self._inspected) > _INSPECTED_SERIES:
+                self._inspected.popitem(last=False)
+            try:
+                rows, columns = int(header.Rows), int(header.Columns)
+                spacing = tuple(float(v) for v in header.PixelSpacing)
+            except (AttributeError, TypeError, ValueError):
+                continue  # not an image, or its spacing is per frame (enhanced): not needed
+            if len(spacing) != 2 or min(spacing) <= 0:
+                continue
+            for spec in loaded:
+                key = (spec.name, rows, columns, round(spacing[0], 4), round(spacing[1], 4))
+                if instance.modality in spec.series.modalities and key not in self._ready_for:
+                    self._ready_for.add(key)
+                    self._run_zeros(spec.name, rows, columns, (spacing[0], spacing[1]), uid)
+        return True
+
+    def _run_zeros(
+        self, name: str, rows: int, columns: int, spacing: tuple[float, float], series_uid: str
+    ) -> None:
+        """One batch of zeros of this size through model ``name`` (see above)."""
+        began = time.perf_counter()
+        try:
+            _, predictor = self.pool.get(name)
+            batch = max(1, int(getattr(predictor, "batch_size", 1)))
+            predictor.predict(np.zeros((batch, rows, columns), dtype=np.int16), (1.0, *spacing))
+        except Exception:
+            logger.warning(
+                "model not readied for an incoming size",
+                exc_info=True,
+                extra={"model": name, "series_instance_uid": series_uid},
+            )
+            return
+        logger.info(
+            "model %s readied for %dx%d slices at %.3f/%.3f mm in %.2f s",
+            name,
+            rows,
+            columns,
+            *spacing,
+            time.perf_counter() - began,
+            extra={"series_instance_uid": series_uid},
+        )
 
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> None:
         try:
@@ -202,7 +334,7 @@ class Worker:
                 # A per-series job segments its own series only (a study-level job that
                 # is re-run chooses again: its series_instance_uid is an earlier result).
                 series = {uid: f for uid, f in series.items() if uid == job.series_instance_uid}
-            selection = choose_stack(read_stacks(series), spec.series.rules())
+            selection = choose_stack(read_stacks(series, self.headers), spec.series.rules())
             note["message"] = selection.summary()
             if selection.warnings:
                 # Segmentable but irregular: the job says what was irregular.
@@ -563,6 +695,42 @@ class _Outputs:
             return []
         self.notes.append(f"SC series {uids.series_instance_uid}, {len(objects)} image(s)")
         return objects
+
+
+def _synthetic_series(folder: Path, slices: int = 3, size: int = 8) -> list[Path]:
+    """A tiny axial CT series of no one (fresh UIDs), written into ``folder`` for the
+    warm-up: every attribute a SEG's source image needs, pixels of value 0."""
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    paths = []
+    for index in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID = frame
+        ds.PatientName, ds.PatientID = "WARM^UP", "WARM-UP"
+        ds.PatientBirthDate, ds.PatientSex = "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID = "20000101", "000000", "1"
+        ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, index + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(index)]
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.SliceThickness = 1.0
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation, ds.SamplesPerPixel = 1, 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = bytes(2 * size * size)
+        path = folder / f"{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def _display_window(spec: ModelSpec) -> tuple[float, float] | None:

@@ -10,6 +10,9 @@ echo, acquisition number), for :mod:`scp_node.dicom.volume` to split stacks by.
 from __future__ import annotations
 
 import math
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ from scp_node.errors import SeriesError
 
 __all__ = [
     "FrameHeader",
+    "HeaderCache",
     "SourceFrame",
     "check_consistent",
     "frames_of",
@@ -127,6 +131,81 @@ def read_image_header(path: Path) -> tuple[Dataset, int | None]:
     if "SOPClassUID" not in ds and "Modality" not in ds:
         raise SeriesError(f"{path.name}: unreadable (not a DICOM image: no SOPClassUID, Modality)")
     return ds, None if at_end else offset
+
+
+class HeaderCache:
+    """Headers read ahead (while a study is still arriving), taken by the job that needs them.
+
+    The worker reads the headers of the files arriving while it has nothing to do, so a
+    job's series selection finds them parsed. An entry is used only while its file still
+    has the size and modification time it was read with (a resent instance rewrites its
+    file); it is handed out once (:meth:`take` removes it: a retried job reads again),
+    and the least recently read entries go beyond ``max_entries``. Thread-safe.
+
+    Parameters
+    ----------
+    max_entries : int
+        Most headers held (>= 1).
+
+    Raises
+    ------
+    ValueError
+        ``max_entries`` < 1.
+    """
+
+    def __init__(self, max_entries: int = 20000) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Path, tuple[tuple[int, int], Dataset, int | None]] = (
+            OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def read_ahead(self, path: Path) -> Dataset | None:
+        """Read ``path``'s header into the cache (unless held); None when unreadable."""
+        with self._lock:
+            held = self._entries.get(path)
+        if held is not None:
+            return held[1]
+        try:
+            stamp = _stamp(path)
+            ds, offset = read_image_header(path)
+        except (OSError, SeriesError):
+            return None  # the job reads it again and says why
+        with self._lock:
+            self._entries[path] = (stamp, ds, offset)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return ds
+
+    def take(self, path: Path) -> tuple[Dataset, int | None]:
+        """The header of ``path`` and its pixel data offset, as :func:`read_image_header`:
+        from the cache when read ahead and the file is unchanged, else read now.
+
+        Raises
+        ------
+        SeriesError
+            As :func:`read_image_header`.
+        """
+        with self._lock:
+            held = self._entries.pop(path, None)
+        if held is not None:
+            try:
+                if _stamp(path) == held[0]:
+                    return held[1], held[2]
+            except OSError:
+                pass  # read_image_header says what is wrong with the file
+        return read_image_header(path)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
 
 
 def check_consistent(reference: tuple[Path, Dataset], path: Path, ds: Dataset) -> None:

@@ -48,6 +48,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from scp_node.dicom.frames import (
     FrameHeader,
+    HeaderCache,
     SourceFrame,
     check_consistent,
     frames_of,
@@ -206,13 +207,17 @@ class SourceVolume:
         return self.stack.irregularities
 
 
-def read_stacks(series_files: Mapping[str, Sequence[Path]]) -> dict[str, list[Stack] | str]:
+def read_stacks(
+    series_files: Mapping[str, Sequence[Path]], headers: HeaderCache | None = None
+) -> dict[str, list[Stack] | str]:
     """Headers of every series of a study, split into stacks.
 
     Parameters
     ----------
     series_files : Mapping of str to Sequence of Path
         Series Instance UID -> the files received for it.
+    headers : HeaderCache or None
+        Headers read ahead; the others are read from the files.
 
     Returns
     -------
@@ -224,20 +229,22 @@ def read_stacks(series_files: Mapping[str, Sequence[Path]]) -> dict[str, list[St
     result: dict[str, list[Stack] | str] = {}
     for uid in sorted(series_files):
         try:
-            result[uid] = read_series(series_files[uid])
+            result[uid] = read_series(series_files[uid], headers)
         except SeriesError as exc:
             result[uid] = str(exc)
             logger.info("series not usable: %s", exc, extra={"series_instance_uid": uid})
     return result
 
 
-def read_series(paths: Sequence[Path]) -> list[Stack]:
+def read_series(paths: Sequence[Path], headers: HeaderCache | None = None) -> list[Stack]:
     """Read the headers of one series' files and split them into stacks.
 
     Parameters
     ----------
     paths : Sequence of Path
         The files of one series, in any order.
+    headers : HeaderCache or None
+        Headers read ahead (taken from it); the others are read from the files.
 
     Returns
     -------
@@ -261,7 +268,7 @@ def read_series(paths: Sequence[Path]) -> list[Stack]:
     non_images = 0
     reference: tuple[Path, Dataset] | None = None
     for path in paths:
-        ds, pixel_data_offset = read_image_header(path)
+        ds, pixel_data_offset = read_image_header(path) if headers is None else headers.take(path)
         if "Rows" not in ds or "Columns" not in ds:
             non_images += 1
             continue

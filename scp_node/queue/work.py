@@ -1,15 +1,16 @@
 """WorkQueue: the worker's side of the job table (claim, heartbeat, stages, finish) and the
-one read it needs (a study's instance files by series)."""
+reads it needs (a study's instance files by series; the series still arriving)."""
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select
 
 from scp_node.queue import tx as q
 from scp_node.queue import versions
@@ -35,7 +36,7 @@ from scp_node.queue.records import (
 from scp_node.queue.retry import RetryPolicy
 from scp_node.queue.tx import Clock, Sessions, utcnow
 
-__all__ = ["WorkQueue"]
+__all__ = ["IncomingInstance", "WorkQueue"]
 
 
 class WorkQueue:
@@ -432,3 +433,50 @@ class WorkQueue:
         for series_uid, path in rows:
             result.setdefault(series_uid, []).append(Path(path))
         return result
+
+    def incoming_instances(self, after_id: int = 0, limit: int = 64) -> list[IncomingInstance]:
+        """Instances of the studies no job covers yet, received after instance ``after_id``.
+
+        What the worker may read ahead while the study is still arriving or settling.
+
+        Parameters
+        ----------
+        after_id : int
+            Only instances whose row id is greater (the last one already seen).
+        limit : int
+            Most rows returned, oldest first.
+
+        Raises
+        ------
+        QueueError
+            If the database read fails.
+        """
+        with self._tx.read("incoming_instances") as s:
+            rows = s.execute(
+                select(Instance.id, Series.series_instance_uid, Series.modality, Instance.path)
+                .join(Series, Series.id == Instance.series_id)
+                .join(Study, Study.id == Series.study_id)
+                .where(
+                    Instance.id > after_id,
+                    or_(
+                        Study.settled_through.is_(None),
+                        Study.last_received_at > Study.settled_through,
+                    ),
+                )
+                .order_by(Instance.id)
+                .limit(limit)
+            ).all()
+        return [
+            IncomingInstance(instance_id, uid, modality, Path(path))
+            for instance_id, uid, modality, path in rows
+        ]
+
+
+@dataclass(frozen=True)
+class IncomingInstance:
+    """One received instance of a study still arriving or settling."""
+
+    id: int
+    series_instance_uid: str
+    modality: str | None
+    path: Path
