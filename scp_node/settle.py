@@ -214,10 +214,11 @@ class Settler:
         run_stage("settle", sweep, stop, poll_s)
 
     def next_quiet_in(self) -> float | None:
-        """Seconds until the next unsettled study becomes quiet by the quiet rule.
+        """Seconds until the next unsettled study becomes quiet by the quiet rule, or the
+        next series of a per-series model by ``series_quiet_s``.
 
-        ``None`` when no unsettled study has its quiet deadline ahead (none waits, or each
-        is past it and settles, or is held, by the sweeps themselves).
+        ``None`` when no such deadline is ahead (none waits, or each is past it and
+        settles, or is held, by the sweeps themselves).
 
         Raises
         ------
@@ -229,6 +230,12 @@ class Settler:
             max(study.last_received_at + timedelta(seconds=self.quiet_s), self._quiet_from)
             for study in self.settling.unsettled_studies()
         ]
+        if self.per_series:
+            # A per-series model's series is due on its own, shorter timer.
+            deadlines += [
+                max(last + timedelta(seconds=self.series_quiet_s), self._series_quiet_from)
+                for last in self.settling.series_last_received()
+            ]
         ahead = [deadline for deadline in deadlines if deadline > now]
         return (min(ahead) - now).total_seconds() if ahead else None
 

@@ -409,6 +409,27 @@ class Settling:
                 for study in studies
             ]
 
+    def series_last_received(self) -> list[datetime]:
+        """When each series of the unsettled studies received its latest instance.
+
+        With ``series_quiet_s`` added, the moments per-series jobs may become due.
+
+        Raises
+        ------
+        QueueError
+            If the database read fails.
+        """
+        with self._tx.read("series_last_received") as s:
+            return list(
+                s.scalars(
+                    select(func.max(Instance.received_at))
+                    .join(Series, Instance.series_id == Series.id)
+                    .join(Study, Series.study_id == Study.id)
+                    .where(_UNSETTLED)
+                    .group_by(Series.id)
+                ).all()
+            )
+
     def requeue_expired(self) -> list[int]:
         """Requeue RUNNING jobs whose lease expired and release expired delivery leases.
 

@@ -175,3 +175,28 @@ def test_settler_knows_when_the_next_study_turns_quiet(
     assert settler.next_quiet_in() is None  # quiet now: the sweep settles it
     assert settler.run_once()
     assert settler.next_quiet_in() is None
+
+
+def test_settler_knows_when_the_next_series_of_a_per_series_model_turns_quiet(
+    table: Table, clock: FakeClock, instance_factory: InstanceFactory
+) -> None:
+    # A per-series model's series is swept for when its own shorter timer ends, not at the
+    # next poll: the study's quiet deadline is far later.
+    settler = Settler(
+        table.settling,
+        ["per-series", "whole-study"],
+        quiet_s=100,
+        clock=clock,
+        per_series=["per-series"],
+        series_quiet_s=5,
+    )
+    table.intake.record_instance(instance_factory())
+    assert settler.next_quiet_in() == 5
+    clock.advance(2)
+    table.intake.record_instance(instance_factory())
+    assert settler.next_quiet_in() == 5
+    clock.advance(5)
+    assert settler.run_once()
+    assert [j.model for j in table.views.list()] == ["per-series"]
+    # The series has its job: only the study's deadline is ahead.
+    assert settler.next_quiet_in() == 95
