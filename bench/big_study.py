@@ -217,7 +217,9 @@ def handoffs(events: list[dict[str, Any]], durations: dict[str, float]) -> dict[
     """Seconds between the stages, where the job waits on a poll or a wake-up.
 
     ``settle``: last instance received -> job queued, beyond the quiet wait; ``claim``:
-    queued -> claimed by the worker; ``to_complete``: SEG written (end of the seg stage)
+    queued -> claimed by the worker; ``between``: claimed -> SEG written less the select,
+    load, inference and seg stages (preview, measurements, the stage events' own
+    commits); ``to_complete``: SEG written (end of the seg stage)
     -> the worker's result recorded (the inference event without a duration);
     ``to_delivery``: result recorded -> its delivery claimed by the dispatcher;
     ``delivered``: delivery claimed -> job done.
@@ -236,6 +238,8 @@ def handoffs(events: list[dict[str, Any]], durations: dict[str, float]) -> dict[
 
     seg, completed = first_at("seg"), first_at("inference", timed=False)
     claimed, done = first_at("deliver"), first_at("done")
+    started = first_at("claim")
+    staged = sum(float(durations.get(s, math.nan)) for s in ("select", "load", "inference", "seg"))
 
     def between(start: datetime | None, end: datetime | None) -> float:
         return math.nan if start is None or end is None else (end - start).total_seconds()
@@ -243,6 +247,7 @@ def handoffs(events: list[dict[str, Any]], durations: dict[str, float]) -> dict[
     return {
         "settle": float(durations.get("settle_wait", math.nan)) - QUIET_S,
         "claim": float(durations.get("queue_wait", math.nan)),
+        "between": between(started, seg) - staged,
         "to_complete": between(seg, completed),
         "to_delivery": between(completed, claimed),
         "delivered": between(claimed, done),
@@ -401,6 +406,7 @@ def handoff_table(results: list[dict[str, Any]]) -> str:
         "slices",
         "settle sweep s",
         "queued->claimed s",
+        "worker between stages s",
         "SEG written->result recorded s",
         "result recorded->delivery claimed s",
         "delivery claimed->done s",
@@ -408,7 +414,8 @@ def handoff_table(results: list[dict[str, Any]]) -> str:
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in results:
         h = r["handoffs"]
-        values = [h[k] for k in ("settle", "claim", "to_complete", "to_delivery", "delivered")]
+        keys = ("settle", "claim", "between", "to_complete", "to_delivery", "delivered")
+        values = [h[k] for k in keys]
         lines.append(" | ".join([str(r["slices"]), *(f"{v:.3f}" for v in values)]))
     return "\n".join(lines) + "\n"
 
