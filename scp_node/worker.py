@@ -384,6 +384,18 @@ class Worker:
                 model_version=spec.version,
                 source_sop_instance_uids=(str(ds.SOPInstanceUID) for ds in volume.datasets),
             )
+            # The PNG (an optimised encode, then fsyncs) is written while the SEG is built:
+            # both are slow, and the encoder and the file system leave the GIL to the build.
+            preview_writer: threading.Thread | None = None
+            if preview is not None and labelmap.any():  # a SEG will be built: it has labels
+                seg_file = self.config.outbox_dir / str(job.id) / f"{uids.sop_instance_uid}.dcm"
+                preview_writer = threading.Thread(
+                    target=self._write_preview,
+                    args=(job, preview, seg_file),
+                    name=f"preview-{job.id}",
+                    daemon=True,
+                )
+                preview_writer.start()
             history = self.jobs.seg_history(uids.series_instance_uid)
             number, previous = _number(history, uids.sop_instance_uid)
             began = time.perf_counter()
@@ -440,8 +452,8 @@ class Worker:
                         spec, history, seg, job_dir, volume.series_instance_uid
                     )
                     supersedes = Supersession(previous, notes)
-        if seg_path is not None and preview is not None:
-            self._write_preview(job, preview, seg_path)
+        if preview_writer is not None:
+            preview_writer.join()  # the preview is beside the SEG before the result is recorded
         logger.info("inference done", extra={**ids, "series_instance_uid": series_uid})
         outcome = Outcome.SEG if seg_path else Outcome.NO_FINDINGS
         self._complete(
