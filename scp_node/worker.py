@@ -67,6 +67,9 @@ _SC_SERIES_NUMBER = 9904
 _INSPECTED_SERIES = 1000
 #: Headers read ahead per idle round: a job queued meanwhile waits at most this many reads.
 _READ_AHEAD = 32
+#: Headers held read ahead: about 50 KiB each as pydicom datasets (CT), 100 MiB at most;
+#: a job takes its own (its stack keeps them anyway), the oldest go first beyond this.
+_HEADERS_HELD = 2000
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ class Worker:
         self.config = config
         self._wake_dispatch = wake_dispatch
         #: Headers of arriving instances, read ahead while idle (``config.prepare``).
-        self.headers = HeaderCache()
+        self.headers = HeaderCache(_HEADERS_HELD)
         self._read_after = 0
         #: Incoming series looked at, and (model, rows, columns, pixel spacing) run once.
         self._inspected: OrderedDict[str, None] = OrderedDict()
@@ -220,8 +223,9 @@ class Worker:
     def prepare_for_incoming(self) -> bool:
         """Read ahead for the studies arriving or settling; True when there was some.
 
-        Reads the headers of up to :data:`_READ_AHEAD` newly received instances into
-        :attr:`headers` (a job's series selection then finds them parsed), and readies
+        Reads the headers of up to :data:`_READ_AHEAD` newly received instances of a
+        modality a served model takes into :attr:`headers` (a job's series selection then
+        finds them parsed), and readies
         each loaded slice model for the image size of each new series: OpenVINO compiles
         a graph per input size on its first use (about a second), so one batch of zeros
         of that series' rows, columns and pixel spacing runs through the model now, once
@@ -236,12 +240,15 @@ class Worker:
         if not incoming:
             return False
         self._read_after = incoming[-1].id
+        modalities = {m for spec in self.pool.specs.values() for m in spec.series.modalities}
         loaded = [
             self.pool.specs[name]
             for name in self.pool.loaded
             if name in self.pool.specs and self.pool.specs[name].kind == "slice"
         ]
         for instance in incoming:
+            if instance.modality not in modalities:
+                continue  # no model here takes it: its job (if any) reads it
             header = self.headers.read_ahead(instance.path)
             uid = instance.series_instance_uid
             if header is None or uid in self._inspected:

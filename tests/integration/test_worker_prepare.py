@@ -157,3 +157,28 @@ def test_worker_warm_up_runs_the_job_code_on_a_synthetic_series(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert model.calls == []  # the network is readied per arriving size, not here
     assert not (tmp_path / "outbox").exists()
+
+
+def test_worker_reads_ahead_only_what_a_served_model_takes(
+    tmp_path: Path, ct_b_files: list[Path], databases: tuple[Database, Database]
+) -> None:
+    db, _ = databases
+    worker, model = _worker(db, tmp_path / "outbox", prepare=True)
+    path = ct_b_files[0]
+    db.intake.record_instance(
+        InstanceRecord(
+            study_instance_uid="1.2.3",
+            series_instance_uid="1.2.3.4",
+            sop_instance_uid="1.2.3.4.5",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            modality="MR",  # the CT model's card takes CT only
+            path=str(path),
+            size_bytes=path.stat().st_size,
+            calling_ae="MODALITY",
+        )
+    )
+    assert worker.run_once()  # looked at
+    assert not worker.run_once()
+    assert len(worker.headers) == 0
+    assert model.calls == []
