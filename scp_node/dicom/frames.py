@@ -9,6 +9,7 @@ echo, acquisition number), for :mod:`scp_node.dicom.volume` to split stacks by.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -177,6 +178,11 @@ class HeaderCache:
             ds, offset = read_image_header(path)
         except (OSError, SeriesError):
             return None  # the job reads it again and says why
+        if "Rows" in ds:
+            # pydicom converts each element's raw bytes on first access: do it for the ones
+            # stack building reads now, not in the job (which finds any fault again).
+            with contextlib.suppress(SeriesError):
+                frames_of(path, ds, 0, offset)
         with self._lock:
             self._entries[path] = (stamp, ds, offset)
             while len(self._entries) > self._max_entries:
