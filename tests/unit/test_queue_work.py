@@ -12,7 +12,16 @@ from sqlalchemy import Engine
 
 from scp_node.errors import JobLeaseLostError
 from scp_node.queue import JobState, Outcome, WorkQueue, make_engine
-from tests.unit.conftest import PACS, POLICY, SERIES, STUDY, FakeClock, Table, claim
+from tests.unit.conftest import (
+    PACS,
+    POLICY,
+    SERIES,
+    STUDY,
+    FakeClock,
+    InstanceFactory,
+    Table,
+    claim,
+)
 
 
 def test_claim_sets_lease_and_logs_ids_only(
@@ -153,3 +162,25 @@ def test_naive_clock_is_rejected(engine: Engine) -> None:
     work = WorkQueue(engine, POLICY, clock=lambda: datetime(2025, 1, 1))
     with pytest.raises(ValueError, match="naive"):
         work.claim("w", 60)
+
+
+def test_incoming_instances_are_those_no_job_covers_yet(
+    table: Table, clock: FakeClock, instance_factory: InstanceFactory
+) -> None:
+    assert table.work.incoming_instances() == []
+    table.intake.record_instance(instance_factory(modality="CT"))
+    table.intake.record_instance(instance_factory(series="1.2.9", modality="MR"))
+    incoming = table.work.incoming_instances()
+    assert [(i.series_instance_uid, i.modality) for i in incoming] == [
+        (SERIES, "CT"),
+        ("1.2.9", "MR"),
+    ]
+    assert table.work.incoming_instances(after_id=incoming[0].id) == incoming[1:]
+    assert table.work.incoming_instances(limit=1) == incoming[:1]
+    clock.advance(60)
+    table.settling.settle(10.0, ["m"])
+    assert table.work.incoming_instances() == []  # settled: its job reads them
+    table.intake.record_instance(instance_factory())  # the study grows again
+    assert [i.id for i in table.work.incoming_instances()] == [i.id for i in incoming] + [
+        incoming[-1].id + 1
+    ]
