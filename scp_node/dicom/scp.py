@@ -42,7 +42,6 @@ from scp_node.dicom.handlers import (
     handle_store,
 )
 from scp_node.dicom.net import set_tcp_nodelay
-from scp_node.dicom.reactor import wake_on_events
 from scp_node.dicom.uids import VERIFICATION_SOP_CLASS
 
 logger = logging.getLogger(__name__)
@@ -159,7 +158,6 @@ class StorageServer:
         self._counts = ctx.counts
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-            (evt.EVT_CONN_OPEN, wake_on_events),
             (evt.EVT_CONN_OPEN, self._count_connection),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [ctx]),
