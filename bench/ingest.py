@@ -10,10 +10,12 @@ In one run, interleaved per round so that both see the same machine state:
 For each: instances/s, the ratio to dcmtk, CPU milliseconds per instance (the node's
 receivers; storescp with its forked children), how many cores that is, and peak resident
 memory. Rows 1 and 2 run against a node whose settle wait is an hour (inference off).
-``--receivers 1,2`` benchmarks the node once per ``node.receivers`` value.
+``--receivers 1,2`` benchmarks the node once per ``node.receivers`` value; ``--versus DIR``
+also runs the ``scp_node`` of another source tree (e.g. ``git archive`` of the commit before a
+change), interleaved with this one, so that before and after share one run.
 
 Run: .venv/bin/python bench/ingest.py [--slices 200] [--senders 4] [--per-sender 50]
-     [--rounds 3] [--receivers 1,2]
+     [--rounds 3] [--receivers 1,2] [--versus DIR ...]
 Prints the table to stdout.
 
 ``--phases`` instead shows where one association's time goes: storescu -> a pynetdicom SCP in
@@ -171,8 +173,14 @@ def start_storescp(root: Path, fork: bool) -> tuple[subprocess.Popen[bytes], Rec
 
 
 def start_node(
-    root: Path, pacs_port: int, receivers: int | None, quiet_s: float
+    root: Path,
+    pacs_port: int,
+    receivers: int | None,
+    quiet_s: float,
+    code: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], Receiver, Path]:
+    """A node on a free port; ``code``: run the ``scp_node`` package of that source tree
+    instead of the installed one (``--versus``)."""
     port = free_port()
     root.mkdir(parents=True)
     node = {"receivers": receivers} if receivers is not None else {}
@@ -182,6 +190,7 @@ def start_node(
     process = subprocess.Popen(
         [str(SCP_NODE), "serve", "--config", str(config)],
         cwd=root,
+        env=None if code is None else {**os.environ, "PYTHONPATH": str(code)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -198,6 +207,8 @@ def start_node(
     if expected > 1:  # the port opens with the first receiver: wait for all of them
         wait_until(lambda: len(receiver_pids()) == expected, 180, "the receivers", 0.2)
     label = f"scp-node serve ({receivers or 'default'} receiver{'s' if receivers != 1 else ''})"
+    if code is not None:
+        label = f"{label} [{code.name}]"
     return (
         process,
         Receiver(label, port, "SCPNODE", receiver_pids, lambda: [pid, *receiver_pids()]),
@@ -360,6 +371,14 @@ def main() -> None:
         help="the shared data folder (ct-abdomen-b/dicom is used)",
     )
     parser.add_argument(
+        "--versus",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="source trees (a checkout's root) whose scp_node to benchmark too, interleaved "
+        "with this one: before/after a change in one run",
+    )
+    parser.add_argument(
         "--phases",
         action="store_true",
         help="show where one association's time goes instead (see the module docstring)",
@@ -369,7 +388,12 @@ def main() -> None:
     if args.phases:
         phases(data, args.slices, args.rounds)
         return
-    variants: list[int | None] = [int(v) for v in args.receivers.split(",") if v] or [None]
+    counts: list[int | None] = [int(v) for v in args.receivers.split(",") if v] or [None]
+    # With --versus, every tree runs from its own source, this one included.
+    trees: list[Path | None] = [None]
+    if args.versus:
+        trees = [*(tree.resolve() for tree in args.versus), REPO]
+    variants = [(receivers, tree) for receivers in counts for tree in trees]
 
     work = Path(tempfile.mkdtemp(prefix="scp-node-ingest-"))
     processes: list[subprocess.Popen[bytes]] = []
@@ -387,8 +411,8 @@ def main() -> None:
         fork_proc, fork = start_storescp(work, fork=True)
         processes += [ref_proc, fork_proc]
         nodes: list[tuple[Receiver, Path]] = []
-        for i, receivers in enumerate(variants):
-            proc, node, db = start_node(work / f"node{i}", pacs.port, receivers, 3600.0)
+        for i, (receivers, tree) in enumerate(variants):
+            proc, node, db = start_node(work / f"node{i}", pacs.port, receivers, 3600.0, tree)
             processes.append(proc)
             nodes.append((node, db))
 
@@ -409,8 +433,8 @@ def main() -> None:
         # Row 3: a node that infers, measured while its job runs.
         busy = f"{args.senders} senders, job running"
         still_running: dict[str, bool] = {}
-        for i, receivers in enumerate(variants):
-            proc, node, db = start_node(work / f"busy{i}", pacs.port, receivers, 0.5)
+        for i, (receivers, tree) in enumerate(variants):
+            proc, node, db = start_node(work / f"busy{i}", pacs.port, receivers, 0.5, tree)
             processes.append(proc)
             _send_one(node, busy_study)
             wait_until(lambda db=db: "running" in job_states(db), 300, "the job to run", 0.05)
@@ -430,7 +454,8 @@ def main() -> None:
         out = sys.stdout
         out.write(
             f"\nscp-node ingest benchmark: CT 512x512 uncompressed, {args.rounds} interleaved "
-            f"rounds, {os.cpu_count()} cores, {model} [{flags}]\n"
+            f"rounds, {os.cpu_count()} cores, {model} [{flags}], load average "
+            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
         )
         out.write(
             f"rows: {one} = {args.slices} slices; {many} = {args.senders} x "

@@ -6,9 +6,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, Engine, Insert, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Insert, Select, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from scp_node.errors import QueueError
@@ -113,9 +113,93 @@ _STUDIES = cast(Table, Study.__table__)
 _SERIES = cast(Table, Series.__table__)
 _INSTANCES = cast(Table, Instance.__table__)
 
+# Every statement of a record is built once, here, with bound parameters: building and
+# hashing a statement per execution cost SQLAlchemy more CPU than the SQL itself (the
+# receive stage records each instance as it arrives).
+_SELECT_STUDY = (
+    select(
+        _STUDIES.c.id,
+        _STUDIES.c.study_date,
+        _STUDIES.c.last_received_at,
+        _STUDIES.c.instance_count,
+    )
+    .where(_STUDIES.c.study_instance_uid == bindparam("uid"))
+    .with_for_update()
+)
+_SELECT_STUDY_UID = select(_STUDIES.c.study_instance_uid).where(
+    _STUDIES.c.id == bindparam("study_id")
+)
+_INSERT_STUDY = insert(_STUDIES)
+_UPDATE_STUDY = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("row_id"))
+    .values(
+        study_date=bindparam("study_date"),
+        last_received_at=bindparam("last_received_at"),
+        instance_count=bindparam("instance_count"),
+    )
+)
+_SERIES_COLUMNS = (
+    _SERIES.c.id,
+    _SERIES.c.study_id,
+    _SERIES.c.series_instance_uid,
+    _SERIES.c.modality,
+    _SERIES.c.series_number,
+    _SERIES.c.series_description,
+    _SERIES.c.instance_count,
+    _SERIES.c.frame_count,
+    _SERIES.c.body_part_examined,
+    _SERIES.c.slice_thickness_mm,
+    _SERIES.c.orientation,
+)
+_SELECT_SERIES_BY_UID = (
+    select(*_SERIES_COLUMNS)
+    .where(_SERIES.c.series_instance_uid == bindparam("uid"))
+    .with_for_update()
+)
+_SELECT_SERIES_BY_ID = (
+    select(*_SERIES_COLUMNS).where(_SERIES.c.id == bindparam("row_id")).with_for_update()
+)
+_INSERT_SERIES = insert(_SERIES)
+_SERIES_UPDATED = (
+    "modality",
+    "series_number",
+    "series_description",
+    "instance_count",
+    "frame_count",
+    "body_part_examined",
+    "slice_thickness_mm",
+    "orientation",
+)
+_UPDATE_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.id == bindparam("row_id"))
+    .values({name: bindparam(name) for name in _SERIES_UPDATED})
+)
+_SELECT_INSTANCE = (
+    select(_INSTANCES.c.id, _INSTANCES.c.series_id)
+    .where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+    .with_for_update()
+)
+_INSERT_INSTANCE = insert(_INSTANCES)
+_INSTANCE_UPDATED = (
+    "series_id",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "path",
+    "size_bytes",
+    "calling_ae",
+    "received_at",
+)
+_UPDATE_INSTANCE = (
+    update(_INSTANCES)
+    .where(_INSTANCES.c.id == bindparam("row_id"))
+    .values({name: bindparam(name) for name in _INSTANCE_UPDATED})
+)
 
-def _inserted_id(conn: Connection, statement: Insert) -> int:
-    key = conn.execute(statement).inserted_primary_key
+
+def _inserted_id(conn: Connection, statement: Insert, values: dict[str, object]) -> int:
+    key = conn.execute(statement, values).inserted_primary_key
     assert key is not None  # every table has an integer primary key
     return int(key[0])
 
@@ -158,69 +242,36 @@ class _Rows:
         for study in self.studies.values():
             if study.dirty:
                 conn.execute(
-                    update(_STUDIES)
-                    .where(_STUDIES.c.id == study.id)
-                    .values(
-                        study_date=study.study_date,
-                        last_received_at=study.last_received_at,
-                        instance_count=study.instance_count,
-                    )
+                    _UPDATE_STUDY,
+                    {
+                        "row_id": study.id,
+                        "study_date": study.study_date,
+                        "last_received_at": study.last_received_at,
+                        "instance_count": study.instance_count,
+                    },
                 )
         for series in self.series.values():
             if series.dirty:
                 conn.execute(
-                    update(_SERIES)
-                    .where(_SERIES.c.id == series.id)
-                    .values(
-                        modality=series.modality,
-                        series_number=series.series_number,
-                        series_description=series.series_description,
-                        instance_count=series.instance_count,
-                        frame_count=series.frame_count,
-                        body_part_examined=series.body_part_examined,
-                        slice_thickness_mm=series.slice_thickness_mm,
-                        orientation=series.orientation,
-                    )
+                    _UPDATE_SERIES,
+                    {"row_id": series.id, **{n: getattr(series, n) for n in _SERIES_UPDATED}},
                 )
 
 
 def _study_row(conn: Connection, rows: _Rows, uid: str) -> _StudyRow | None:
     if uid in rows.studies:
         return rows.studies[uid]
-    found = conn.execute(
-        select(
-            _STUDIES.c.id,
-            _STUDIES.c.study_date,
-            _STUDIES.c.last_received_at,
-            _STUDIES.c.instance_count,
-        )
-        .where(_STUDIES.c.study_instance_uid == uid)
-        .with_for_update()
-    ).one_or_none()
+    found = conn.execute(_SELECT_STUDY, {"uid": uid}).one_or_none()
     if found is None:
         return None
     rows.studies[uid] = row = _StudyRow(*found)
     return row
 
 
-def _series_row(conn: Connection, rows: _Rows, where: ColumnElement[bool]) -> _SeriesRow | None:
-    found = conn.execute(
-        select(
-            _SERIES.c.id,
-            _SERIES.c.study_id,
-            _SERIES.c.series_instance_uid,
-            _SERIES.c.modality,
-            _SERIES.c.series_number,
-            _SERIES.c.series_description,
-            _SERIES.c.instance_count,
-            _SERIES.c.frame_count,
-            _SERIES.c.body_part_examined,
-            _SERIES.c.slice_thickness_mm,
-            _SERIES.c.orientation,
-        )
-        .where(where)
-        .with_for_update()
-    ).one_or_none()
+def _series_row(
+    conn: Connection, rows: _Rows, statement: Select[Any], key: dict[str, object]
+) -> _SeriesRow | None:
+    found = conn.execute(statement, key).one_or_none()
     if found is None:
         return None
     row = _SeriesRow(*found)
@@ -231,9 +282,7 @@ def _study_by_id(conn: Connection, rows: _Rows, study_id: int) -> _StudyRow | No
     for row in rows.studies.values():
         if row.id == study_id:
             return row
-    uid = conn.execute(
-        select(_STUDIES.c.study_instance_uid).where(_STUDIES.c.id == study_id)
-    ).scalar_one_or_none()
+    uid = conn.execute(_SELECT_STUDY_UID, {"study_id": study_id}).scalar_one_or_none()
     return None if uid is None else _study_row(conn, rows, uid)
 
 
@@ -243,33 +292,35 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord, rows: _Rows) -> bool:
     if study is None:
         study_id = _inserted_id(
             conn,
-            insert(_STUDIES).values(
-                study_instance_uid=rec.study_instance_uid,
-                study_date=rec.study_date,
-                first_received_at=now,
-                last_received_at=now,
-                instance_count=0,
-            ),
+            _INSERT_STUDY,
+            {
+                "study_instance_uid": rec.study_instance_uid,
+                "study_date": rec.study_date,
+                "first_received_at": now,
+                "last_received_at": now,
+                "instance_count": 0,
+            },
         )
         study = rows.studies[rec.study_instance_uid] = _StudyRow(study_id, rec.study_date, now, 0)
     elif study.study_date is None and rec.study_date:
         study.study_date, study.dirty = rec.study_date, True
 
     series = rows.series.get(rec.series_instance_uid) or _series_row(
-        conn, rows, _SERIES.c.series_instance_uid == rec.series_instance_uid
+        conn, rows, _SELECT_SERIES_BY_UID, {"uid": rec.series_instance_uid}
     )
     if series is None:
         series_id = _inserted_id(
             conn,
-            insert(_SERIES).values(
-                study_id=study.id,
-                series_instance_uid=rec.series_instance_uid,
-                modality=rec.modality,
-                series_number=rec.series_number,
-                series_description=rec.series_description,
-                instance_count=0,
-                frame_count=0,
-            ),
+            _INSERT_SERIES,
+            {
+                "study_id": study.id,
+                "series_instance_uid": rec.series_instance_uid,
+                "modality": rec.modality,
+                "series_number": rec.series_number,
+                "series_description": rec.series_description,
+                "instance_count": 0,
+                "frame_count": 0,
+            },
         )
         series = rows.series[rec.series_instance_uid] = _SeriesRow(
             series_id,
@@ -290,13 +341,9 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord, rows: _Rows) -> bool:
         _fill(series, "series_description", rec.series_description)
     _record_routing_facts(series, rec)
 
-    instance = conn.execute(
-        select(_INSTANCES.c.id, _INSTANCES.c.series_id)
-        .where(_INSTANCES.c.sop_instance_uid == rec.sop_instance_uid)
-        .with_for_update()
-    ).one_or_none()
+    instance = conn.execute(_SELECT_INSTANCE, {"uid": rec.sop_instance_uid}).one_or_none()
     is_new = instance is None
-    values = {
+    values: dict[str, object] = {
         "series_id": series.id,
         "sop_class_uid": rec.sop_class_uid,
         "transfer_syntax_uid": rec.transfer_syntax_uid,
@@ -306,7 +353,7 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord, rows: _Rows) -> bool:
         "received_at": now,
     }
     if instance is None:
-        conn.execute(insert(_INSTANCES).values(sop_instance_uid=rec.sop_instance_uid, **values))
+        conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": rec.sop_instance_uid, **values})
         series.instance_count += 1
         series.frame_count += rec.frame_count
         study.instance_count += 1
@@ -315,7 +362,7 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord, rows: _Rows) -> bool:
         instance_id, old_series_id = instance
         if old_series_id != series.id:
             # Re-sent under another series: keep the counts true.
-            old = _series_row(conn, rows, _SERIES.c.id == old_series_id)
+            old = _series_row(conn, rows, _SELECT_SERIES_BY_ID, {"row_id": old_series_id})
             if old is not None:
                 old.instance_count -= 1
                 old.dirty = True
@@ -328,7 +375,7 @@ def _upsert_instance(tx: Tx, rec: InstanceRecord, rows: _Rows) -> bool:
             series.instance_count += 1
             series.frame_count += rec.frame_count
             series.dirty = study.dirty = True
-        conn.execute(update(_INSTANCES).where(_INSTANCES.c.id == instance_id).values(**values))
+        conn.execute(_UPDATE_INSTANCE, {"row_id": instance_id, **values})
     if now > study.last_received_at:
         study.last_received_at, study.dirty = now, True
     tx.logs.append(

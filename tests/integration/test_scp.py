@@ -112,6 +112,23 @@ def test_echoscu_succeeds(scp: RunningScp) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_accepted_connection_has_nagle_off(scp: RunningScp) -> None:
+    # With Nagle on, each small PDU (a C-STORE response) waits for the peer's delayed ACK.
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SCPNODE")
+    try:
+        assert assoc.is_established
+        (accepted,) = wait_until(
+            lambda: scp.server._server.active_associations, 10, "the accepted association"
+        )
+        sock = accepted.dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+
 def test_unknown_calling_ae_refused_at_association(tmp_path: Path) -> None:
     running = _start(tmp_path, allowed=("GOODSCU",))
     try:
