@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scp_node.errors import ModelError
-from scp_node.training.data import load_nifti_zyx, split_slices
+from scp_node.training.data import LOSSES, load_nifti_zyx, split_slices
 from scp_node.training.variants import toml_value
 
 __all__ = [
@@ -51,9 +51,11 @@ __all__ = [
     "VolumeRecipe",
     "VolumeTrainResult",
     "build_volume_network",
+    "coded_labels",
     "prepare_volume_data",
     "train_volume",
     "train_volume_row",
+    "write_volume_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,15 +90,22 @@ class VolumeRecipe:
     weight_decay: float = 1e-4
     foreground_fraction: float = 0.6
     augment: bool = True
-    loss: str = "dice+ce"
+    #: ``"dice+wce"``: cross-entropy (weighted by ``ce_class_weights`` when given) + soft
+    #: Dice; ``"dice"``: soft Dice alone (the 2-D rows' loss names).
+    loss: str = "dice+wce"
+    ce_class_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in VOLUME_KINDS:
             raise ModelError(f"volume kind {self.kind!r} is not one of {VOLUME_KINDS}")
         if not self.labels:
             raise ModelError("a volume row needs labels")
-        if self.loss not in ("dice+ce", "dice"):
-            raise ModelError(f"volume loss {self.loss!r} is not 'dice+ce' or 'dice'")
+        if self.loss not in LOSSES:
+            raise ModelError(f"volume loss {self.loss!r} is not one of {LOSSES}")
+        if self.ce_class_weights and len(self.ce_class_weights) != self.num_classes:
+            raise ModelError(
+                f"ce_class_weights {self.ce_class_weights} needs {self.num_classes} values"
+            )
         if len(self.patch) != 3 or min(self.patch) < 8:
             raise ModelError(f"patch {self.patch} must be three sizes >= 8")
 
@@ -264,8 +273,9 @@ def prepare_volume_data(recipe: VolumeRecipe, data_dir: Path) -> VolumeData:
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         # nibabel's loaders are typed loosely.
-        ct: Any = nib.as_closest_canonical(nib.load(folder / "ct.nii.gz"))
-        total: Any = nib.as_closest_canonical(nib.load(folder / "labels.nii.gz"))
+        nibabel: Any = nib
+        ct: Any = nibabel.as_closest_canonical(nibabel.load(folder / "ct.nii.gz"))
+        total: Any = nibabel.as_closest_canonical(nibabel.load(folder / "labels.nii.gz"))
         # (z, y, x) with x -> Right, y -> Anterior, z -> Superior: the card's "RAS".
         image = np.asarray(ct.dataobj, dtype=np.float32).transpose(2, 1, 0)
         target = _classes(np.asarray(total.dataobj).transpose(2, 1, 0), recipe)
@@ -424,8 +434,13 @@ def _loss(
     mask = (target >= 0).unsqueeze(1)
     labels = target.clamp(min=0).unsqueeze(1)
     loss: torch.Tensor = dice(logits, labels, mask=mask)
-    if recipe.loss == "dice+ce" and bool(mask.any()):
-        loss = loss + F.cross_entropy(logits, target, ignore_index=-1)
+    if recipe.loss == "dice+wce" and bool(mask.any()):
+        weight = (
+            torch.tensor(recipe.ce_class_weights, device=logits.device)
+            if recipe.ce_class_weights
+            else None
+        )
+        loss = loss + F.cross_entropy(logits, target, weight=weight, ignore_index=-1)
     return loss
 
 
@@ -460,7 +475,7 @@ def train_volume(
     )
     total = max(1, recipe.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        optimiser, lambda step: 0.05 + 0.475 * (1 + math.cos(math.pi * min(step, total) / total))
     )
     dice = MaskedDiceLoss(
         include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1.0
@@ -502,11 +517,18 @@ def train_volume(
     )
 
 
-def _label_tables(recipe: VolumeRecipe) -> list[dict[str, Any]]:
+def coded_labels(names: list[str]) -> list[dict[str, Any]]:
+    """``[[labels]]`` tables (values 1, 2, ... in order) coded from TotalSegmentator's table.
+
+    Raises
+    ------
+    ModelError
+        A name has no known SNOMED CT code.
+    """
     from scp_node.inference.formats.codes import label_colour, structure_codes
 
     tables = []
-    for value, name in enumerate(recipe.labels, start=1):
+    for value, name in enumerate(names, start=1):
         codes = structure_codes(name)
         if codes is None:
             raise ModelError(f"label {name!r}: no SNOMED CT code known for this structure")
@@ -560,11 +582,14 @@ def write_volume_model(
     else:
         example = torch.zeros(1, 1, *recipe.patch)
         with warnings.catch_warnings(), torch.inference_mode():
-            # The 2-D network's padding branch is fixed by the (constant) window size.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            traced = torch.jit.trace(network.eval(), example)
-        partial = run_dir / (HYBRID_WEIGHTS + ".part")
-        torch.jit.save(traced, str(partial))  # type: ignore[no-untyped-call]
+            # The 2-D network's padding branch is fixed by the (constant) window size; torch
+            # 2.13 marks tracing deprecated, but TorchScript (or ONNX) is what the node's
+            # volume card loads.
+            warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean")
+            warnings.filterwarnings("ignore", r".*torch\.jit\.(trace|save).*", DeprecationWarning)
+            traced = torch.jit.trace(network.eval(), example)  # type: ignore[no-untyped-call]
+            partial = run_dir / (HYBRID_WEIGHTS + ".part")
+            torch.jit.save(traced, str(partial))
         os.replace(partial, run_dir / HYBRID_WEIGHTS)
         lines = [
             'kind = "volume"',
@@ -582,7 +607,7 @@ def write_volume_model(
             'orientation = "LPS"',
             'normalisation = { kind = "window", center = 50.0, width = 400.0 }',
         ]
-        for table in _label_tables(recipe):
+        for table in coded_labels(list(recipe.labels)):
             lines += ["", "[[labels]]", *(f"{k} = {toml_value(v)}" for k, v in table.items())]
     _write(run_dir / "model.toml", "\n".join(lines) + "\n")
 
@@ -608,8 +633,6 @@ def train_volume_row(
         recipe.subject,
         recipe.patch,
     )
-    result = train_volume(
-        network, data, recipe, seed=seed, max_minutes=max_minutes, device=device
-    )
+    result = train_volume(network, data, recipe, seed=seed, max_minutes=max_minutes, device=device)
     write_volume_model(run_dir, network, recipe, data.extra, name)
     return result
