@@ -457,7 +457,7 @@ def train_volume(
 
     Stops after ``recipe.steps`` steps or at ``max_minutes`` (then the result depends on
     machine speed). The learning rate follows a cosine from ``recipe.lr`` to 5 % of it
-    over ``recipe.steps``.
+    over ``recipe.steps``, or over ``max_minutes`` when the time runs out first.
     """
     from monai.losses.dice import MaskedDiceLoss
 
@@ -474,9 +474,6 @@ def train_volume(
         network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
     )
     total = max(1, recipe.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.05 + 0.475 * (1 + math.cos(math.pi * min(step, total) / total))
-    )
     dice = MaskedDiceLoss(
         include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1.0
     )
@@ -500,7 +497,12 @@ def train_volume(
         optimiser.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
-        scheduler.step()
+        # Cosine to 5 % over the steps, or over the time limit when that comes first.
+        progress = steps / total
+        if max_minutes is not None:
+            progress = max(progress, (time.monotonic() - started) / 60 / max_minutes)
+        for group in optimiser.param_groups:
+            group["lr"] = recipe.lr * (0.05 + 0.475 * (1 + math.cos(math.pi * min(1.0, progress))))
         last = float(loss.detach())
         if steps % 50 == 0:
             logger.info("step %d: loss %.4f", steps, last)

@@ -253,12 +253,12 @@ name = "hybrid"
 kind = "hybrid"
 labels = {{ liver = 5, spleen = 1 }}
 params = {{ base_channels = 2, depth = 2, features = 4, head_channels = 4 }}
-train = {{ steps = 2, patch = [16, 32, 32] }}
+train = {{ steps = 2, patch = [32, 64, 64] }}
 """
     )
     comparison = Comparison.from_file(comparison_file)
     recipe = volume_recipe(comparison, comparison.rows[0])
-    assert recipe.patch == (16, 32, 32)
+    assert recipe.patch == (32, 64, 64)
     results = compare(comparison, tmp_path / "out", shared_data)
     record = json.loads((tmp_path / "out" / "hybrid" / "seed-4" / "result.json").read_text())
     assert results[0]["seed"] == record["seed"] == 4
