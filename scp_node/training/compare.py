@@ -661,7 +661,7 @@ def compare(
             if saved.exists():
                 if not resume:
                     raise ModelError(f"{saved} exists: pass --resume to keep it, or another --out")
-                if json.loads(saved.read_text())["row"] != asdict(row):
+                if not _same_row(json.loads(saved.read_text())["row"], row):
                     raise ModelError(f"{saved} was trained from another definition of {row.name}")
                 logger.info("kept %s seed %d (saved)", row.name, seed)
                 continue
@@ -672,13 +672,21 @@ def compare(
     return load_results(out_dir, comparison)
 
 
+def _same_row(saved: Mapping[str, Any], row: RowSpec) -> bool:
+    """Whether a saved row definition is ``row`` (keys added since default to their value)."""
+    try:
+        return RowSpec(**saved) == row
+    except (TypeError, ModelError):
+        return False
+
+
 def load_results(out_dir: Path, comparison: Comparison) -> list[dict[str, Any]]:
     """The saved ``result.json`` of the comparison's rows that match their definition."""
     results = []
     for row in comparison.rows:
         for path in sorted((out_dir / row.name).glob(f"seed-*/{RESULT_FILE}")):
             record = json.loads(path.read_text())
-            if record["row"] == asdict(row):
+            if _same_row(record["row"], row):
                 results.append(record)
     return results
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from scp_node.inference.runtime.volume import VolumePredictor
 from scp_node.training.compare import (
     Comparison,
     RowSpec,
+    _same_row,
     compare,
     prepare_run,
     ship_rule,
@@ -144,6 +146,11 @@ def test_volume_recipe_checks(tmp_path: Path) -> None:
         RowSpec(name="x", kind="hybrid", context_slices=1)
     with pytest.raises(ModelError, match="needs an architecture"):
         RowSpec(name="x")
+    # Results saved before rows had ``kind`` and ``labels`` still belong to their row.
+    row = RowSpec(name="old", architecture="attention_unet", params={"depth": 2})
+    saved = {k: v for k, v in asdict(row).items() if k not in ("kind", "labels")}
+    assert _same_row(saved, row)
+    assert not _same_row({**saved, "labels": {"liver": 5}}, row)
     recipe = _recipe("nnunet3d", params={"features": [4, 8, 16, 32]}, patch=(12, 32, 32))
     data_free = {"plans": None}
     with pytest.raises(ModelError, match="not a multiple of 8"):
