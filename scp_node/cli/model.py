@@ -388,11 +388,19 @@ def model_compare(
     import torch
     from rich.table import Table
 
-    from scp_node.training.compare import Comparison, compare, load_results, summarise
+    from scp_node.training.compare import (
+        Comparison,
+        compare,
+        load_results,
+        ship_rule,
+        summarise,
+    )
 
     def report(record: dict[str, Any]) -> None:
         scores = ", ".join(
-            f"{key} {value:.3f}" for key, value in record["heldout_b"].items() if "_" in key
+            f"{key} {value:.3f}"
+            for key, value in record["heldout_b"].items()
+            if key.startswith(("dice_", "hd95_mm_"))
         )
         err_console.print(
             f"{record['row']['name']} seed {record['seed']}: "
@@ -416,5 +424,45 @@ def model_compare(
     out.mkdir(parents=True, exist_ok=True)
     markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     markdown += ["| " + " | ".join(line) + " |" for line in lines]
+    verdicts = ship_rule(results, comparison)
+    if verdicts:
+        rule = Table(
+            "row",
+            "organ",
+            "seeds",
+            "B Dice mean",
+            "B Dice min",
+            "B voxels",
+            "ships",
+            "why",
+            title=(
+                f"Ship an organ only where held-out B Dice >= {comparison.ship_min_dice} "
+                f"for every seed (>= {comparison.ship_min_seeds} seeds)"
+            ),
+        )
+        markdown += [
+            "",
+            f"Shipping rule: held-out B Dice >= {comparison.ship_min_dice} for every seed, "
+            f">= {comparison.ship_min_seeds} seeds.",
+            "",
+            "| row | organ | seeds | B Dice mean | B Dice min | B voxels | ships | why |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for verdict in verdicts:
+            cells = [
+                verdict.row,
+                verdict.label,
+                str(verdict.seeds),
+                f"{verdict.mean_dice:.3f}",
+                f"{verdict.min_dice:.3f}",
+                f"{verdict.reference_voxels:.0f}",
+                "yes" if verdict.qualifies else "no",
+                verdict.why,
+            ]
+            rule.add_row(*cells)
+            markdown.append("| " + " | ".join(cells) + " |")
+        console.print(rule)
+        qualifying = sorted({f"{v.label} ({v.row})" for v in verdicts if v.qualifies})
+        console.print(f"organs that qualify: {', '.join(qualifying) or 'none'}", markup=False)
     (out / "table.md").write_text("\n".join(markdown) + "\n")
     (out / "table.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -53,13 +53,16 @@ from scp_node.inference.nets import build_network
 from scp_node.inference.preprocess import stack_context
 from scp_node.training.data import LOSSES, TRAIN_FILE, TrainConfig, load_subject, split_slices
 from scp_node.training.variants import toml_value
+from scp_node.training.volume import VOLUME_KINDS, VolumeRecipe, coded_labels
 
 __all__ = [
     "Comparison",
+    "OrganVerdict",
     "RowSpec",
     "compare",
     "flops_per_slice",
     "load_results",
+    "ship_rule",
     "summarise",
 ]
 
@@ -77,16 +80,32 @@ class RowSpec:
     """One row of the comparison: what differs from the base recipe."""
 
     name: str
-    architecture: str
+    architecture: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     context_slices: int = 0
     loss: str = "dice+wce"
     edge_weight: float = 0.0
     train: dict[str, Any] = field(default_factory=dict)
+    #: ``slice`` (a 2-D / 2.5-D network of :mod:`scp_node.inference.nets`, the slice
+    #: runtime), or a 3-D row run by the volume runtime: ``nnunet3d`` (an nnU-Net v2
+    #: folder) or ``hybrid`` (2-D features + 3-D head); see :mod:`scp_node.training.volume`.
+    kind: str = "slice"
+    #: Output classes (in order) -> value in the ``total`` label map; empty: the base's.
+    labels: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ModelError(f"row name {self.name!r} is not a plain folder name")
+        if self.kind not in ("slice", *VOLUME_KINDS):
+            raise ModelError(
+                f"row {self.name}: kind {self.kind!r} is not one of {('slice', *VOLUME_KINDS)}"
+            )
+        if self.kind == "slice" and not self.architecture:
+            raise ModelError(f"row {self.name}: a slice row needs an architecture")
+        if self.kind != "slice" and (self.context_slices or self.edge_weight):
+            raise ModelError(
+                f"row {self.name}: context_slices and edge_weight are for slice rows only"
+            )
         if self.context_slices < 0:
             raise ModelError(f"row {self.name}: context_slices must be >= 0")
         if self.loss not in LOSSES:
@@ -103,6 +122,12 @@ class Comparison:
     rows: list[RowSpec]
     seeds: list[int]
     max_minutes: float | None = None
+    #: The shipping rule: an organ ships only where every seed of a row reaches this Dice
+    #: on held-out subject B, with at least ``ship_min_seeds`` seeds.
+    ship_min_dice: float = 0.85
+    ship_min_seeds: int = 3
+    #: Time each 3-D run on a 200-slice study (tens of seconds on a CPU); off in smoke tests.
+    time_studies: bool = True
 
     @classmethod
     def from_file(cls, path: Path) -> Comparison:
@@ -142,6 +167,9 @@ class Comparison:
             rows=rows,
             seeds=seeds,
             max_minutes=None if max_minutes is None else float(max_minutes),
+            ship_min_dice=float(raw.get("ship_min_dice", 0.85)),
+            ship_min_seeds=int(raw.get("ship_min_seeds", 3)),
+            time_studies=bool(raw.get("time_studies", True)),
         )
 
 
@@ -165,6 +193,13 @@ def _is_table(value: Any) -> bool:
 
 def _row_params(row: RowSpec) -> dict[str, Any]:
     params = {"in_channels": 2 * row.context_slices + 1, **row.params}
+    if row.labels:
+        params.setdefault("num_classes", len(row.labels) + 1)
+        if params["num_classes"] != len(row.labels) + 1:
+            raise ModelError(
+                f"row {row.name}: num_classes {params['num_classes']} does not match "
+                f"{len(row.labels)} labels + background"
+            )
     if params["in_channels"] != 2 * row.context_slices + 1:
         raise ModelError(
             f"row {row.name}: in_channels {params['in_channels']} does not match "
@@ -185,6 +220,13 @@ def prepare_run(base: Path, row: RowSpec, run_dir: Path) -> None:
         card = tomllib.load(handle)
     params = _row_params(row)
     recipe["network"] = {"architecture": row.architecture, "params": params}
+    if row.labels:
+        recipe["labels"] = dict(row.labels)
+        card["labels"] = coded_labels(list(row.labels))
+        weights = recipe["train"].get("ce_class_weights") if "train" in recipe else None
+        if weights and len(weights) != len(row.labels) + 1 and "ce_class_weights" not in row.train:
+            # The base's weights are for its own classes: background 1, each organ 2.
+            recipe["train"]["ce_class_weights"] = [1.0] + [2.0] * len(row.labels)
     recipe.setdefault("input", {})["context_slices"] = row.context_slices
     recipe["train"] = {
         **recipe.get("train", {}),
@@ -239,9 +281,6 @@ def evaluate_heldout_a(run_dir: Path, data_dir: Path) -> dict[str, float]:
     computed per contiguous block (a block is a small 3-D volume; stacking blocks that are
     not neighbours would invent surfaces) and averaged over the blocks that hold the label.
     """
-    from monai.metrics.hausdorff_distance import HausdorffDistanceMetric
-    from monai.metrics.meandice import DiceMetric
-
     config = TrainConfig.from_file(run_dir / TRAIN_FILE)
     subject = load_subject(data_dir, config)
     _, val_slices = split_slices(subject.image.shape[0], config.val_block, config.val_every)
@@ -253,7 +292,53 @@ def evaluate_heldout_a(run_dir: Path, data_dir: Path) -> dict[str, float]:
     for start in range(0, len(val_slices), 16):
         picks = val_slices[start : start + 16]
         prediction[picks] = net(torch.from_numpy(stacked[picks])).argmax(dim=1).numpy()
-    classes = config.num_classes
+    return score_heldout(
+        prediction, subject.target, val_slices, subject.spacing_zyx, list(config.labels)
+    )
+
+
+@torch.inference_mode()
+def evaluate_heldout_a_volume(
+    run_dir: Path, data_dir: Path, labels: Mapping[str, int], subject: str = "ct-abdomen-a"
+) -> dict[str, float]:
+    """As :func:`evaluate_heldout_a` for a 3-D row: the volume runtime on the whole subject.
+
+    Subject A goes in as the worker hands a study over (int16 HU, axial DICOM pixel order);
+    only its held-out blocks (the 2-D rows' validation slices, masked out of the 3-D rows'
+    loss) are scored.
+    """
+    from scp_node.inference.registry import ModelSpec
+    from scp_node.inference.runtime import load_runtime
+    from scp_node.inference.runtime.volume import VolumePredictor
+    from scp_node.training.data import load_nifti_zyx
+
+    image, spacing = load_nifti_zyx(data_dir / subject / "ct.nii.gz")
+    source, _ = load_nifti_zyx(data_dir / subject / "labels.nii.gz")
+    target = np.zeros(source.shape, dtype=np.uint8)
+    for index, value in enumerate(labels.values(), start=1):
+        target[source == value] = index
+    runtime = load_runtime(ModelSpec.from_model_dir(run_dir), "cpu")
+    assert isinstance(runtime, VolumePredictor)  # a volume card
+    prediction = runtime.predict(np.rint(image).astype(np.int16), spacing)
+    _, val_slices = split_slices(int(source.shape[0]), 5, 5)
+    return score_heldout(prediction, target, val_slices, spacing, list(labels))
+
+
+def score_heldout(
+    prediction: np.ndarray[Any, Any],
+    target: np.ndarray[Any, Any],
+    val_slices: list[int],
+    spacing_zyx: tuple[float, float, float],
+    names: list[str],
+) -> dict[str, float]:
+    """``dice_<name>``, ``hd95_mm_<name>`` (MONAI) and ``slices`` on ``val_slices``.
+
+    ``prediction`` and ``target`` are (z, y, x) class indices (1 for ``names[0]``, ...).
+    """
+    from monai.metrics.hausdorff_distance import HausdorffDistanceMetric
+    from monai.metrics.meandice import DiceMetric
+
+    classes = len(names) + 1
 
     def onehot(labels: np.ndarray[Any, Any]) -> torch.Tensor:
         # (z, y, x) -> (1, classes, z, y, x), MONAI's channel-first batch.
@@ -261,7 +346,7 @@ def evaluate_heldout_a(run_dir: Path, data_dir: Path) -> dict[str, float]:
         return torch.nn.functional.one_hot(tensor, classes).permute(3, 0, 1, 2)[None].float()
 
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
-    scores: Any = dice(onehot(prediction[val_slices]), onehot(subject.target[val_slices]))
+    scores: Any = dice(onehot(prediction[val_slices]), onehot(target[val_slices]))
     hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
     per_block: list[list[float]] = [[] for _ in range(classes - 1)]
     for block in _blocks(val_slices):
@@ -271,20 +356,19 @@ def evaluate_heldout_a(run_dir: Path, data_dir: Path) -> dict[str, float]:
             warnings.filterwarnings("ignore", "the (ground truth|prediction) of class")
             warnings.filterwarnings("ignore", ".*always_return_as_numpy", FutureWarning)
             distances: Any = hd95(
-                onehot(prediction[block]),
-                onehot(subject.target[block]),
-                spacing=subject.spacing_zyx,
+                onehot(prediction[block]), onehot(target[block]), spacing=spacing_zyx
             )
         for index in range(classes - 1):
             value = float(distances[0, index])
-            if not math.isnan(value) and (subject.target[block] == index + 1).any():
+            if not math.isnan(value) and (target[block] == index + 1).any():
                 per_block[index].append(value)
     out: dict[str, float] = {}
-    for index, name in enumerate(config.labels):
+    for index, name in enumerate(names):
         out[f"dice_{name}"] = float(scores[0, index])
         out[f"hd95_mm_{name}"] = (
             float(np.mean(per_block[index])) if per_block[index] else float("nan")
         )
+        out[f"reference_voxels_{name}"] = float((target[val_slices] == index + 1).sum())
     out["slices"] = float(len(val_slices))
     return out
 
@@ -313,6 +397,10 @@ def run_one(
     from scp_node.training.evaluate import evaluate_series
     from scp_node.training.train import train
 
+    if row.kind != "slice":
+        volume = _run_volume(comparison, row, seed, run_dir, data_dir, heldout_subject, device)
+        volume["train"]["threads"] = threads if threads is not None else torch.get_num_threads()
+        return _save_record(run_dir, volume)
     prepare_run(comparison.base, row, run_dir)
     result = train(
         run_dir,
@@ -358,10 +446,152 @@ def run_one(
         "machine": _machine(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    return _save_record(run_dir, record)
+
+
+def _save_record(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     partial = run_dir / (RESULT_FILE + ".part")
     partial.write_text(json.dumps(record, indent=2, allow_nan=True))
     os.replace(partial, run_dir / RESULT_FILE)
     return record
+
+
+def volume_recipe(comparison: Comparison, row: RowSpec) -> VolumeRecipe:
+    """The 3-D training recipe of ``row``: its labels (else the base's), params, ``train``.
+
+    Raises
+    ------
+    ModelError
+        A ``train`` key is not a :class:`VolumeRecipe` field, or a value is invalid.
+    """
+    labels = dict(row.labels) or TrainConfig.from_file(comparison.base / TRAIN_FILE).labels
+    train: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in row.train.items()
+    }
+    try:
+        return VolumeRecipe(
+            kind=row.kind, labels=labels, params=dict(row.params), loss=row.loss, **train
+        )
+    except TypeError as exc:
+        raise ModelError(f"row {row.name}: {exc}") from exc
+
+
+def _run_volume(
+    comparison: Comparison,
+    row: RowSpec,
+    seed: int,
+    run_dir: Path,
+    data_dir: Path,
+    heldout_subject: str,
+    device: str,
+) -> dict[str, Any]:
+    from scp_node.inference.registry import ModelSpec
+    from scp_node.training.evaluate import evaluate_series
+    from scp_node.training.volume import train_volume_row
+
+    recipe = volume_recipe(comparison, row)
+    result = train_volume_row(
+        run_dir,
+        data_dir,
+        recipe,
+        name=f"compare-{row.name}",
+        seed=seed,
+        max_minutes=comparison.max_minutes,
+        device=device,
+    )
+    subject_dir = data_dir / heldout_subject
+    heldout_b = evaluate_series(
+        run_dir,
+        subject_dir / "dicom",
+        subject_dir / "labels.nii.gz",
+        variant="fp32",
+        reference_values=recipe.labels,
+    )
+    heldout_a = evaluate_heldout_a_volume(run_dir, data_dir, recipe.labels, recipe.subject)
+    spec = ModelSpec.from_model_dir(run_dir)
+    return {
+        "row": asdict(row),
+        "seed": seed,
+        "train": {
+            "minutes": result.minutes,
+            "steps": result.steps,
+            "last_loss": result.last_loss,
+            "stopped": result.stopped,
+            "device": device,
+            "max_minutes": comparison.max_minutes,
+        },
+        "heldout_b": heldout_b,
+        "heldout_a": heldout_a,
+        "parameters": result.parameters,
+        "gflops_per_study": volume_gflops_per_study(spec),
+        "ms_per_200_slice_study": (
+            time_volume_study(spec) if comparison.time_studies else float("nan")
+        ),
+        "machine": _machine(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+#: The study the per-study figures are for: 200 slices of 512 x 512, 0.98 mm pixels,
+#: 2 mm apart (subject B's geometry, ten times as long).
+STUDY_SHAPE = (STUDY_SLICES, 512, 512)
+STUDY_SPACING = (2.0, 0.977, 0.977)
+
+
+def volume_gflops_per_study(spec: Any) -> float:
+    """FLOPs of a volume card's network on the study: one window's FLOPs x the windows the
+    runtime's sliding window (tile step 0.5, nnU-Net's placement) puts on it at the card's
+    spacing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scp_node.inference.runtime import load_runtime
+    from scp_node.inference.runtime.volume import VolumePredictor
+    from scp_node.inference.runtime.window import window_starts
+
+    runtime = load_runtime(spec, "cpu")
+    assert isinstance(runtime, VolumePredictor)
+    model = runtime.model
+    patch = model.patch_size
+    if spec.format == "nnunetv2":
+        assert spec.nnunet is not None  # complete_card fills it
+        plans = json.loads((spec.weights_path / "plans.json").read_text())
+        spacing = tuple(plans["configurations"][spec.nnunet.configuration]["spacing"])
+    else:
+        spacing = tuple(spec.volume.spacing_mm)
+    grid = [
+        max(p, round(n * s / t))
+        for n, s, t, p in zip(STUDY_SHAPE, STUDY_SPACING, spacing, patch, strict=True)
+    ]
+    windows = math.prod(
+        len(window_starts(n, p, model.tile_step_size)) for n, p in zip(grid, patch, strict=True)
+    )
+    counter = FlopCounterMode(display=False)
+    network = model.networks[0]
+    with torch.inference_mode(), counter:
+        network(torch.zeros(1, 1, *patch))
+    return windows * float(counter.get_total_flops()) / 1e9
+
+
+def time_volume_study(
+    spec: Any,
+    shape: tuple[int, int, int] = STUDY_SHAPE,
+    spacing_zyx: tuple[float, float, float] = STUDY_SPACING,
+) -> float:
+    """CPU ms of the volume runtime on one study of ``shape`` (int16, as the worker hands it).
+
+    A 20-slice series is mostly padding for a 3-D window, so a 3-D row's study time is
+    measured on a study of that length rather than extrapolated from subject B.
+    """
+    from scp_node.inference.runtime import load_runtime
+    from scp_node.inference.runtime.volume import VolumePredictor
+
+    runtime = load_runtime(spec, "cpu")
+    assert isinstance(runtime, VolumePredictor)  # a volume card
+    study: np.ndarray[Any, Any] = np.zeros(shape, dtype=np.int16)  # as the worker hands CT
+    study[:, 64:-64, 64:-64] = 40  # soft tissue inside air, so cropping has a body to keep
+    started = time.perf_counter()
+    runtime.predict(study, spacing_zyx)
+    return 1000 * (time.perf_counter() - started)
 
 
 def _machine() -> dict[str, Any]:
@@ -431,7 +661,7 @@ def compare(
             if saved.exists():
                 if not resume:
                     raise ModelError(f"{saved} exists: pass --resume to keep it, or another --out")
-                if json.loads(saved.read_text())["row"] != asdict(row):
+                if not _same_row(json.loads(saved.read_text())["row"], row):
                     raise ModelError(f"{saved} was trained from another definition of {row.name}")
                 logger.info("kept %s seed %d (saved)", row.name, seed)
                 continue
@@ -442,13 +672,21 @@ def compare(
     return load_results(out_dir, comparison)
 
 
+def _same_row(saved: Mapping[str, Any], row: RowSpec) -> bool:
+    """Whether a saved row definition is ``row`` (keys added since default to their value)."""
+    try:
+        return RowSpec(**saved) == row
+    except (TypeError, ModelError):
+        return False
+
+
 def load_results(out_dir: Path, comparison: Comparison) -> list[dict[str, Any]]:
     """The saved ``result.json`` of the comparison's rows that match their definition."""
     results = []
     for row in comparison.rows:
         for path in sorted((out_dir / row.name).glob(f"seed-*/{RESULT_FILE}")):
             record = json.loads(path.read_text())
-            if record["row"] == asdict(row):
+            if _same_row(record["row"], row):
                 results.append(record)
     return results
 
@@ -509,3 +747,58 @@ def summarise(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
         line.append(_spread([r["ms_per_200_slice_study"] for r in records]))
         table.append(line)
     return header, table
+
+
+@dataclass(frozen=True)
+class OrganVerdict:
+    """The shipping rule for one organ of one row."""
+
+    row: str
+    label: str
+    seeds: int
+    mean_dice: float
+    min_dice: float
+    #: Reference voxels of the organ on held-out subject B (0: B cannot judge it).
+    reference_voxels: float
+    qualifies: bool
+    why: str
+
+
+def ship_rule(results: list[dict[str, Any]], comparison: Comparison) -> list[OrganVerdict]:
+    """Which organs of which rows may ship: every seed's held-out B Dice >= the threshold.
+
+    An organ absent from subject B's reference (no voxels) never qualifies: its Dice there
+    is only agreement on emptiness. Fewer seeds than ``ship_min_seeds`` never qualify.
+    """
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    for record in results:
+        by_row.setdefault(record["row"]["name"], []).append(record)
+    verdicts = []
+    for name, records in by_row.items():
+        labels = [key[5:] for key in records[0]["heldout_b"] if key.startswith("dice_")]
+        for label in labels:
+            dice = [float(r["heldout_b"][f"dice_{label}"]) for r in records]
+            voxels = min(
+                float(r["heldout_b"].get(f"reference_voxels_{label}", "nan")) for r in records
+            )
+            if not voxels > 0:
+                qualifies, why = False, "absent from subject B's reference"
+            elif len(records) < comparison.ship_min_seeds:
+                qualifies, why = False, f"{len(records)} < {comparison.ship_min_seeds} seeds"
+            elif min(dice) < comparison.ship_min_dice:
+                qualifies, why = False, f"a seed below {comparison.ship_min_dice}"
+            else:
+                qualifies, why = True, f"every seed >= {comparison.ship_min_dice}"
+            verdicts.append(
+                OrganVerdict(
+                    row=name,
+                    label=label,
+                    seeds=len(records),
+                    mean_dice=statistics.fmean(dice),
+                    min_dice=min(dice),
+                    reference_voxels=voxels,
+                    qualifies=qualifies,
+                    why=why,
+                )
+            )
+    return verdicts

@@ -32,6 +32,7 @@ __all__ = [
     "elastic_displacement",
     "load_nifti_zyx",
     "load_subject",
+    "monai_augmentation",
     "split_slices",
 ]
 
@@ -85,6 +86,9 @@ class TrainConfig:
     #: Elastic deformation: standard deviation (pixels) of a smooth random displacement
     #: field (a 4x4 grid of random vectors, interpolated bicubically); 0 disables it.
     elastic_px: float = 0.0
+    #: Strong augmentation with MONAI's transforms on top of the above (multi-organ rows):
+    #: elastic deformation, simulated low resolution, gamma contrast, blur and noise.
+    monai_augment: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -266,6 +270,9 @@ class CropSampler:
         foreground = [np.argwhere(subject.target[z] > 0) for z in self.slices]
         self._foreground = foreground
         self._has_foreground = np.asarray([len(f) > 0 for f in foreground])
+        self._monai = (
+            monai_augmentation(int(rng.integers(2**31 - 1))) if config.monai_augment else None
+        )
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch: input (B, C, crop, crop) float32 and target (B, crop, crop) int64."""
@@ -320,4 +327,55 @@ class CropSampler:
             + torch.from_numpy(brightness.astype(np.float32))[:, None, None, None]
             + torch.from_numpy(noise)
         ).clamp_(0.0, 1.0)
-        return inputs.contiguous(), targets.squeeze(1).round().long()
+        labels = targets.squeeze(1).round().long()
+        if self._monai is not None:
+            inputs, labels = _apply_monai(self._monai, inputs, labels)
+        return inputs.contiguous(), labels
+
+
+def monai_augmentation(seed: int) -> Any:
+    """MONAI's strong 2-D augmentation of one crop (``image`` (C, H, W), ``label`` (1, H, W)).
+
+    Elastic deformation (image bilinear, label nearest), simulated low resolution, gamma
+    contrast, Gaussian blur and noise; seeded, so a run stays reproducible.
+    """
+    from monai.transforms.compose import Compose
+    from monai.transforms.intensity.dictionary import (
+        RandAdjustContrastd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+    )
+    from monai.transforms.spatial.dictionary import Rand2DElasticd, RandSimulateLowResolutiond
+
+    image = ("image",)
+    transforms = Compose(
+        [
+            Rand2DElasticd(
+                ("image", "label"),
+                spacing=(16, 16),
+                magnitude_range=(1, 3),
+                prob=0.3,
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            ),
+            RandSimulateLowResolutiond(
+                image, prob=0.25, zoom_range=(0.5, 1.0), upsample_mode="bilinear"
+            ),
+            RandAdjustContrastd(image, prob=0.3, gamma=(0.7, 1.5)),
+            RandGaussianSmoothd(image, prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0)),
+            RandGaussianNoised(image, prob=0.3, std=0.03),
+        ]
+    )
+    transforms.set_random_state(seed=seed)
+    return transforms
+
+
+def _apply_monai(
+    transforms: Any, inputs: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images, targets = [], []
+    for image, label in zip(inputs, labels, strict=True):
+        out = transforms({"image": image, "label": label[None].float()})
+        images.append(torch.as_tensor(out["image"]).float().clamp(0.0, 1.0))
+        targets.append(torch.as_tensor(out["label"])[0].round().long())
+    return torch.stack(images), torch.stack(targets)

@@ -222,6 +222,8 @@ def evaluate_series(
 
     The series is read with :func:`scp_node.dicom.volume.load_volume` (the worker's
     reader: sorting, rescale, JPEG 2000 decoding), segmented by :class:`Predictor`
+    (``kind = "volume"`` cards: the volume runtime from
+    :func:`~scp_node.inference.runtime.load_runtime`, with the worker's axis directions)
     with the chosen variant, turned into a DICOM SEG by
     :func:`scp_node.output.seg.build_segmentation`, encoded, read back with highdicom
     and compared with the reference labels mapped onto the source pixels in physical
@@ -241,13 +243,14 @@ def evaluate_series(
     reference_values
         Label name -> value in the reference file (default: ``train.toml``'s ``[labels]``).
     predictor
-        Predictor to use (default: a new CPU one).
+        Predictor to use for slice cards (default: a new CPU one).
 
     Returns
     -------
     dict
-        ``dice_<label>`` and ``hd95_mm_<label>`` per card label, ``ms_per_slice`` (the
-        predictor alone) and ``slices``.
+        ``dice_<label>``, ``hd95_mm_<label>`` and ``reference_voxels_<label>`` (0: the
+        label is absent from the reference, its Dice says nothing) per card label,
+        ``ms_per_slice`` (the runtime alone) and ``slices``.
 
     Raises
     ------
@@ -265,11 +268,23 @@ def evaluate_series(
     missing = [label.name for label in spec.labels if label.name not in reference_values]
     if missing:
         raise ModelError(f"no reference value for labels {missing}")
-    predictor = predictor or Predictor(device="cpu")
-    predictor.load(spec, variant)
     volume = load_volume(sorted(dicom_dir.glob("*.dcm")))
-    started = time.perf_counter()
-    labelmap = predictor.predict(volume.array, volume.spacing_zyx)
+    if spec.kind == "volume":
+        from scp_node.inference.runtime import load_runtime
+        from scp_node.inference.runtime.geometry import axis_directions
+
+        runtime = load_runtime(spec, "cpu", variant=variant or "fp32")
+        started = time.perf_counter()
+        labelmap = runtime.predict(
+            volume.array, volume.spacing_zyx, axis_directions(volume.stack.orientation)
+        )
+        variant_name = str(getattr(runtime, "variant", variant or "fp32"))
+    else:
+        predictor = predictor or Predictor(device="cpu")
+        predictor.load(spec, variant)
+        started = time.perf_counter()
+        labelmap = predictor.predict(volume.array, volume.spacing_zyx)
+        variant_name = str(predictor.variant)
     elapsed = time.perf_counter() - started
     seg = build_segmentation(volume, labelmap, spec, software_version="evaluation")
     sources = [str(ds.SOPInstanceUID) for ds in volume.datasets]
@@ -289,7 +304,8 @@ def evaluate_series(
         total = int(pred.sum()) + int(ref.sum())
         scores[f"dice_{label.name}"] = 1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total
         scores[f"hd95_mm_{label.name}"] = hausdorff95(pred, ref, volume.spacing_zyx)
+        scores[f"reference_voxels_{label.name}"] = float(ref.sum())
     scores["ms_per_slice"] = 1000 * elapsed / volume.shape[0]
     scores["slices"] = float(volume.shape[0])
-    logger.info("evaluation of %s (%s): %s", spec.name, predictor.variant, scores)
+    logger.info("evaluation of %s (%s): %s", spec.name, variant_name, scores)
     return scores

@@ -9,6 +9,7 @@ from torch import nn
 from scp_node.errors import ModelError
 from scp_node.inference.nets.attention_unet import AttentionGate, AttentionUNet
 from scp_node.inference.nets.deeplab import ASPP, DeepLabV3Plus
+from scp_node.inference.nets.hybrid import HybridUNet
 
 __all__ = [
     "ARCHITECTURES",
@@ -16,6 +17,7 @@ __all__ = [
     "AttentionGate",
     "AttentionUNet",
     "DeepLabV3Plus",
+    "HybridUNet",
     "build_network",
 ]
 
@@ -23,6 +25,7 @@ __all__ = [
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "attention_unet": AttentionUNet,
     "deeplabv3plus": DeepLabV3Plus,
+    "hybrid_unet": HybridUNet,
 }
 
 
