@@ -12,6 +12,8 @@ import contextlib
 import logging
 import time
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,31 +278,68 @@ class Predictor:
         lut: npt.NDArray[np.unsignedinteger],
         labels: npt.NDArray[np.unsignedinteger],
     ) -> None:
-        """Fill ``labels`` batch by batch from ``volume`` (same shape)."""
+        """Fill ``labels`` batch by batch from ``volume`` (same shape).
+
+        An ONNX network on the CPU (ONNX Runtime or OpenVINO: their runs release the GIL
+        and use their own threads) runs in a helper thread, one batch ahead: while it
+        computes batch k, this thread writes the labels of batch k - 1 and prepares batch
+        k + 1, so only the network's time remains on the wall clock. Torch networks run
+        in this thread (their threads are the ones the preparation uses).
+        """
         assert self._module is not None
         native = (int(volume.shape[1]), int(volume.shape[2]))
         context = self.spec.input.context_slices
         stage = self.stage_s
-        # One float buffer reused by every batch: fresh batch-sized arrays would each be
-        # page-faulted in again, which cost more than the windowing itself.
-        buffer = np.empty((self.batch_size, 2 * context + 1, *native), dtype=np.float32)
-        with torch.inference_mode(), self._autocast():
-            for start in range(0, volume.shape[0], self.batch_size):
+        overlap = isinstance(self._module, OnnxModule) and self._device.type == "cpu"
+        # Float buffers reused by every batch: fresh batch-sized arrays would each be
+        # page-faulted in again, which cost more than the windowing itself. Two when the
+        # network runs ahead: the batch it reads is not the one being prepared.
+        buffers = [
+            np.empty((self.batch_size, 2 * context + 1, *native), dtype=np.float32)
+            for _ in range(2 if overlap else 1)
+        ]
+        pending: deque[tuple[int, int, Future[torch.Tensor]]] = deque()
+
+        def finish() -> None:
+            first, last, future = pending.popleft()
+            began = time.perf_counter()
+            logits = future.result()
+            done = time.perf_counter()
+            _write_labels(logits, native, lut, labels[first:last])
+            stage["network"] += done - began
+            stage["labels"] += time.perf_counter() - done
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(self._autocast())
+            network = (
+                stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="network"))
+                if overlap
+                else None
+            )
+            for count, start in enumerate(range(0, volume.shape[0], self.batch_size)):
                 stop = min(start + self.batch_size, volume.shape[0])
                 began = time.perf_counter()
+                buffer = buffers[count % len(buffers)]
                 prepared = _prepare(volume, start, stop, context, intensity, buffer)
                 prepared_at = time.perf_counter()
                 batch = resample_inplane(
                     torch.from_numpy(prepared).to(self._device), model_size, antialias=True
                 )
                 resampled = time.perf_counter()
-                logits = self.logits(batch)
-                ran = time.perf_counter()
-                _write_labels(logits, native, lut, labels[start:stop])
                 stage["prepare"] += prepared_at - began
                 stage["resample_in"] += resampled - prepared_at
-                stage["network"] += ran - resampled
-                stage["labels"] += time.perf_counter() - ran
+                future: Future[torch.Tensor] = Future()
+                if network is None:
+                    future.set_result(self.logits(batch))
+                else:
+                    future = network.submit(self.logits, batch)
+                stage["network"] += time.perf_counter() - resampled
+                pending.append((start, stop, future))
+                if len(pending) > 1 or network is None:
+                    finish()
+            while pending:
+                finish()
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """The network alone on a prepared batch (the innermost layer of :meth:`predict`).
@@ -606,6 +645,10 @@ class OnnxModule(nn.Module):
     engine
         ``"ort"`` (ONNX Runtime) or ``"openvino"`` (OpenVINO's CPU plugin, CPU only: it
         runs the same files, int8 QDQ graphs with its own int8 kernels).
+    streams
+        OpenVINO only: streams sharing the threads, each batch split among them (see
+        :func:`~scp_node.inference.runtime.onnx.openvino_session`); 0 gives one stream
+        per thread.
 
     Raises
     ------
@@ -614,14 +657,20 @@ class OnnxModule(nn.Module):
     """
 
     def __init__(
-        self, path: Path, *, cuda: bool = False, threads: int = 0, engine: str = "ort"
+        self,
+        path: Path,
+        *,
+        cuda: bool = False,
+        threads: int = 0,
+        engine: str = "ort",
+        streams: int = 0,
     ) -> None:
         super().__init__()
         threads = threads or torch.get_num_threads()
         self.engine = engine
         self.device_type = "cpu"
         if engine == "openvino":
-            self._run = openvino_session(path, threads)
+            self._run = openvino_session(path, threads, streams=streams or threads)
         elif engine == "ort":
             self._run, self.device_type = ort_session(path, threads, cuda=cuda)
         else:

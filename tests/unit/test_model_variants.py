@@ -184,6 +184,21 @@ def test_openvino_engine_runs_the_same_files(net: AttentionUNet, tmp_path: Path)
         OnnxModule(tmp_path / "fp32.onnx", engine="tensorrt")
 
 
+def test_openvino_streams_split_a_batch_with_the_same_logits(
+    net: AttentionUNet, tmp_path: Path
+) -> None:
+    """Two streams run a batch as two parts at once (the last part zero-padded to the
+    compiled part size): the logits are those of one stream running the whole batch."""
+    export_onnx(net, tmp_path / "fp32.onnx", torch.rand(1, 1, 32, 32))
+    quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", [torch.rand(4, 1, 32, 32)])
+    for file in ("fp32.onnx", "int8.onnx"):
+        one = OnnxModule(tmp_path / file, threads=2, engine="openvino", streams=1)
+        two = OnnxModule(tmp_path / file, threads=2, engine="openvino", streams=2)
+        with torch.inference_mode():
+            for x in (torch.rand(4, 1, 40, 56), torch.rand(3, 1, 40, 56), torch.rand(1, 1, 40, 56)):
+                torch.testing.assert_close(two(x), one(x), rtol=1e-5, atol=1e-5)
+
+
 def test_card_variants_and_runtime_choice(model_dir: Path, net: AttentionUNet) -> None:
     pruned = prune_attention_unet(net, 0.5)
     torch.save(pruned.state_dict(), model_dir / "pruned.pt")

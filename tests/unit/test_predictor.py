@@ -11,7 +11,13 @@ import torch
 
 from scp_node.errors import ModelError
 from scp_node.inference.nets import AttentionUNet
-from scp_node.inference.predictor import Predictor, class_argmax, labels_from_logits, model_input
+from scp_node.inference.predictor import (
+    OnnxModule,
+    Predictor,
+    class_argmax,
+    labels_from_logits,
+    model_input,
+)
 from scp_node.inference.preprocess import (
     normalise,
     resample_inplane,
@@ -21,6 +27,7 @@ from scp_node.inference.preprocess import (
 )
 from scp_node.inference.registry import ModelSpec
 from scp_node.training.evaluate import dicom_volume, reference_labels_on_dicom_grid
+from scp_node.training.quantize import export_onnx
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = REPO_ROOT / "models" / "ct-abdomen"
@@ -157,6 +164,34 @@ def test_batches_give_the_whole_volume_result(tmp_path: Path, context: int, wind
         assert out.dtype == np.uint8
         np.testing.assert_array_equal(out, whole.numpy())
     assert 0 < int(whole.sum()) < whole.numel()
+
+
+@pytest.mark.parametrize("engine", ["ort", "openvino"])
+@pytest.mark.parametrize("pixel_mm", [1.5, 3.0])
+def test_onnx_network_running_ahead_gives_the_batch_by_batch_labels(
+    tmp_path: Path, engine: str, pixel_mm: float
+) -> None:
+    """An ONNX network runs one batch ahead in a helper thread while the next batch is
+    prepared in the other input buffer: the label map is the one of the same network run
+    batch by batch, at every batch edge (11 slices in batches of 4). At 3 mm (the model
+    spacing, a multiple of 4 pixels) the network reads the prepared buffer itself."""
+    net = _tiny_net().eval()
+    spec = _tiny_spec(tmp_path)
+    hu = np.random.default_rng(5).normal(40, 200, (11, 40, 52)).round().astype(np.int16)
+    spacing = (2.0, pixel_mm, pixel_mm)
+    with torch.no_grad():  # the median pixel on the class boundary: labels not all 0
+        logits = net(model_input(spec, hu, spacing))
+        net.head.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+    export_onnx(net, tmp_path / "net.onnx", torch.rand(1, 1, 16, 16))
+    predictor = Predictor(device="cpu", batch_size=4)
+    predictor.load_module(OnnxModule(tmp_path / "net.onnx", threads=2, engine=engine), spec, 4)
+    out = predictor.predict(hu, spacing)
+    with torch.inference_mode():
+        batches = torch.split(model_input(spec, hu, spacing), 4)
+        expected = torch.cat([labels_from_logits(predictor.logits(b), (40, 52)) for b in batches])
+    np.testing.assert_array_equal(out, expected.numpy())
+    assert 0 < int(expected.sum()) < expected.numel()
+    assert predictor.stage_s["network"] > 0
 
 
 def test_label_values_above_255_give_uint16(tmp_path: Path) -> None:

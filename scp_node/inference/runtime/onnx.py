@@ -126,7 +126,7 @@ def ort_session(path: Path, threads: int, *, cuda: bool = False) -> tuple[_Run, 
 OPENVINO_SHAPES = 4
 
 
-def openvino_session(path: Path, threads: int) -> _Run:
+def openvino_session(path: Path, threads: int, *, streams: int = 1) -> _Run:
     """OpenVINO CPU runs of ``path``, each compiled for a fixed input shape.
 
     A graph compiled for a fixed shape runs markedly faster than one with a dynamic batch
@@ -137,6 +137,12 @@ def openvino_session(path: Path, threads: int) -> _Run:
     The last :data:`OPENVINO_SHAPES` shapes stay compiled (a 3-D graph has one, its
     patch). fp32 precision hint: on CPUs with AVX-512 BF16 or AMX the plugin would
     otherwise run fp32 graphs in bf16, and every variant is verified against fp32.
+
+    With ``streams`` > 1 the plugin runs that many streams (``threads`` shared among
+    them) and each call splits its batch into up to ``streams`` equal parts, one infer
+    request per part, run at once: on 2 cores, two single-thread streams of 4 slices
+    spent about 10 % less CPU than one 2-thread request of 8 (small convolutions
+    parallelise poorly inside one request). The compiled shape is then the part's.
 
     Raises
     ------
@@ -155,32 +161,47 @@ def openvino_session(path: Path, threads: int) -> _Run:
         model = core.read_model(str(path))
     except Exception as exc:  # OpenVINO raises RuntimeError and its own classes
         raise ModelError(f"cannot read {path} with OpenVINO: {exc}") from exc
-    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
-    compiled: dict[tuple[int, ...], Callable[[npt.NDArray[np.float32]], Any]] = {}
+    streams = max(1, min(streams, threads))
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+    if streams > 1:
+        config["NUM_STREAMS"] = streams
+    compiled: dict[tuple[int, ...], tuple[Any, list[Any]]] = {}
 
-    def compile_for(shape: tuple[int, ...]) -> Callable[[npt.NDArray[np.float32]], Any]:
+    def compile_for(shape: tuple[int, ...]) -> tuple[Any, list[Any]]:
         sized = model.clone()
         sized.reshape({0: list(shape)})
         try:
             network = core.compile_model(sized, "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError and its own classes
             raise ModelError(f"cannot compile {path} with OpenVINO: {exc}") from exc
-        request = network.create_infer_request()
-        output = network.outputs[0]
-        return lambda x: request.infer({0: x})[output]
+        requests = [network.create_infer_request() for _ in range(streams)]
+        return network.outputs[0], requests
 
     def run(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         count, rest = x.shape[0], tuple(x.shape[1:])
-        fits = [k for k in compiled if k[1:] == rest and k[0] >= count]
-        key = min(fits) if fits else (count, *rest)
-        infer = compiled.pop(key, None) or compile_for(key)
-        compiled[key] = infer  # most recently used last
+        part = -(-count // streams)
+        fits = [k for k in compiled if k[1:] == rest and k[0] >= part]
+        key = min(fits) if fits else (part, *rest)
+        entry = compiled.pop(key, None) or compile_for(key)
+        compiled[key] = entry  # most recently used last
         while len(compiled) > OPENVINO_SHAPES:
             del compiled[next(iter(compiled))]
-        if key[0] > count:
-            x = np.concatenate([x, np.zeros((key[0] - count, *rest), dtype=x.dtype)])
-        # The request reuses its output buffer on the next call: copy.
-        return np.array(infer(x)[:count], dtype=np.float32)
+        output, requests = entry
+        size = key[0]
+        parts = [x[first : first + size] for first in range(0, count, size)]
+        if len(parts[-1]) < size:
+            last = parts[-1]
+            parts[-1] = np.concatenate([last, np.zeros((size - len(last), *rest), x.dtype)])
+        if len(parts) == 1:
+            # The request reuses its output buffer on the next call: copy.
+            return np.array(requests[0].infer({0: parts[0]})[output][:count], dtype=np.float32)
+        running = requests[: len(parts)]
+        for request, chunk in zip(running, parts, strict=True):
+            request.start_async({0: chunk})
+        for request in running:
+            request.wait()
+        outputs = np.concatenate([r.get_tensor(output).data for r in running])
+        return np.asarray(outputs[:count], dtype=np.float32)
 
     return run
 
