@@ -121,23 +121,38 @@ def _conv_slabs(
         out_depth = (depth + 2 * pad - kernel) // stride + 1
         # Output planes per step: each reads ``stride`` more input planes.
         step = max(1, slab_bytes // (stride * in_plane + out_plane // in_plane_stride))
+    if step >= (depth if isinstance(conv, nn.ConvTranspose3d) else out_depth):
+        # One slab: the layer itself on the whole input.
+        whole = torch.cat(parts, 1) if parts[1:] else parts[0]
+        parts.clear()
+        return conv(whole)  # type: ignore[no-any-return]
     out: torch.Tensor | None = None
     for o0 in range(0, out_depth if isinstance(conv, nn.Conv3d) else depth, step):
         if isinstance(conv, nn.ConvTranspose3d):
             i0, i1 = o0, min(depth, o0 + step)
-            slab = torch.cat([p[:, :, i0:i1] for p in parts], 1)
+            slab = (
+                torch.cat([p[:, :, i0:i1] for p in parts], 1)
+                if parts[1:]
+                else parts[0][:, :, i0:i1]
+            )
             y = conv(slab)
             first, last = i0 * stride, i1 * stride
         else:
             first, last = o0, min(out_depth, o0 + step)
             # Input planes this slab of outputs reads, zeros outside the volume.
             i0, i1 = first * stride - pad, (last - 1) * stride - pad + kernel
-            slab = parts[0].new_zeros((parts[0].shape[0], channels, i1 - i0, *parts[0].shape[3:]))
-            c0 = 0
-            for p in parts:
-                a, b = max(0, i0), min(depth, i1)
-                slab[:, c0 : c0 + p.shape[1], a - i0 : b - i0] = p[:, :, a:b]
-                c0 += int(p.shape[1])
+            a, b = max(0, i0), min(depth, i1)
+            if len(parts) == 1 and (a, b) == (i0, i1):
+                slab = parts[0][:, :, a:b]  # a view: no copy of our own
+            else:
+                shape = (parts[0].shape[0], channels, i1 - i0, rows, columns)
+                slab = parts[0].new_empty(shape)
+                slab[:, :, : a - i0].zero_()
+                slab[:, :, b - i0 :].zero_()
+                c0 = 0
+                for p in parts:
+                    slab[:, c0 : c0 + p.shape[1], a - i0 : b - i0] = p[:, :, a:b]
+                    c0 += int(p.shape[1])
             y = F.conv3d(
                 slab,
                 conv.weight,
