@@ -55,13 +55,19 @@ def _network(kind: str, strides: list[list[int]], kernels: list[list[int]]) -> n
         ("residual", [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [[3, 3, 3]] * 3),
     ],
 )
-@pytest.mark.parametrize("slab_bytes", [1, 40_000, 2**30])
+@pytest.mark.parametrize(
+    ("slab_bytes", "norm_in_place"), [(1, False), (40_000, True), (40_000, False), (2**30, True)]
+)
 def test_lean_forward_is_the_networks_own(
-    kind: str, strides: list[list[int]], kernels: list[list[int]], slab_bytes: int
+    kind: str,
+    strides: list[list[int]],
+    kernels: list[list[int]],
+    slab_bytes: int,
+    norm_in_place: bool,
 ) -> None:
     network = _network(kind, strides, kernels)
     x = torch.randn(2, 1, 24, 16, 32, generator=torch.Generator().manual_seed(1))
-    lean = LeanUNet(network, slab_bytes=slab_bytes)
+    lean = LeanUNet(network, slab_bytes=slab_bytes, norm_in_place=norm_in_place)
     with torch.inference_mode():
         expected = network(x)
         got = lean(x)

@@ -182,12 +182,19 @@ class LeanUNet(nn.Module):
         The network; its own ``forward`` runs whenever the lean one does not apply.
     slab_bytes
         Largest input slab (bytes) per convolution step.
+    norm_in_place
+        Write instance norms over their input (a few channels at a time) instead of into a
+        new tensor: one more copy per norm, and no lower peak for nnU-Net's U-Nets (a
+        decoder stage's first convolution, upsampled input + skip + output, is the peak).
     """
 
-    def __init__(self, network: nn.Module, slab_bytes: int = SLAB_BYTES) -> None:
+    def __init__(
+        self, network: nn.Module, slab_bytes: int = SLAB_BYTES, *, norm_in_place: bool = False
+    ) -> None:
         super().__init__()
         self.network: Any = network
         self.slab_bytes = slab_bytes
+        self.norm_in_place = norm_in_place
 
     def _applies(self, x: torch.Tensor) -> bool:
         decoder = getattr(self.network, "decoder", None)
@@ -212,7 +219,7 @@ class LeanUNet(nn.Module):
         layer by layer, each input dropped once consumed; ``held`` is emptied."""
         x: torch.Tensor | None = None
         for layer in _leaves(stage):
-            if x is not None and _normalisable(layer):
+            if self.norm_in_place and x is not None and _normalisable(layer):
                 x = _instance_norm_(layer, x, self.slab_bytes)  # type: ignore[arg-type]
             elif _sliceable(layer):
                 parts = held if x is None else [x]
