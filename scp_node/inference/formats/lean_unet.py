@@ -12,8 +12,10 @@ one window then costs about +1.35 GiB on the CPU.
 * runs every convolution in slabs along the first spatial axis (each slab with the halo
   its kernel needs, zeros at the volume's edges as the layer's own padding), so oneDNN's
   layout copies are slab-sized, and
-* never builds a decoder stage's concatenated input: each slab of the first convolution
-  reads its slice of the upsampled tensor and of the skip.
+* never builds a decoder stage's concatenated input, nor its upsampled input: each slab of
+  the first convolution reads its slice of the skip and upsamples the planes it needs of
+  the lower stage's output (nnU-Net's transposed convolutions have kernel = stride, so a
+  plane of their output depends on one input plane).
 
 The result is the network's own, up to float rounding (oneDNN may pick another kernel for a
 slab's shape). Anything it does not recognise (other layers, gradients on, tracing for
@@ -99,8 +101,46 @@ def _instance_norm_(norm: nn.InstanceNorm3d, x: torch.Tensor, slab_bytes: int) -
     return x
 
 
+class _Upsampled:
+    """A transposed convolution's output (kernel = stride, no padding, as nnU-Net's
+    decoders), computed a few planes at a time when read: never whole in memory."""
+
+    def __init__(self, conv: nn.ConvTranspose3d, lower: torch.Tensor) -> None:
+        self.conv, self.lower = conv, lower
+        n, _, d, h, w = (int(v) for v in lower.shape)
+        sd, sh, sw = conv.stride
+        self.shape = torch.Size((n, conv.out_channels, d * sd, h * sh, w * sw))
+
+    @staticmethod
+    def fits(conv: nn.Module) -> bool:
+        return (
+            isinstance(conv, nn.ConvTranspose3d)
+            and tuple(conv.kernel_size) == tuple(conv.stride)
+            and not any(conv.padding)
+            and not any(conv.output_padding)
+            and tuple(conv.dilation) == (1, 1, 1)
+        )
+
+    def planes(self, first: int, last: int) -> torch.Tensor:
+        """Output planes ``first:last`` along the first spatial axis."""
+        stride = self.conv.stride[0]
+        low, high = first // stride, -(-last // stride)
+        y: torch.Tensor = self.conv(self.lower[:, :, low:high])
+        return y[:, :, first - low * stride : last - low * stride]
+
+
+def _planes(part: torch.Tensor | _Upsampled, first: int, last: int) -> torch.Tensor:
+    return part.planes(first, last) if isinstance(part, _Upsampled) else part[:, :, first:last]
+
+
+def _whole(part: torch.Tensor | _Upsampled) -> torch.Tensor:
+    return part.planes(0, int(part.shape[2])) if isinstance(part, _Upsampled) else part
+
+
 def _conv_slabs(
-    conv: nn.Conv3d | nn.ConvTranspose3d, parts: list[torch.Tensor], slab_bytes: int
+    conv: nn.Conv3d | nn.ConvTranspose3d,
+    parts: list[torch.Tensor | _Upsampled],
+    slab_bytes: int,
 ) -> torch.Tensor:
     """``conv`` of the channel-wise concatenation of ``parts`` (N, C, D, H, W), in slabs of
     output planes along D. ``parts`` is emptied (its tensors freed once read)."""
@@ -123,7 +163,7 @@ def _conv_slabs(
         step = max(1, slab_bytes // (stride * in_plane + out_plane // in_plane_stride))
     if step >= (depth if isinstance(conv, nn.ConvTranspose3d) else out_depth):
         # One slab: the layer itself on the whole input.
-        whole = torch.cat(parts, 1) if parts[1:] else parts[0]
+        whole = torch.cat([_whole(p) for p in parts], 1) if parts[1:] else _whole(parts[0])
         parts.clear()
         return conv(whole)  # type: ignore[no-any-return]
     out: torch.Tensor | None = None
@@ -131,9 +171,9 @@ def _conv_slabs(
         if isinstance(conv, nn.ConvTranspose3d):
             i0, i1 = o0, min(depth, o0 + step)
             slab = (
-                torch.cat([p[:, :, i0:i1] for p in parts], 1)
+                torch.cat([_planes(p, i0, i1) for p in parts], 1)
                 if parts[1:]
-                else parts[0][:, :, i0:i1]
+                else _planes(parts[0], i0, i1)
             )
             y = conv(slab)
             first, last = i0 * stride, i1 * stride
@@ -143,15 +183,15 @@ def _conv_slabs(
             i0, i1 = first * stride - pad, (last - 1) * stride - pad + kernel
             a, b = max(0, i0), min(depth, i1)
             if len(parts) == 1 and (a, b) == (i0, i1):
-                slab = parts[0][:, :, a:b]  # a view: no copy of our own
+                slab = _planes(parts[0], a, b)  # a view of a tensor: no copy of our own
             else:
                 shape = (parts[0].shape[0], channels, i1 - i0, rows, columns)
-                slab = parts[0].new_empty(shape)
+                slab = torch.empty(shape, dtype=torch.float32)
                 slab[:, :, : a - i0].zero_()
                 slab[:, :, b - i0 :].zero_()
                 c0 = 0
                 for p in parts:
-                    slab[:, c0 : c0 + p.shape[1], a - i0 : b - i0] = p[:, :, a:b]
+                    slab[:, c0 : c0 + p.shape[1], a - i0 : b - i0] = _planes(p, a, b)
                     c0 += int(p.shape[1])
             y = F.conv3d(
                 slab,
@@ -214,7 +254,7 @@ class LeanUNet(nn.Module):
             return self.network(x)  # type: ignore[no-any-return]
         return self._forward([x])
 
-    def _run(self, stage: nn.Module, held: list[torch.Tensor]) -> torch.Tensor:
+    def _run(self, stage: nn.Module, held: list[torch.Tensor | _Upsampled]) -> torch.Tensor:
         """``stage`` applied to the tensor(s) in ``held`` (channel-wise concatenated),
         layer by layer, each input dropped once consumed; ``held`` is emptied."""
         x: torch.Tensor | None = None
@@ -227,15 +267,15 @@ class LeanUNet(nn.Module):
                 x = _conv_slabs(layer, parts, self.slab_bytes)  # type: ignore[arg-type]
             else:
                 if x is None:
-                    x = held[0] if len(held) == 1 else torch.cat(held, 1)
+                    x = torch.cat([_whole(p) for p in held], 1) if held[1:] else _whole(held[0])
                     held.clear()
                 x = layer(x)
         if x is None:  # an empty stage
-            x = held[0] if len(held) == 1 else torch.cat(held, 1)
+            x = torch.cat([_whole(p) for p in held], 1) if held[1:] else _whole(held[0])
             held.clear()
         return x
 
-    def _encode(self, held: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _encode(self, held: list[torch.Tensor | _Upsampled]) -> list[torch.Tensor]:
         from dynamic_network_architectures.building_blocks.plain_conv_encoder import (
             PlainConvEncoder,
         )
@@ -243,22 +283,28 @@ class LeanUNet(nn.Module):
         encoder = self.network.encoder
         if not isinstance(encoder, PlainConvEncoder):
             # Residual blocks add their input back: their own forward, skips as usual.
-            skips: list[torch.Tensor] = encoder(held.pop())
+            skips: list[torch.Tensor] = encoder(_whole(held.pop()))
             return skips
         skips = []
         for stage in encoder.stages:
             skip = self._run(stage, held)
             skips.append(skip)
-            held = [skip]
+            held = [skip]  # the list now holds the stage's input no more
             del skip
         return skips
 
-    def _forward(self, held: list[torch.Tensor]) -> torch.Tensor:
-        skips = self._encode(held)
+    def _forward(self, x: list[torch.Tensor | _Upsampled]) -> torch.Tensor:
+        skips = self._encode(x)
         decoder = self.network.decoder
-        lower = [skips.pop()]
+        lower: list[torch.Tensor | _Upsampled] = [skips.pop()]
         for transpose, stage in zip(decoder.transpconvs, decoder.stages, strict=True):
-            # No name holds the upsampled tensor or the skip: the stage's first
-            # convolution frees them.
-            lower = [self._run(stage, [self._run(transpose, lower), skips.pop()])]
+            up: torch.Tensor | _Upsampled
+            if _Upsampled.fits(transpose) and _sliceable(next(_leaves(stage))):
+                # Upsampled slab by slab as the stage's first convolution reads it.
+                up = _Upsampled(transpose, _whole(lower.pop()))
+            else:
+                up = self._run(transpose, lower)
+            held: list[torch.Tensor | _Upsampled] = [up, skips.pop()]
+            del up  # no name holds the upsampled tensor or the skip: the first conv frees them
+            lower = [self._run(stage, held)]
         return self._run(decoder.seg_layers[-1], lower)
