@@ -6,8 +6,10 @@ nnU-Net's own preprocessing (transpose per plans, crop to the non-zero box, its
 normalisation from ``foreground_intensity_properties_per_channel``, resampling to the
 configuration's spacing) via :class:`DefaultPreprocessor`, or for CT slab by slab from the
 source's int16 with the same result (:meth:`NnunetModel.prepare`), the network from the plans'
-``architecture`` built with ``dynamic_network_architectures``, and the sliding window,
-fold averaging and resampling back done by :mod:`scp_node.inference.runtime.volume`.
+``architecture`` built with ``dynamic_network_architectures`` (run on the CPU by
+:class:`~scp_node.inference.formats.lean_unet.LeanUNet`: same layers, less memory), and the
+sliding window, fold averaging and resampling back done by
+:mod:`scp_node.inference.runtime.volume`.
 
 Security: a model folder is data. Checkpoints load with ``torch.load(weights_only=True)``
 and only the numpy scalar types nnU-Net's training log holds are allow-listed; the network
@@ -31,6 +33,7 @@ from torch import nn
 
 from scp_node.errors import ModelError
 from scp_node.inference.formats.codes import label_colour, structure_codes
+from scp_node.inference.formats.lean_unet import LeanUNet
 from scp_node.inference.runtime.volume import Prepared
 
 __all__ = [
@@ -666,7 +669,8 @@ def load_nnunet(
             network.load_state_dict(state["network_weights"])
         except (RuntimeError, TypeError) as exc:
             raise ModelError(f"{path}: weights do not fit the plans' network: {exc}") from exc
-        networks.append(network.to(device or torch.device("cpu")).eval())
+        # The same layers and weights, run with a fraction of the peak memory on the CPU.
+        networks.append(LeanUNet(network.to(device or torch.device("cpu")).eval()))
         allowed = state.get("inference_allowed_mirroring_axes")
         if mirroring and allowed:
             mirror_axes = tuple(int(a) for a in allowed)
