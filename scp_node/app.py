@@ -412,6 +412,8 @@ def run_node(
                 heartbeat_s=settings.worker.heartbeat_s,
                 software_version=__version__,
                 prepare=True,
+                # One in-process receiver shares the GIL with the worker (see read_ahead).
+                read_ahead=not (Stage.RECEIVE in stages and settings.node.receivers <= 1),
             ),
             wake_dispatch=wake_dispatch,
         )

@@ -86,6 +86,10 @@ class WorkerConfig:
     #: preview, measurements on a tiny synthetic series) and, while idle, ready each slice
     #: model for the image size of the series arriving (OpenVINO compiles per size).
     prepare: bool = False
+    #: With ``prepare``, also read the headers of arriving instances while idle. Off when a
+    #: receiver shares this process: pydicom's parsing holds the GIL that pynetdicom's
+    #: threads need, and receiving keeps priority over the work.
+    read_ahead: bool = True
 
 
 class _ModelDownError(Exception):
@@ -165,7 +169,7 @@ class Worker:
         job = self.jobs.claim(self.config.owner, self.config.lease_s, served)
         if job is None:
             # Reading ahead counts as work: the loop comes back at once, claiming first.
-            return self.config.prepare and self.prepare_for_incoming()
+            return self.config.prepare and self.config.read_ahead and self.prepare_for_incoming()
         with _Heartbeat(self.jobs, job, self.config.lease_s, self.config.heartbeat_s) as beat:
             try:
                 self._process(job)

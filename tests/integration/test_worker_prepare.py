@@ -68,11 +68,15 @@ def databases(tmp_path: Path) -> Iterator[tuple[Database, Database]]:
         engine.dispose()
 
 
-def _worker(db: Database, outbox: Path, *, prepare: bool) -> tuple[Worker, RecordingModel]:
+def _worker(
+    db: Database, outbox: Path, *, prepare: bool, read_ahead: bool = True
+) -> tuple[Worker, RecordingModel]:
     model = RecordingModel()
     pool = ModelPool(REPO_ROOT / "models", [MODEL], lambda _spec: model)
     pool.get(MODEL)  # loaded, as the node's start-up verification leaves it
-    config = WorkerConfig("w", outbox, (), 600.0, 300.0, "test", prepare=prepare)
+    config = WorkerConfig(
+        "w", outbox, (), 600.0, 300.0, "test", prepare=prepare, read_ahead=read_ahead
+    )
     return Worker(db.work, pool, config), model
 
 
@@ -182,3 +186,18 @@ def test_worker_reads_ahead_only_what_a_served_model_takes(
     assert not worker.run_once()
     assert len(worker.headers) == 0
     assert model.calls == []
+
+
+def test_a_worker_sharing_its_process_with_a_receiver_does_not_read_ahead(
+    tmp_path: Path, ct_b_files: list[Path], databases: tuple[Database, Database]
+) -> None:
+    db, _ = databases
+    worker, model = _worker(db, tmp_path / "outbox", prepare=True, read_ahead=False)
+    for path in ct_b_files:
+        _record(db, path)
+    assert not worker.run_once()  # arriving instances, but no read-ahead
+    assert len(worker.headers) == 0
+    assert model.calls == []
+    (job_id,) = db.settling.settle(0.0, [MODEL])
+    assert worker.run_once()  # the job still runs, reading its own headers
+    assert db.views.get(job_id).seg_path is not None
