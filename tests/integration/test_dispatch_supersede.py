@@ -26,7 +26,6 @@ from scp_node.queue import (
     DeliveryKind,
     DeliveryState,
     DeliveryTarget,
-    InstanceRecord,
     JobState,
     Outcome,
     RetryPolicy,
@@ -37,6 +36,7 @@ from scp_node.worker import Worker, WorkerConfig
 from tests.conftest import REPO_ROOT
 from tests.support.net import PacsStub, free_port
 from tests.support.orthanc import OrthancServer
+from tests.support.records import record_file
 
 CALLING_AE = "SCPNODE"
 MODEL = "ct-abdomen"
@@ -107,20 +107,7 @@ def _by_z(files: list[Path]) -> list[Path]:
 
 
 def _record(queue: Database, path: Path) -> None:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    queue.intake.record_instance(
-        InstanceRecord(
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            modality=str(ds.Modality),
-            path=str(path),
-            size_bytes=path.stat().st_size,
-            calling_ae="ORTHANC",
-        )
-    )
+    record_file(queue.intake, path, "ORTHANC")
 
 
 def _dispatch_all(dispatcher: Dispatcher) -> None:

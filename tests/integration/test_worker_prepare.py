@@ -19,6 +19,7 @@ from scp_node.inference.pool import ModelPool
 from scp_node.queue import InstanceRecord, RetryPolicy, make_engine, upgrade
 from scp_node.worker import Worker, WorkerConfig
 from tests.conftest import REPO_ROOT
+from tests.support.records import record_file
 
 MODEL = "ct-abdomen"
 
@@ -40,20 +41,7 @@ class RecordingModel:
 
 
 def _record(db: Database, path: Path) -> None:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    db.intake.record_instance(
-        InstanceRecord(
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            modality=str(ds.Modality),
-            path=str(path),
-            size_bytes=path.stat().st_size,
-            calling_ae="MODALITY",
-        )
-    )
+    record_file(db.intake, path, "MODALITY")
 
 
 @pytest.fixture
