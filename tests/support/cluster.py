@@ -172,7 +172,12 @@ def send_until_broken(
             ds = dcmread(path)
             if str(ds.SOPInstanceUID) in acked:
                 continue
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds)
+            except RuntimeError:
+                # The node died between two C-STOREs: pynetdicom refuses to send on an
+                # association its peer has aborted (raised, not returned as a status).
+                return False
             if not status or int(status.Status) != 0x0000:
                 return False
             acked.add(str(ds.SOPInstanceUID))
