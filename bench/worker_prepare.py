@@ -100,19 +100,6 @@ def run_one(series_dir: Path, work: Path, prepare: bool, threads: int) -> dict[s
     }
 
 
-def cpu_summary() -> str:
-    model, flags = "unknown CPU", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-            break
-    simd = sorted(f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f)
-    return f"{model}; {' '.join(simd)}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -129,7 +116,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    from bench.big_study import make_series
+    from bench.big_study import cpu_summary, make_series
 
     load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="scp-node-worker-prepare-"))
