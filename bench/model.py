@@ -25,6 +25,14 @@ It prints the CPU model and flags (avx2, avx512f, avx512_vnni, avx_vnni, amx) fi
 load average at the start and the end (wall times on a shared machine follow the load;
 the CPU-time columns much less).
 
+``--max-isa avx2`` runs the whole benchmark again in a process whose oneDNN (torch's
+convolutions, OpenVINO's CPU plugin), ATen vector code and MKL are capped at AVX2: an
+AVX2-only machine's instruction set on this machine's cores (caches, clocks and memory stay
+this machine's, so it approximates such a machine; it does not replace measuring one). Not
+every engine honours the cap: torch's FX int8 (fbgemm) and ONNX Runtime (MLAS) choose their
+kernels from CPUID, so their rows say "no" in the "ISA cap" column. For every OpenVINO row
+the convolution kernels OpenVINO compiled are printed, which shows whether the cap held.
+
 Run: .venv/bin/python bench/model.py [--model models/ct-abdomen] [--threads 2] [--rounds 3]
 Prints a Markdown table to stdout. Needs only the node's own code (never ``tests/``).
 """
@@ -63,6 +71,14 @@ from scp_node.training.variants import load_network, quantize_model, write_varia
 
 SUBJECT_B = REPO.parent / "shared" / "data" / "ct-abdomen-b"
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
+#: Environment that caps oneDNN (torch, OpenVINO), ATen and MKL at an instruction set.
+ISA_CAPS = {
+    "avx2": {
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }
+}
 STAGES = ("prepare", "resample_in", "network", "labels")
 
 
@@ -177,6 +193,34 @@ def _flops(spec: ModelSpec, name: str, size: tuple[int, int]) -> int:
     return count_flops(load_network(spec, _source(spec, name)), *size)
 
 
+def _honours_isa_cap(spec: ModelSpec, name: str) -> str:
+    """Whether a variant's engine obeys ``ISA_CAPS`` (oneDNN-based engines do)."""
+    weights = spec.variant(name)
+    if weights.format == "onnx":
+        return "yes" if weights.engine == "openvino" else "no (MLAS)"
+    if weights.precision == "int8":
+        return "no (fbgemm)"
+    return "yes"
+
+
+def openvino_conv_kernels(path: Path, shape: tuple[int, ...]) -> str:
+    """The kernels OpenVINO's CPU plugin compiles for the convolutions of an ONNX file."""
+    import openvino as ov
+
+    core = ov.Core()
+    network = core.read_model(str(path))
+    network.reshape(list(shape))
+    config = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"}  # as the node
+    compiled = core.compile_model(network, "CPU", config)
+    kinds: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = {key: value.astype(str) for key, value in op.get_rt_info().items()}
+        if info.get("layerType") in ("Convolution", "GroupConvolution", "Deconvolution"):
+            kind = info.get("primitiveType", "?")
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return ", ".join(f"{kind} x{count}" for kind, count in sorted(kinds.items()))
+
+
 def _row_label(spec: ModelSpec, name: str) -> str:
     weights = spec.variant(name)
     runtime = {"state_dict": "eager", "torchscript": "FX", "onnx": "ORT"}[weights.format]
@@ -197,10 +241,18 @@ def main() -> None:
         action="store_true",
         help="skip the unpruned ONNX fp32 / int8 and FX int8 rows (built in a temporary copy)",
     )
+    parser.add_argument(
+        "--max-isa",
+        choices=sorted(ISA_CAPS),
+        help="cap oneDNN/ATen/MKL at this instruction set (emulates an AVX2-only CPU's ISA)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.max_isa and any(os.environ.get(k) != v for k, v in ISA_CAPS[args.max_isa].items()):
+        # The libraries read the cap once, when they load: start afresh with it set.
+        os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | ISA_CAPS[args.max_isa])
     if args.child:
         _child(args)
         return
@@ -273,7 +325,7 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
         header += [f"x fp32 CPU {first}-slice study"]
     header += ["CPU ms/slice", "x fp32 CPU"]
     header += ["prepare", "resample in", "network", "labels", "network share"]
-    header += ["peak RSS MiB", "GOP/s", "% of peak"]
+    header += ["peak RSS MiB", "GOP/s", "% of peak", "ISA cap"]
     header += [f"agreement Dice {n} vs fp32" for n in label_names]
     header += [f"agreement Dice {n} vs source" for n in label_names]
     rows = []
@@ -297,6 +349,7 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
         row += [f"{stage[k]:.1f}" for k in STAGES]
         row.append(f"{100 * (figures['network_share'] or 0):.0f}%")
         row += [f"{figures['peak_rss_mib']:.0f}", f"{gops:.1f}", f"{100 * gops / peak:.0f}%"]
+        row.append(_honours_isa_cap(spec, name) if args.max_isa else "-")
         for reference in (REFERENCE_VARIANT, _source(spec, name)):
             if reference in labels:
                 dice = label_dice(indices(labels[reference]), indices(labels[name]), classes)
@@ -321,6 +374,19 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
         f"machine); "
         f"GOP/s = the network's fp32-source FLOPs / network time\n\n"
     )
+    if args.max_isa:
+        out.write(
+            f"ISA capped at {args.max_isa} ("
+            + ", ".join(f"{k}={v}" for k, v in ISA_CAPS[args.max_isa].items())
+            + "): the int8 GEMM peak (fbgemm) and the rows marked 'no' are not capped\n"
+        )
+    padded = tuple(-(-n // 32) * 32 for n in size)
+    for name in names:
+        weights = spec.variant(name)
+        if weights.format == "onnx" and weights.engine == "openvino":
+            shape = (4, 1 + 2 * spec.input.context_slices, *padded)
+            kernels = openvino_conv_kernels(model_dir / weights.file, shape)
+            out.write(f"OpenVINO convolution kernels of {name}: {kernels}\n")
     load_after = os.getloadavg()
     out.write(
         "load average (1, 5, 15 min) at start "
