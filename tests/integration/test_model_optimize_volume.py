@@ -14,11 +14,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import threading
-import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -27,7 +24,6 @@ import torch
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from scp_node.app import Stage, run_node
 from scp_node.cli import app
 from scp_node.dicom.volume import load_volume
 from scp_node.errors import ModelError
@@ -40,7 +36,8 @@ from scp_node.settings import load_settings
 from scp_node.training import optimize_volume
 from tests.support.config import write_config
 from tests.support.monai_bundle import inference_config
-from tests.support.net import free_port, wait_until
+from tests.support.net import free_port
+from tests.support.node_thread import wait_for_model, work_stage_running
 
 pytestmark = pytest.mark.slow
 
@@ -221,26 +218,8 @@ def test_node_runs_the_fallback_and_shows_why_a_volume_variant_was_rejected(
         },
     )
     settings = load_settings(config)
-    stop = threading.Event()
-    node = threading.Thread(
-        target=run_node,
-        args=(settings, {Stage.WORK}),
-        kwargs={"stop": stop, "install_signals": False},
-        daemon=True,
-    )
-    node.start()
-    base = f"http://127.0.0.1:{settings.web.port}"
-    try:
-
-        def model_loaded() -> dict[str, Any] | None:
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
-                    body: dict[str, Any] = json.loads(response.read().decode())
-            except OSError:
-                return None
-            return body if body["model"]["variant"] else None
-
-        health = wait_until(model_loaded, 120, "the worker to load its model")
+    with work_stage_running(settings) as base:
+        health = wait_for_model(base)
         assert health["model"]["variant"].startswith("nnunet-a variant ")
         assert "int8-ort" not in health["model"]["variant"].split(" (")[0]
         notes = health["model"]["rejected"]
@@ -249,10 +228,6 @@ def test_node_runs_the_fallback_and_shows_why_a_volume_variant_was_rejected(
             for n in notes
         ), notes
         assert health["status"] == "ok"
-    finally:
-        stop.set()
-        node.join(30)
-    assert not node.is_alive()
 
     monkeypatch.chdir(tmp_path)
     status = runner.invoke(app, ["model", "status", "--config", str(config)])
@@ -331,34 +306,12 @@ def test_optimize_a_monai_bundle_keeps_a_verified_variant_a_fresh_node_runs(
         },
     )
     settings = load_settings(config)
-    stop = threading.Event()
-    node = threading.Thread(
-        target=run_node,
-        args=(settings, {Stage.WORK}),
-        kwargs={"stop": stop, "install_signals": False},
-        daemon=True,
-    )
-    node.start()
-    base = f"http://127.0.0.1:{settings.web.port}"
-    try:
-
-        def model_loaded() -> dict[str, Any] | None:
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
-                    body: dict[str, Any] = json.loads(response.read().decode())
-            except OSError:
-                return None
-            return body if body["model"]["variant"] else None
-
-        health = wait_until(model_loaded, 120, "the worker to load its model")
+    with work_stage_running(settings) as base:
+        health = wait_for_model(base)
         assert health["status"] == "ok" and not health["model"]["rejected"]
         shown = health["model"]["variant"]
         assert shown.startswith("bundle-a variant "), shown
         chosen = shown.split(" (")[0].removeprefix("bundle-a variant ")
-    finally:
-        stop.set()
-        node.join(30)
-    assert not node.is_alive()
     # cpu = "auto": the recorded variants were verified against the reference patch and
     # timed on this machine, and the fastest verified one runs (the fixture's tiny network
     # on a 32^3 patch may well be fastest in torch itself).

@@ -13,10 +13,8 @@ import html
 import json
 import re
 import shutil
-import threading
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -24,7 +22,6 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from scp_node.app import Stage, run_node
 from scp_node.cli import app
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import ModelSpec
@@ -32,7 +29,8 @@ from scp_node.inference.verify import ReferenceCase, check_variant, select_varia
 from scp_node.settings import load_settings
 from tests.conftest import REPO_ROOT
 from tests.support.config import write_config
-from tests.support.net import free_port, wait_until
+from tests.support.net import free_port
+from tests.support.node_thread import wait_for_model, work_stage_running
 
 SHIPPED = REPO_ROOT / "models" / "ct-abdomen"
 BROKEN = "pruned-int8-ort"
@@ -96,25 +94,8 @@ def test_broken_variant_rejected_with_fallback_and_reason_shown(
         },
     )
     settings = load_settings(config)
-    stop = threading.Event()
-    node = threading.Thread(
-        target=run_node,
-        args=(settings, {Stage.WORK}),
-        kwargs={"stop": stop, "install_signals": False},
-        daemon=True,
-    )
-    node.start()
-    base = f"http://127.0.0.1:{settings.web.port}"
-    try:
-
-        def model_loaded() -> dict[str, Any] | None:
-            try:
-                body: dict[str, Any] = json.loads(_get(f"{base}/healthz")[1])
-            except OSError:
-                return None
-            return body if body["model"]["variant"] else None
-
-        health = wait_until(model_loaded, 120, "the worker to load its model")
+    with work_stage_running(settings) as base:
+        health = wait_for_model(base)
         # Falls back to the next variant of the card's order, which passes here.
         assert health["model"]["variant"].startswith("ct-abdomen variant pruned-onnx")
         (note,) = health["model"]["rejected"]
@@ -128,10 +109,6 @@ def test_broken_variant_rejected_with_fallback_and_reason_shown(
         status, page = _get(f"{base}/health")
         assert status == 200
         assert note in html.unescape(page) and "pruned-onnx" in page
-    finally:
-        stop.set()
-        node.join(30)
-    assert not node.is_alive()
 
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["model", "status", "--config", str(config)])
