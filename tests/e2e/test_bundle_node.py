@@ -19,8 +19,13 @@ import pydicom
 import pytest
 
 from tests.support.monai_bundle import CHANNELS
-from tests.support.net import wait_until
 from tests.support.nifti_series import write_series
+from tests.support.seg_checks import (
+    assert_frames_on_source_slices,
+    dice_score,
+    labelmap_by_source,
+    wait_for_seg,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -36,11 +41,6 @@ def _model_dir(root: Path, bundle: Path) -> Path:
         encoding="utf-8",
     )
     return directory
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 @pytest.mark.parametrize("plane", ["axial", "sagittal"])
@@ -62,12 +62,7 @@ def test_a_bundle_runs_through_the_whole_node(
     pacs = pacs_factory(node.pacs_port)
     node.start()
     node.storescu(series.files)
-    seg_path = wait_until(
-        lambda: next(iter(sorted(pacs.directory.glob("*.dcm"))), None),
-        SEG_TIMEOUT_S,
-        "a SEG at the PACS",
-        poll_s=1.0,
-    )
+    seg_path = wait_for_seg(pacs, SEG_TIMEOUT_S)
     seg = hd.seg.segread(seg_path)
     datasets = [pydicom.dcmread(path) for path in series.files]
     order = [str(ds.SOPInstanceUID) for ds in datasets]
@@ -75,30 +70,13 @@ def test_a_bundle_runs_through_the_whole_node(
     # Geometry against the source files, not against our own code.
     assert seg.FrameOfReferenceUID == datasets[0].FrameOfReferenceUID
     assert (seg.Rows, seg.Columns) == (datasets[0].Rows, datasets[0].Columns)
-    by_position = {
-        tuple(round(float(v), 3) for v in ds.ImagePositionPatient): str(ds.SOPInstanceUID)
-        for ds in datasets
-    }
-    for frame in seg.PerFrameFunctionalGroupsSequence:
-        position = frame.PlanePositionSequence[0].ImagePositionPatient
-        derived = frame.DerivationImageSequence[0].SourceImageSequence[0]
-        uid = by_position[tuple(round(float(v), 3) for v in position)]
-        assert derived.ReferencedSOPInstanceUID == uid
+    assert_frames_on_source_slices(seg, datasets)
     orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
     assert np.allclose(
         [float(v) for v in orientation.ImageOrientationPatient], series.image_orientation
     )
 
-    labelmap = np.zeros((len(order), seg.Rows, seg.Columns), dtype=np.uint8)
-    names = {}
-    for number in seg.segment_numbers:
-        names[number] = seg.get_segment_description(number).segment_label
-        frames = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=order,
-            segment_numbers=[number],
-            assert_missing_frames_are_empty=True,
-        )[..., 0]
-        labelmap[frames > 0] = number
+    labelmap, names = labelmap_by_source(seg, order)
 
     reference = nib.as_closest_canonical(nib.load(monai_reference))
     expected = series.stored(np.asarray(reference.dataobj).astype(np.uint8))
@@ -106,5 +84,5 @@ def test_a_bundle_runs_through_the_whole_node(
     values = {name: channel for channel, (name, _total) in CHANNELS.items()}
     assert sorted(names.values()) == sorted(values)
     for number, name in names.items():
-        dice = _dice(labelmap == number, expected == values[name])
+        dice = dice_score(labelmap == number, expected == values[name])
         assert dice >= 0.99, f"{name}: Dice {dice:.4f} against monai.bundle run ({plane})"

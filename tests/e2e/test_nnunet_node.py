@@ -16,11 +16,16 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.uid import generate_uid
 
 from tests.support.datasets import ct_dataset
-from tests.support.net import wait_until
+from tests.support.nnunet_folder import reference_predictor
+from tests.support.seg_checks import (
+    assert_frames_on_source_slices,
+    dice_score,
+    labelmap_by_source,
+    wait_for_seg,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -89,11 +94,6 @@ def _model_dir(root: Path, folder: Path) -> Path:
     return directory
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
 def test_an_nnunet_folder_runs_through_the_whole_node(
     nnunet_folder: Path,
     shared_data: Path,
@@ -101,70 +101,35 @@ def test_an_nnunet_folder_runs_through_the_whole_node(
     node_factory: Any,
     pacs_factory: Any,
 ) -> None:
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     files, image_ras = _write_series(shared_data, tmp_path / "series")
     models = _model_dir(tmp_path, nnunet_folder).parent
     node = node_factory(worker={"model": "nnunet-a", "models_dir": str(models), "threads": 2})
     pacs = pacs_factory(node.pacs_port)
     node.start()
     node.storescu(files)
-    seg_path = wait_until(
-        lambda: next(iter(sorted(pacs.directory.glob("*.dcm"))), None),
-        SEG_TIMEOUT_S,
-        "a SEG at the PACS",
-        poll_s=1.0,
-    )
+    seg_path = wait_for_seg(pacs, SEG_TIMEOUT_S)
     seg = hd.seg.segread(seg_path)
     sources = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, files)}
 
     # Geometry against the source, not against our own code.
     assert seg.FrameOfReferenceUID == next(iter(sources.values())).FrameOfReferenceUID
     assert (seg.Rows, seg.Columns) == (image_ras.shape[1], image_ras.shape[2])
-    by_position = {
-        tuple(round(float(v), 3) for v in ds.ImagePositionPatient): uid
-        for uid, ds in sources.items()
-    }
-    for frame in seg.PerFrameFunctionalGroupsSequence:
-        position = frame.PlanePositionSequence[0].ImagePositionPatient
-        derived = frame.DerivationImageSequence[0].SourceImageSequence[0]
-        uid = by_position[tuple(round(float(v), 3) for v in position)]
-        assert derived.ReferencedSOPInstanceUID == uid
+    assert_frames_on_source_slices(seg, list(sources.values()))
     orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
     assert [float(v) for v in orientation.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
 
     # The SEG's label map in source slice order (z ascending = the NIfTI's k).
     order = sorted(sources, key=lambda uid: float(sources[uid].ImagePositionPatient[2]))
-    labelmap = np.zeros((len(order), seg.Rows, seg.Columns), dtype=np.uint8)
-    names = {}
-    for number in seg.segment_numbers:
-        description = seg.get_segment_description(number)
-        names[number] = description.segment_label
-        frames = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=order,
-            segment_numbers=[number],
-            assert_missing_frames_are_empty=True,
-        )[..., 0]
-        labelmap[frames > 0] = number
+    labelmap, names = labelmap_by_source(seg, order)
 
-    reference = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=False,
-        perform_everything_on_device=False,
-        device=torch.device("cpu"),
-        verbose=False,
-        verbose_preprocessing=False,
-        allow_tqdm=False,
-    )
-    reference.initialize_from_trained_model_folder(str(nnunet_folder), (0,), "checkpoint_final.pth")
+    reference = reference_predictor(nnunet_folder)
     spacing = [float(sources[order[0]].SliceThickness), 3.0, 3.0]
     expected_ras = reference.predict_single_npy_array(image_ras[None], {"spacing": spacing})
     expected = expected_ras[:, ::-1, ::-1]  # to DICOM pixel order
     values = {"liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 4}
     assert names, "the SEG has no segment"
     for number, name in names.items():
-        dice = _dice(labelmap == number, expected == values[name])
+        dice = dice_score(labelmap == number, expected == values[name])
         assert dice >= 0.99, f"{name}: Dice {dice:.4f} against nnUNetPredictor"
     for name, value in values.items():
         if name not in names.values():

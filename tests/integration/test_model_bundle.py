@@ -22,6 +22,7 @@ from scp_node.inference.formats.monai_bundle import read_bundle
 from scp_node.inference.registry import ModelSpec
 from scp_node.inference.runtime import load_runtime
 from tests.support.monai_bundle import CHANNELS, inference_config
+from tests.support.seg_checks import dice_score
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +42,6 @@ def _copy(bundle: Path, tmp_path: Path, config: dict[str, Any] | None = None) ->
     if config is not None:
         (copy / "configs" / "inference.json").write_text(json.dumps(config))
     return copy
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def _as_runtime_input(
@@ -100,7 +96,7 @@ def test_the_runtime_agrees_with_monai_bundle_run(
     assert labels.shape == expected.shape
     for channel, (name, _total) in CHANNELS.items():
         assert (expected == channel).sum() > 500, f"{name}: the reference found too little"
-        dice = _dice(labels == channel, expected == channel)
+        dice = dice_score(labels == channel, expected == channel)
         assert dice >= 0.99, f"{name}: Dice {dice:.4f} against monai.bundle run"
 
 

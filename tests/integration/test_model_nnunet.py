@@ -19,6 +19,8 @@ from scp_node.errors import ModelError
 from scp_node.inference.formats.nnunetv2 import load_checkpoint
 from scp_node.inference.registry import ModelSpec
 from scp_node.inference.runtime import load_runtime
+from tests.support.nnunet_folder import reference_predictor
+from tests.support.seg_checks import dice_score
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +53,6 @@ def _subject_a_ras(shared_data: Path) -> tuple[np.ndarray, tuple[float, float, f
     return sitk.GetArrayFromImage(image).astype(np.float32), spacing  # type: ignore[return-value]
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
 def test_minimal_card_takes_labels_and_codes_from_the_folder(
     nnunet_folder: Path, tmp_path: Path
 ) -> None:
@@ -81,21 +78,9 @@ def test_minimal_card_takes_labels_and_codes_from_the_folder(
 def test_matches_nnunet_predictor_on_the_same_image_and_folder(
     nnunet_folder: Path, tmp_path: Path, shared_data: Path
 ) -> None:
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     torch.set_num_threads(2)
     image_ras, spacing = _subject_a_ras(shared_data)
-    reference = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=False,
-        perform_everything_on_device=False,
-        device=torch.device("cpu"),
-        verbose=False,
-        verbose_preprocessing=False,
-        allow_tqdm=False,
-    )
-    reference.initialize_from_trained_model_folder(str(nnunet_folder), (0,), "checkpoint_final.pth")
+    reference = reference_predictor(nnunet_folder)
     expected = reference.predict_single_npy_array(image_ras[None], {"spacing": list(spacing)})
 
     spec = ModelSpec.from_model_dir(_model_dir(tmp_path, nnunet_folder))
@@ -108,7 +93,7 @@ def test_matches_nnunet_predictor_on_the_same_image_and_folder(
     found = set(np.unique(expected)) | set(np.unique(labels))
     assert found - {0}, "the reference found no label at all: the check would be empty"
     for label in spec.labels:
-        dice = _dice(labels == label.value, expected == label.value)
+        dice = dice_score(labels == label.value, expected == label.value)
         assert dice >= 0.99, f"{label.name}: Dice {dice:.4f} against nnUNetPredictor"
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,26 @@ DOWNSAMPLE = 2
 def trained_folder(out: Path) -> Path:
     """Where :func:`build` leaves the trained-model folder."""
     return out / "nnUNet_results" / DATASET_NAME / TRAINER_FOLDER
+
+
+def reference_predictor(folder: Path) -> Any:
+    """nnU-Net's own ``nnUNetPredictor`` on the CPU for ``folder`` (fold 0, final
+    checkpoint): Gaussian-weighted windows at half-tile steps, no mirroring, quiet."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=False,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(str(folder), (0,), "checkpoint_final.pth")
+    return predictor
 
 
 def _raw_dataset(raw: Path, data: Path) -> None:
