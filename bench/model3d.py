@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,18 +37,16 @@ INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 TRAINER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
-def make_ts_shaped(out: Path, template: Path) -> None:
-    """A card + nnU-Net folder with TotalSegmentator-fast-like 3d_fullres plans."""
-    import torch
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    plans = json.loads((template / "plans.json").read_text())
-    dataset = json.loads((template / "dataset.json").read_text())
+def ts_fast_plans(template: Path, first_width: int, max_width: int) -> dict[str, Any]:
+    """``template``'s ``plans.json`` with one 3d_fullres configuration shaped like
+    TotalSegmentator-fast's: PlainConvUNet, 6 stages of widths ``first_width * 2**i`` capped
+    at ``max_width``, 3 mm spacing, patch 112x112x128."""
+    plans: dict[str, Any] = json.loads((template / "plans.json").read_text())
     config = copy.deepcopy(plans["configurations"]["3d_fullres"])
     kwargs = config["architecture"]["arch_kwargs"]
     stages = 6
     kwargs["n_stages"] = stages
-    kwargs["features_per_stage"] = [min(320, 32 * 2**i) for i in range(stages)]
+    kwargs["features_per_stage"] = [min(max_width, first_width * 2**i) for i in range(stages)]
     kwargs["kernel_sizes"] = [[3, 3, 3]] * stages
     kwargs["strides"] = [[1, 1, 1]] + [[2, 2, 2]] * (stages - 2) + [[1, 1, 2]]
     kwargs["n_conv_per_stage"] = [2] * stages
@@ -55,19 +54,17 @@ def make_ts_shaped(out: Path, template: Path) -> None:
     config["patch_size"] = [112, 112, 128]
     config["spacing"] = [3.0, 3.0, 3.0]
     plans["configurations"] = {"3d_fullres": config}
-    folder = out / TRAINER
+    return plans
+
+
+def write_nnunet_folder(folder: Path, plans: Any, dataset: Any, network: Any) -> None:
+    """``folder`` as nnU-Net's trainer leaves it for fold 0: ``plans.json``,
+    ``dataset.json`` and ``fold_0/checkpoint_final.pth`` holding ``network``'s weights."""
+    import torch
+
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    torch.manual_seed(0)
-    network = get_network_from_plans(
-        config["architecture"]["network_class_name"],
-        kwargs,
-        config["architecture"]["_kw_requires_import"],
-        1,
-        len(dataset["labels"]),
-        deep_supervision=False,
-    )
     checkpoint = {
         "network_weights": network.state_dict(),
         "init_args": {
@@ -80,6 +77,26 @@ def make_ts_shaped(out: Path, template: Path) -> None:
         "inference_allowed_mirroring_axes": (0, 1, 2),
     }
     torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+
+
+def make_ts_shaped(out: Path, template: Path) -> None:
+    """A card + nnU-Net folder with TotalSegmentator-fast-like 3d_fullres plans."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    plans = ts_fast_plans(template, 32, 320)
+    dataset = json.loads((template / "dataset.json").read_text())
+    architecture = plans["configurations"]["3d_fullres"]["architecture"]
+    torch.manual_seed(0)
+    network = get_network_from_plans(
+        architecture["network_class_name"],
+        architecture["arch_kwargs"],
+        architecture["_kw_requires_import"],
+        1,
+        len(dataset["labels"]),
+        deep_supervision=False,
+    )
+    write_nnunet_folder(out / TRAINER, plans, dataset, network)
     (out / "model.toml").write_text(f'format = "nnunetv2"\n\n[nnunet]\nfolder = "{TRAINER}"\n')
 
 

@@ -22,8 +22,6 @@ for that and is 20 slices only).
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,27 +29,18 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.model3d import TRAINER, ts_fast_plans, write_nnunet_folder  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "data"
-TRAINER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 #: Our label value -> (name, TotalSegmentator 'total' value in subject A's labels).
 LABELS = {1: ("liver", 5), 2: ("spleen", 1)}
 CROP = (48, 48, 64)
 
 
 def _plans(template: Path) -> tuple[dict[str, object], dict[str, object]]:
-    plans = json.loads((template / "plans.json").read_text())
-    config = copy.deepcopy(plans["configurations"]["3d_fullres"])
-    kwargs = config["architecture"]["arch_kwargs"]
-    stages = 6
-    kwargs["n_stages"] = stages
-    kwargs["features_per_stage"] = [min(80, 8 * 2**i) for i in range(stages)]
-    kwargs["kernel_sizes"] = [[3, 3, 3]] * stages
-    kwargs["strides"] = [[1, 1, 1]] + [[2, 2, 2]] * (stages - 2) + [[1, 1, 2]]
-    kwargs["n_conv_per_stage"] = [2] * stages
-    kwargs["n_conv_per_stage_decoder"] = [2] * (stages - 1)
-    config["patch_size"] = [112, 112, 128]
-    config["spacing"] = [3.0, 3.0, 3.0]
-    plans["configurations"] = {"3d_fullres": config}
+    plans = ts_fast_plans(template, 8, 80)
     dataset = {
         "channel_names": {"0": "CT"},
         "labels": {"background": 0, **{name: v for v, (name, _t) in LABELS.items()}},
@@ -149,22 +138,7 @@ def train(out: Path, template: Path, minutes: float, threads: int) -> Path:
         if len(losses) % 20 == 0:
             print(f"step {len(losses)}: loss {np.mean(losses[-20:]):.3f}", flush=True)  # noqa: T201
     model = out / "model"
-    folder = model / TRAINER
-    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
-    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
-    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    checkpoint = {
-        "network_weights": network.state_dict(),
-        "init_args": {
-            "plans": plans,
-            "configuration": "3d_fullres",
-            "fold": 0,
-            "dataset_json": dataset,
-        },
-        "trainer_name": "nnUNetTrainer",
-        "inference_allowed_mirroring_axes": (0, 1, 2),
-    }
-    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    write_nnunet_folder(model / TRAINER, plans, dataset, network)
     (model / "model.toml").write_text(
         f'format = "nnunetv2"\nname = "real3d"\n\n[nnunet]\nfolder = "{TRAINER}"\n'
     )
@@ -182,7 +156,6 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from tests.support.nifti_series import write_series
 
     dicom = args.out / "dicom-a"
