@@ -22,51 +22,20 @@ from scp_node.training.data import (
 )
 from scp_node.training.train import dice_scores, segmentation_loss, train
 from scp_node.training.variants import prune_model, quantize_model
+from tests.support.tiny_liver import MODEL_TOML, TRAIN_TOML_HEAD
 
-TINY_TRAIN_TOML = """
-[data]
-subject = "ct-abdomen-a"
-
-[labels]
-liver = 5
-
-[network]
-architecture = "attention_unet"
-params = { in_channels = 1, num_classes = 2, base_channels = 2, depth = 2 }
-
-[input]
-spacing_mm = [6.0, 6.0]
-window_center = 50.0
-window_width = 400.0
-
-[train]
-crop_size = 24
+TINY_TRAIN_TOML = (
+    TRAIN_TOML_HEAD
+    + """crop_size = 24
 batch_size = 4
 epochs = 1
 steps_per_epoch = 3
 lr = 1e-2
 ce_class_weights = [1.0, 2.0]
 """
+)
 
-TINY_MODEL_TOML = """
-name = "tiny-liver"
-version = "0"
-
-[weights]
-format = "state_dict"
-file = "weights.pt"
-architecture = "attention_unet"
-params = { in_channels = 1, num_classes = 2, base_channels = 2, depth = 2 }
-
-[input]
-spacing_mm = [6.0, 6.0]
-
-[[labels]]
-value = 1
-name = "liver"
-category = { code = "123037004", scheme = "SCT", meaning = "Anatomical Structure" }
-type = { code = "10200004", scheme = "SCT", meaning = "Liver" }
-"""
+TINY_MODEL_TOML = MODEL_TOML
 
 
 @pytest.fixture

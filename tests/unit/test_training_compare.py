@@ -27,25 +27,11 @@ from scp_node.training.compare import (
 )
 from scp_node.training.data import CropSampler, TrainConfig, load_subject, split_slices
 from scp_node.training.train import make_loss, segmentation_loss, train
+from tests.support.tiny_liver import MODEL_TOML, TRAIN_TOML_HEAD
 
-BASE_TRAIN_TOML = """
-[data]
-subject = "ct-abdomen-a"
-
-[labels]
-liver = 5
-
-[network]
-architecture = "attention_unet"
-params = { in_channels = 1, num_classes = 2, base_channels = 2, depth = 2 }
-
-[input]
-spacing_mm = [6.0, 6.0]
-window_center = 50.0
-window_width = 400.0
-
-[train]
-crop_size = 32
+BASE_TRAIN_TOML = (
+    TRAIN_TOML_HEAD
+    + """crop_size = 32
 batch_size = 4
 epochs = 2
 steps_per_epoch = 6
@@ -53,29 +39,15 @@ lr = 1e-2
 ce_class_weights = [1.0, 2.0]
 foreground_fraction = 1.0
 """
+)
 
-BASE_MODEL_TOML = """
-name = "tiny-liver"
-version = "0"
-
-[weights]
-format = "state_dict"
-file = "weights.pt"
-architecture = "attention_unet"
-params = { in_channels = 1, num_classes = 2, base_channels = 2, depth = 2 }
-
-[input]
-spacing_mm = [6.0, 6.0]
-
-[[labels]]
-value = 1
-name = "liver"
-category = { code = "123037004", scheme = "SCT", meaning = "Anatomical Structure" }
-type = { code = "10200004", scheme = "SCT", meaning = "Liver" }
-
+BASE_MODEL_TOML = (
+    MODEL_TOML
+    + """
 [metrics]
 dice_liver_b_heldout = 0.5
 """
+)
 
 UNET = {"num_classes": 2, "base_channels": 4, "depth": 2}
 DEEPLAB = {"num_classes": 2, "base_channels": 4, "aspp_channels": 8}
