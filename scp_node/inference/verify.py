@@ -165,6 +165,20 @@ class VariantSelection:
             "checks": [asdict(c) for c in self.checks],
         }
 
+    def log(self, log: logging.Logger, detail: str = "") -> None:
+        """Log each rejected variant (a warning) and the choice (info) to ``log``;
+        ``detail`` ends the parenthesis after the seconds spent verifying."""
+        for note in self.notes:
+            log.warning("model %s: %s", self.model, note)
+        log.info(
+            "model %s runs variant %s (requested %s; %.2f s to verify%s)",
+            self.model,
+            self.chosen,
+            self.requested,
+            self.seconds,
+            detail,
+        )
+
 
 def label_dice(
     reference: npt.NDArray[np.integer], candidate: npt.NDArray[np.integer], classes: int
@@ -405,16 +419,7 @@ def select_variant(
         cached,
         time.perf_counter() - started,
     )
-    for note in selection.notes:
-        logger.warning("model %s: %s", spec.name, note)
-    logger.info(
-        "model %s runs variant %s (requested %s; %.2f s to verify%s)",
-        spec.name,
-        chosen,
-        want,
-        selection.seconds,
-        ", timings cached" if cached else "",
-    )
+    selection.log(logger, ", timings cached" if cached else "")
     return predictor, selection
 
 

@@ -285,15 +285,7 @@ def select_volume_variant(
         cached,
         time.perf_counter() - started,
     )
-    for note in selection.notes:
-        logger.warning("model %s: %s", spec.name, note)
-    logger.info(
-        "model %s runs variant %s (requested %s; %.2f s to verify)",
-        spec.name,
-        chosen.variant,
-        want,
-        selection.seconds,
-    )
+    selection.log(logger)
     return chosen, selection
 
 

@@ -3,6 +3,7 @@ logit-error gate, a card without a reference case, and labels from logits."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from scp_node.inference.preprocess import resample_inplane
 from scp_node.inference.registry import ModelSpec
 from scp_node.inference.verify import (
     ReferenceCase,
+    VariantCheck,
+    VariantSelection,
     check_variant,
     label_dice,
     machine_key,
@@ -113,6 +116,31 @@ def test_runtime_auto_order_and_references(model_dir: Path) -> None:
     card.write_text(CARD + '\n[verify]\nfile = "absent.npz"\n')
     with pytest.raises(ModelError, match=r"verify\.file"):
         ModelSpec.from_model_dir(model_dir)
+
+
+def test_a_selection_logs_each_rejection_and_the_choice(caplog: pytest.LogCaptureFixture) -> None:
+    rejected = VariantCheck("int8", False, reason="Dice 0.50 < 0.99 (liver)")
+    selection = VariantSelection(
+        "tiny", "cpu", "auto", "fp32", (rejected, VariantCheck("fp32", True)), True, True, 1.234
+    )
+    log = logging.getLogger("tests.selection")
+    with caplog.at_level(logging.INFO, logger="tests.selection"):
+        selection.log(log, ", timings cached")
+        selection.log(log)
+    assert [(r.levelno, r.name, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "tests.selection", "model tiny: " + rejected.describe()),
+        (
+            logging.INFO,
+            "tests.selection",
+            "model tiny runs variant fp32 (requested auto; 1.23 s to verify, timings cached)",
+        ),
+        (logging.WARNING, "tests.selection", "model tiny: " + rejected.describe()),
+        (
+            logging.INFO,
+            "tests.selection",
+            "model tiny runs variant fp32 (requested auto; 1.23 s to verify)",
+        ),
+    ]
 
 
 def test_label_dice_per_label() -> None:
