@@ -144,9 +144,7 @@ class Deliveries:
             delivery.state = DeliveryState.DONE
             delivery.delivered_at = now
             q.clear_lease(delivery)
-            job = q.lock_job(s, delivery.job_id)
-            assert job is not None  # foreign key
-            study_uid = q.study_uid(s, job.study_id)
+            job, study_uid = q.delivery_job(s, delivery)
             sent_s = (
                 q.seconds(now - delivery.last_attempt_at)
                 if delivery.last_attempt_at is not None
@@ -218,9 +216,7 @@ class Deliveries:
             delivery.last_error = error
             delivery.last_status = status
             q.clear_lease(delivery)
-            job = q.lock_job(s, delivery.job_id)
-            assert job is not None  # foreign key
-            study_uid = q.study_uid(s, job.study_id)
+            job, study_uid = q.delivery_job(s, delivery)
             first = delivery.first_attempt_at or now
             status_txt = f" (status 0x{status:04X})" if status is not None else ""
             data = {**_data(delivery), "status": status}

@@ -191,6 +191,14 @@ def lock_job(session: Session, job_id: int) -> Job | None:
     return session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
 
 
+def delivery_job(session: Session, delivery: Delivery) -> tuple[Job, str]:
+    """The job ``delivery`` belongs to, locked for this transaction, and its Study
+    Instance UID (the foreign key guarantees the job)."""
+    job = lock_job(session, delivery.job_id)
+    assert job is not None  # foreign key
+    return job, study_uid(session, job.study_id)
+
+
 def leased_job(session: Session, job_id: int, token: str, op: str) -> Job:
     """The job, locked, if it is RUNNING under ``token``.
 

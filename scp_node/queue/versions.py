@@ -157,9 +157,7 @@ def drop_stale(tx: Tx, job: Job, seg_series_uid: str, seg_uid: str) -> None:
     for delivery in stale:
         if in_flight(delivery, now):
             continue
-        old = q.lock_job(s, delivery.job_id)
-        assert old is not None  # foreign key
-        old_study = q.study_uid(s, old.study_id)
+        old, old_study = q.delivery_job(s, delivery)
         delivery.state = DeliveryState.FAILED
         delivery.last_error = reason
         q.clear_lease(delivery)
