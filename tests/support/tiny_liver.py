@@ -4,6 +4,8 @@ own ``[train]`` section (step counts, crop size) and, for the comparison runner,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 #: train.toml up to its ``[train]`` header: data, labels, network and input.
 TRAIN_TOML_HEAD = """
 [data]
@@ -44,3 +46,11 @@ name = "liver"
 category = { code = "123037004", scheme = "SCT", meaning = "Anatomical Structure" }
 type = { code = "10200004", scheme = "SCT", meaning = "Liver" }
 """
+
+
+def write_model_dir(directory: Path, train_toml: str, model_toml: str) -> Path:
+    """Create ``directory`` holding ``train.toml`` and ``model.toml``; returns it."""
+    directory.mkdir()
+    (directory / "train.toml").write_text(train_toml)
+    (directory / "model.toml").write_text(model_toml)
+    return directory

@@ -22,7 +22,7 @@ from scp_node.training.data import (
 )
 from scp_node.training.train import dice_scores, segmentation_loss, train
 from scp_node.training.variants import prune_model, quantize_model
-from tests.support.tiny_liver import MODEL_TOML, TRAIN_TOML_HEAD
+from tests.support.tiny_liver import MODEL_TOML, TRAIN_TOML_HEAD, write_model_dir
 
 TINY_TRAIN_TOML = (
     TRAIN_TOML_HEAD
@@ -40,11 +40,7 @@ TINY_MODEL_TOML = MODEL_TOML
 
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "tiny"
-    directory.mkdir()
-    (directory / "train.toml").write_text(TINY_TRAIN_TOML)
-    (directory / "model.toml").write_text(TINY_MODEL_TOML)
-    return directory
+    return write_model_dir(tmp_path / "tiny", TINY_TRAIN_TOML, TINY_MODEL_TOML)
 
 
 def test_nifti_is_reoriented_to_dicom_pixel_order(shared_data: Path) -> None:

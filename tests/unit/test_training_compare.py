@@ -27,7 +27,7 @@ from scp_node.training.compare import (
 )
 from scp_node.training.data import CropSampler, TrainConfig, load_subject, split_slices
 from scp_node.training.train import make_loss, segmentation_loss, train
-from tests.support.tiny_liver import MODEL_TOML, TRAIN_TOML_HEAD
+from tests.support.tiny_liver import MODEL_TOML, TRAIN_TOML_HEAD, write_model_dir
 
 BASE_TRAIN_TOML = (
     TRAIN_TOML_HEAD
@@ -55,11 +55,7 @@ DEEPLAB = {"num_classes": 2, "base_channels": 4, "aspp_channels": 8}
 
 @pytest.fixture
 def base_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "base"
-    directory.mkdir()
-    (directory / "train.toml").write_text(BASE_TRAIN_TOML)
-    (directory / "model.toml").write_text(BASE_MODEL_TOML)
-    return directory
+    return write_model_dir(tmp_path / "base", BASE_TRAIN_TOML, BASE_MODEL_TOML)
 
 
 def _batch_loss(net: torch.nn.Module, run_dir: Path, shared_data: Path) -> float:

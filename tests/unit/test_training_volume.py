@@ -41,6 +41,7 @@ from scp_node.training.volume import (
     train_volume,
     write_volume_model,
 )
+from tests.support.tiny_liver import write_model_dir
 
 from .test_training_compare import BASE_MODEL_TOML, BASE_TRAIN_TOML
 
@@ -162,11 +163,7 @@ def test_volume_recipe_checks(tmp_path: Path) -> None:
 
 @pytest.fixture
 def base_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "base"
-    directory.mkdir()
-    (directory / "train.toml").write_text(BASE_TRAIN_TOML)
-    (directory / "model.toml").write_text(BASE_MODEL_TOML)
-    return directory
+    return write_model_dir(tmp_path / "base", BASE_TRAIN_TOML, BASE_MODEL_TOML)
 
 
 def test_multi_organ_slice_row(base_dir: Path, tmp_path: Path, shared_data: Path) -> None:
