@@ -42,6 +42,7 @@ __all__ = [
     "cpu_flags",
     "label_dice",
     "machine_key",
+    "read_variant_cache",
     "select_variant",
     "selection_summary",
 ]
@@ -339,7 +340,9 @@ def machine_key(spec: ModelSpec, names: list[str], threads: int) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
+def read_variant_cache(path: Path, key: str) -> dict[str, Any] | None:
+    """The per-machine variant cache at ``path`` if it was written for ``key``; None when
+    it is missing, unreadable, not a JSON object or written for another key."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -480,7 +483,7 @@ def _auto(
     threads = torch.get_num_threads()
     cache_path = cache_dir / f"{spec.name}.json" if cache_dir is not None else None
     key = machine_key(spec, names, threads)
-    cached = _read_cache(cache_path, key) if cache_path is not None else None
+    cached = read_variant_cache(cache_path, key) if cache_path is not None else None
     if cached is not None:
         checks = [VariantCheck(**c) for c in cached["checks"]]
         ranked = _ranked(checks)

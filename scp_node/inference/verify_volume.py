@@ -33,7 +33,13 @@ from scp_node.durable import write_bytes_durably
 from scp_node.errors import ModelError
 from scp_node.inference.registry import AUTO_VARIANT, REFERENCE_VARIANT, ModelSpec
 from scp_node.inference.runtime.volume import VolumePredictor
-from scp_node.inference.verify import VariantCheck, VariantSelection, cpu_flags, label_dice
+from scp_node.inference.verify import (
+    VariantCheck,
+    VariantSelection,
+    cpu_flags,
+    label_dice,
+    read_variant_cache,
+)
 
 __all__ = [
     "AUTO_BUDGET_S",
@@ -291,13 +297,8 @@ def select_volume_variant(
 
 def _cached_ranking(path: Path | None, key: str) -> list[str] | None:
     """The verified variants, fastest first, from a cache written for ``key``."""
-    if path is None:
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("key") != key:
+    data = read_variant_cache(path, key) if path is not None else None
+    if data is None:
         return None
     ranked = data.get("ranked")
     if not isinstance(ranked, list) or not ranked:
