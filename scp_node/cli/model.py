@@ -58,11 +58,21 @@ def model_evaluate(
     ] = None,
     subject: Annotated[str, typer.Option(help="Held-out DICOM subject folder.")] = "ct-abdomen-b",
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=VALUE: the card label NAME is VALUE in the reference file (repeatable); "
+            "default: train.toml's [labels]."
+        ),
+    ] = None,
 ) -> None:
     """Dice and HD95 per label on held-out subject B through the worker's path.
 
     DICOM series -> load_volume -> Predictor -> SEG -> read back with highdicom -> compared
-    with the reference labels in physical space. Prints JSON {variant: scores}.
+    with the reference labels in physical space. Prints JSON {variant: scores}. A folder
+    without train.toml (an nnU-Net folder or bundle, a 3-D row of `model compare`) needs
+    --label for each of its labels (subject B's file holds TotalSegmentator's `total` map:
+    liver=5, spleen=1, ...).
     """
     import torch
     from rich.progress import Progress
@@ -73,6 +83,7 @@ def model_evaluate(
     torch.set_num_threads(threads)
     results: dict[str, dict[str, float]] = {}
     with on_error(default=2):
+        reference_values = _label_values(label) if label else None
         spec = ModelSpec.from_model_dir(model_dir)
         names = variant or [REFERENCE_VARIANT, *spec.variants]
         with Progress(console=err_console) as progress:
@@ -84,9 +95,29 @@ def model_evaluate(
                     data_dir / subject / "dicom",
                     data_dir / subject / "labels.nii.gz",
                     variant=name,
+                    reference_values=reference_values,
                 )
                 progress.advance(task)
     sys.stdout.write(json.dumps(results, indent=2) + "\n")
+
+
+def _label_values(pairs: list[str]) -> dict[str, int]:
+    """``["liver=5", ...]`` -> ``{"liver": 5, ...}``.
+
+    Raises
+    ------
+    ModelError
+        A pair is not NAME=INTEGER.
+    """
+    from scp_node.errors import ModelError
+
+    values: dict[str, int] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip() or not value.strip().isdigit():
+            raise ModelError(f"--label {pair!r}: expected NAME=VALUE, e.g. liver=5")
+        values[name.strip()] = int(value)
+    return values
 
 
 @app.command("prune")

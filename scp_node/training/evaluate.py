@@ -264,6 +264,11 @@ def evaluate_series(
 
     spec = ModelSpec.from_model_dir(model_dir)
     if reference_values is None:
+        if not (model_dir / TRAIN_FILE).is_file():
+            raise ModelError(
+                f"no {TRAIN_FILE} in {model_dir}: give each label's value in the reference "
+                "file (model evaluate --label NAME=VALUE)"
+            )
         reference_values = TrainConfig.from_file(model_dir / TRAIN_FILE).labels
     missing = [label.name for label in spec.labels if label.name not in reference_values]
     if missing:

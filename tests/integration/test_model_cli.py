@@ -46,6 +46,21 @@ def test_model_commands_end_to_end(tmp_path: Path, shared_data: Path) -> None:
     assert 0.0 <= scores["fp32"]["dice_liver"] <= 1.0
     assert scores["fp32"]["slices"] == 20
 
+    # A folder without train.toml (an nnU-Net folder, a 3-D compare row) names the
+    # reference file's values itself; the same scores come out.
+    (model / "train.toml").rename(tmp_path / "train.toml")
+    evaluate_fp32 = ["model", "evaluate", str(model), *data, "--variant", "fp32"]
+    result = runner.invoke(app, evaluate_fp32)
+    assert result.exit_code == 2
+    assert "--label NAME=VALUE" in result.output
+    result = runner.invoke(app, [*evaluate_fp32, "--label", "liver"])
+    assert result.exit_code == 2
+    assert "expected NAME=VALUE" in result.output
+    result = runner.invoke(app, [*evaluate_fp32, "--label", "liver=5"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["fp32"]["dice_liver"] == scores["fp32"]["dice_liver"]
+    (tmp_path / "train.toml").rename(model / "train.toml")
+
     out = tmp_path / "export"
     result = runner.invoke(
         app, ["model", "export", str(model), str(out), "--variant", "pruned", "--format", "onnx"]
