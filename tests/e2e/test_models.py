@@ -180,3 +180,54 @@ def test_two_models_route_studies_and_a_broken_one_is_down(
     assert report["models"]["ct-thin"]["chosen"] == _series(ct[0])
     assert report["models"]["mr-liver"]["routed"] is False
     assert "labels.0.type" in report["models"]["broken"]["down"]
+
+
+def test_shipped_liver_and_spleen_models_each_send_their_seg(
+    node_factory: Any, pacs_factory: Any, ct_b_files: list[Path]
+) -> None:
+    """The two shipped cards from the repository's models/: one CT study, two SEGs, each
+    with its own organ, code and colour, over the same source images."""
+    node = node_factory(worker={"models": ["ct-abdomen", "ct-spleen"], "max_loaded_models": 2})
+    node.start()
+    pacs = pacs_factory(node.pacs_port)
+    result = subprocess.run(
+        ["storescu", "-aec", "SCPNODE", "-xv", "-R", "127.0.0.1", str(node.port)]
+        + [str(f) for f in ct_b_files],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+
+    segs = wait_until(
+        lambda: pacs.files() if len(pacs.files()) == 2 else [], SEG_TIMEOUT_S, "2 SEGs"
+    )
+    read = {str(s.SeriesDescription): s for s in (hd.seg.segread(path) for path in segs)}
+    assert set(read) == {"AI abdomen segmentation", "AI spleen segmentation"}
+    sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in ct_b_files}
+    expected = {
+        "AI abdomen segmentation": ("liver", "10200004"),
+        "AI spleen segmentation": ("spleen", "78961009"),
+    }
+    for description, seg in read.items():
+        (segment,) = seg.SegmentSequence
+        label, code = expected[description]
+        assert segment.SegmentLabel == label
+        assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == code
+        assert seg.StudyInstanceUID == _study(ct_b_files[0])
+        # Both organs are in B's 20 slices: every frame points at one of its images.
+        assert seg.NumberOfFrames > 0
+        referenced = {
+            str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for frame in seg.PerFrameFunctionalGroupsSequence
+        }
+        assert referenced <= sources
+    colours = {
+        d: tuple(s.SegmentSequence[0].RecommendedDisplayCIELabValue) for d, s in read.items()
+    }
+    assert len(set(colours.values())) == 2  # the two overlays are told apart in a viewer
+    assert {j["model"]: j["outcome"] for j in node.jobs()} == {
+        "ct-abdomen": "seg",
+        "ct-spleen": "seg",
+    }

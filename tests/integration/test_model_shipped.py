@@ -1,5 +1,6 @@
-"""The shipped model, evaluated through the worker's own path on held-out subject B, reaches
-the Dice its card records; its CPU variant is pruned + int8 and within 0.01 of fp32.
+"""The shipped models, evaluated through the worker's own path on held-out subject B, reach
+the Dice their cards record; each CPU variant is int8 and within 0.01 of fp32 and of the fp32
+network it was quantised from (ct-abdomen: pruned + int8; ct-spleen: int8 of fp32).
 
 Tolerance: the recorded figures come from ``scp-node model evaluate`` on the build machine.
 fp32 and int8 kernels pick different vector code paths on other CPUs (AVX2, AVX-512, VNNI),
@@ -19,40 +20,47 @@ from scp_node.inference.registry import ModelSpec
 from scp_node.training.evaluate import evaluate_series
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = REPO_ROOT / "models" / "ct-abdomen"
+MODELS = REPO_ROOT / "models"
+#: Shipped model -> the least fp32 Dice on B its card may record for each label (ct-spleen:
+#: issue #16's shipping rule, held-out B Dice >= 0.85 for every seed of its design).
+SHIPPED = {"ct-abdomen": 0.90, "ct-spleen": 0.85}
 TOLERANCE = 0.005
 
 
-@pytest.fixture(scope="module")
-def spec() -> ModelSpec:
-    return ModelSpec.from_model_dir(SHIPPED)
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def shipped(request: pytest.FixtureRequest) -> tuple[Path, ModelSpec]:
+    folder = MODELS / request.param
+    return folder, ModelSpec.from_model_dir(folder)
 
 
-def test_card_declares_variants_metrics_and_runtime(spec: ModelSpec) -> None:
+def test_card_declares_variants_metrics_and_runtime(shipped: tuple[Path, ModelSpec]) -> None:
+    folder, spec = shipped
     cpu_variant = spec.runtime.cpu
     cpu = spec.variant(cpu_variant)
     assert cpu.precision == "int8"
     assert spec.runtime.cuda == "fp32"
+    source = spec.reference_of(cpu_variant)
     recorded = spec.metrics["heldout_b"]
-    assert {"fp32", "pruned", cpu_variant} <= set(recorded)
+    assert {"fp32", source, cpu_variant} <= set(recorded)
     for label in spec.labels:
         key = f"dice_{label.name}"
-        assert recorded["fp32"][key] >= 0.90
+        assert recorded["fp32"][key] >= SHIPPED[folder.name]
         # The gates: the CPU variant loses at most 0.01 against fp32, and int8 moves at most
         # 0.01 away from the fp32 network it was quantised from.
         assert recorded[cpu_variant][key] >= recorded["fp32"][key] - 0.01
-        assert abs(recorded[cpu_variant][key] - recorded["pruned"][key]) <= 0.01
+        assert abs(recorded[cpu_variant][key] - recorded[source][key]) <= 0.01
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["fp32", "cpu-runtime"])
 def test_shipped_model_reaches_recorded_dice_on_subject_b(
-    which: str, spec: ModelSpec, shared_data: Path
+    which: str, shipped: tuple[Path, ModelSpec], shared_data: Path
 ) -> None:
+    folder, spec = shipped
     variant = spec.runtime.cpu if which == "cpu-runtime" else "fp32"
     subject = shared_data / "ct-abdomen-b"
     scores = evaluate_series(
-        SHIPPED,
+        folder,
         subject / "dicom",
         subject / "labels.nii.gz",
         variant=variant,
