@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from scp_node.inference.registry import ModelSpec
     from scp_node.inference.verify import VariantSelection
     from scp_node.settings import WorkerSection
+    from scp_node.training.compare import Comparison
 
 __all__ = ["app"]
 
@@ -50,7 +51,9 @@ def model_train(
 
 @app.command("evaluate")
 def model_evaluate(
-    model_dir: Annotated[Path, typer.Argument(help="models/<name>")],
+    model_dir: Annotated[
+        Path, typer.Argument(help="models/<name>, or a comparison TOML (its table of saved runs)")
+    ],
     data_dir: DataDirOption = Path("../shared/data"),
     variant: Annotated[
         list[str] | None,
@@ -65,6 +68,9 @@ def model_evaluate(
             "default: train.toml's [labels]."
         ),
     ] = None,
+    runs: Annotated[
+        Path, typer.Option(help="With a comparison TOML: the --out its runs were saved to.")
+    ] = Path("var/compare"),
 ) -> None:
     """Dice and HD95 per label on held-out subject B through the worker's path.
 
@@ -73,7 +79,23 @@ def model_evaluate(
     without train.toml (an nnU-Net folder or bundle, a 3-D row of `model compare`) needs
     --label for each of its labels (subject B's file holds TotalSegmentator's `total` map:
     liver=5, spleen=1, ...).
+
+    Given a comparison TOML instead (`model compare`'s), it prints that comparison's table
+    and shipping rule from the runs saved under --runs (each run was evaluated this same
+    way when it was trained), as `model compare --table-only` does.
     """
+    if model_dir.suffix == ".toml":
+        from scp_node.errors import ModelError
+        from scp_node.training.compare import Comparison, load_results
+
+        with on_error(default=2):
+            comparison = Comparison.from_file(model_dir)
+            saved = load_results(runs, comparison)
+            if not saved:
+                raise ModelError(f"no saved runs of {model_dir} under {runs} (see --runs)")
+        _print_comparison(model_dir, comparison, saved, runs)
+        return
+
     import torch
     from rich.progress import Progress
 
@@ -417,15 +439,8 @@ def model_compare(
     what is saved (--table-only). Writes <out>/table.md and <out>/table.json.
     """
     import torch
-    from rich.table import Table
 
-    from scp_node.training.compare import (
-        Comparison,
-        compare,
-        load_results,
-        ship_rule,
-        summarise,
-    )
+    from scp_node.training.compare import Comparison, compare, load_results
 
     def report(record: dict[str, Any]) -> None:
         scores = ", ".join(
@@ -447,6 +462,17 @@ def model_compare(
             results = compare(
                 comparison, out, data_dir, resume=resume, rows=row, device=device, on_run=report
             )
+    _print_comparison(comparison_file, comparison, results, out)
+
+
+def _print_comparison(
+    comparison_file: Path, comparison: Comparison, results: list[dict[str, Any]], out: Path
+) -> None:
+    """Print a comparison's table and shipping rule; write <out>/table.md and table.json."""
+    from rich.table import Table
+
+    from scp_node.training.compare import ship_rule, summarise
+
     header, lines = summarise(results)
     table = Table(*header, title=f"{comparison_file} ({len(results)} runs)")
     for line in lines:

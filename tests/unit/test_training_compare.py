@@ -231,4 +231,13 @@ train = {{ epochs = 1, steps_per_epoch = 2 }}
         app, ["compare", str(comparison_file), "--out", str(out), "--table-only"]
     )
     assert cli.exit_code == 0, cli.output
-    assert "deeplab-2.5d-dice" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "deeplab-2.5d-dice" in table
+    # `model evaluate` given the comparison file prints (and writes) the same table.
+    (out / "table.md").unlink()
+    cli = CliRunner().invoke(app, ["evaluate", str(comparison_file), "--runs", str(out)])
+    assert cli.exit_code == 0, cli.output
+    assert (out / "table.md").read_text() == table
+    cli = CliRunner().invoke(app, ["evaluate", str(comparison_file), "--runs", str(tmp_path)])
+    assert cli.exit_code == 2
+    assert "no saved runs" in cli.output
