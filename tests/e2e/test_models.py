@@ -190,15 +190,7 @@ def test_shipped_liver_and_spleen_models_each_send_their_seg(
     node = node_factory(worker={"models": ["ct-abdomen", "ct-spleen"], "max_loaded_models": 2})
     node.start()
     pacs = pacs_factory(node.pacs_port)
-    result = subprocess.run(
-        ["storescu", "-aec", "SCPNODE", "-xv", "-R", "127.0.0.1", str(node.port)]
-        + [str(f) for f in ct_b_files],
-        capture_output=True,
-        text=True,
-        env=DCMTK_ENV,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    node.storescu(ct_b_files)
 
     segs = wait_until(
         lambda: pacs.files() if len(pacs.files()) == 2 else [], SEG_TIMEOUT_S, "2 SEGs"
