@@ -380,10 +380,11 @@ def _run(args: argparse.Namespace, model_dir: Path, scratch: Path) -> None:
             + ", ".join(f"{k}={v}" for k, v in ISA_CAPS[args.max_isa].items())
             + "): the int8 GEMM peak (fbgemm) and the rows marked 'no' are not capped\n"
         )
-    padded = tuple(-(-n // 32) * 32 for n in size)
     for name in names:
         weights = spec.variant(name)
         if weights.format == "onnx" and weights.engine == "openvino":
+            # The slice size the predictor pads to for this variant, as the node compiles it.
+            padded = [n + (-n) % weights.pad_multiple for n in size]
             shape = (4, 1 + 2 * spec.input.context_slices, *padded)
             kernels = openvino_conv_kernels(model_dir / weights.file, shape)
             out.write(f"OpenVINO convolution kernels of {name}: {kernels}\n")
