@@ -34,6 +34,7 @@ from scp_node.errors import (
     SeriesError,
 )
 from scp_node.inference.pool import LoadedModel, ModelPool
+from scp_node.inference.postprocess import keep_largest_components
 from scp_node.inference.registry import ModelSpec
 from scp_node.inference.runtime.geometry import axis_directions
 from scp_node.output.kos import build_rejection_note, write_rejection_note
@@ -374,6 +375,7 @@ class Worker:
             labelmap = predictor.predict(
                 volume.array, volume.spacing_zyx, axis_directions(volume.stack.orientation)
             )
+            removed = keep_largest_components(labelmap, spec.labels)
             note["message"] = f"model {spec.name} {spec.version}, device {predictor.device}"
             # The slice runtime times its own steps (prepare, resample, network, labels).
             after: dict[str, float] = dict(getattr(predictor, "stage_s", {}))
@@ -381,6 +383,9 @@ class Worker:
                 "variant": str(getattr(predictor, "variant", "")),
                 "stages_s": {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()},
             }
+            if removed:
+                # Voxels outside a one-piece organ's largest component (the card asks).
+                note["data"]["removed_voxels"] = removed
         # The preview needs the pixels; render it now and free them before the SEG is built
         # (the peak of a big study's memory was there).
         preview = self._render_preview(job, spec, volume.array, labelmap)

@@ -41,6 +41,10 @@ class LabelSpec(_Card):
     color: tuple[int, int, int] = (255, 0, 0)
     #: Segmented property type modifier, e.g. laterality (SCT 7771000 Left, 24028007 Right).
     modifier: CodeSpec | None = None
+    #: Keep only the label's largest 3-D connected component (nnU-Net's post-processing):
+    #: for an organ that is one piece (liver, spleen), never for one in pieces (bowel,
+    #: lesions). See :mod:`scp_node.inference.postprocess`.
+    largest_component: bool = False
 
 
 class SeriesSpec(_Card):

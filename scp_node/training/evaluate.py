@@ -22,6 +22,7 @@ import numpy.typing as npt
 import pydicom
 
 from scp_node.errors import ModelError
+from scp_node.inference.postprocess import keep_largest_components
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import ModelSpec
 from scp_node.training.data import TRAIN_FILE, TrainConfig
@@ -291,6 +292,7 @@ def evaluate_series(
         labelmap = predictor.predict(volume.array, volume.spacing_zyx)
         variant_name = str(predictor.variant)
     elapsed = time.perf_counter() - started
+    keep_largest_components(labelmap, spec.labels)  # as the worker does after the network
     seg = build_segmentation(volume, labelmap, spec, software_version="evaluation")
     sources = [str(ds.SOPInstanceUID) for ds in volume.datasets]
     if seg is None:
