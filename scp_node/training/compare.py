@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import time
 import tomllib
@@ -223,6 +224,7 @@ def prepare_run(base: Path, row: RowSpec, run_dir: Path) -> None:
     if row.labels:
         recipe["labels"] = dict(row.labels)
         card["labels"] = coded_labels(list(row.labels))
+        _describe_organs(card, row)
         weights = recipe["train"].get("ce_class_weights") if "train" in recipe else None
         if weights and len(weights) != len(row.labels) + 1 and "ce_class_weights" not in row.train:
             # The base's weights are for its own classes: background 1, each organ 2.
@@ -249,6 +251,23 @@ def prepare_run(base: Path, row: RowSpec, run_dir: Path) -> None:
     (run_dir / TRAIN_FILE).write_text(_dump_toml(recipe))
     (run_dir / CARD_FILE).write_text(_dump_toml(card))
     TrainConfig.from_file(run_dir / TRAIN_FILE)  # fail now, not after training
+
+
+def _describe_organs(card: dict[str, Any], row: RowSpec) -> None:
+    """Say in the row's card which organs it segments, not the base's (a spleen-only row of
+    a liver card must not call itself a liver model)."""
+    organs = ", ".join(name.replace("_", " ") for name in row.labels)
+    card["description"] = (
+        f"{organs[:1].upper()}{organs[1:]} segmentation: row {row.name} of a model comparison "
+        f"based on {card.get('name', 'a model')}."
+    )
+    provenance = card.get("provenance")
+    if isinstance(provenance, dict) and isinstance(provenance.get("labels"), str):
+        values = ", ".join(f"{name} = {value}" for name, value in row.labels.items())
+        text, count = re.subn(
+            r"\(map '([^']+)', [^)]*\)", rf"(map '\1', {values})", provenance["labels"]
+        )
+        provenance["labels"] = text if count else f"{text} ({values})"
 
 
 def flops_per_slice(net: torch.nn.Module, in_channels: int, side: int) -> float:

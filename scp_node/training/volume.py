@@ -534,7 +534,9 @@ def coded_labels(names: list[str]) -> list[dict[str, Any]]:
         codes = structure_codes(name)
         if codes is None:
             raise ModelError(f"label {name!r}: no SNOMED CT code known for this structure")
-        tables.append({"value": value, "name": name, "color": list(label_colour(value)), **codes})
+        tables.append(
+            {"value": value, "name": name, "color": list(label_colour(value, name)), **codes}
+        )
     return tables
 
 

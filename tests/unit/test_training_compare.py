@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,38 @@ def test_bad_loss_in_train_toml(base_dir: Path) -> None:
             ),
             base_dir / "x",
         )
+
+
+def test_an_organ_row_card_names_its_own_organs_and_colours(base_dir: Path) -> None:
+    """A row with its own labels describes, codes and colours them; nothing of the base's
+    liver is left in its card (a spleen row is purple in a viewer, as Slicer draws spleens)."""
+    card = (base_dir / "model.toml").read_text()
+    (base_dir / "model.toml").write_text(
+        card.replace(
+            "[metrics]",
+            "[provenance]\nlabels = \"reference (map 'total', liver = 5)\"\n\n[metrics]",
+        )
+    )
+    row = RowSpec(
+        name="spleen-kidney",
+        architecture="attention_unet",
+        params=UNET | {"num_classes": 3},
+        labels={"spleen": 1, "kidney_left": 3},
+    )
+    run_dir = base_dir / "run"
+    prepare_run(base_dir, row, run_dir)
+    params = tomllib.loads((run_dir / "model.toml").read_text())["weights"]["params"]
+    torch.save(build_network("attention_unet", params).state_dict(), run_dir / "weights.pt")
+
+    spec = ModelSpec.from_model_dir(run_dir)
+    assert spec.description.startswith("Spleen, kidney left segmentation: row spleen-kidney")
+    assert [(label.value, label.name) for label in spec.labels] == [
+        (1, "spleen"),
+        (2, "kidney_left"),
+    ]
+    assert [label.color for label in spec.labels] == [(157, 108, 162), (185, 102, 83)]
+    assert spec.labels[1].modifier is not None and spec.labels[1].modifier.code == "7771000"
+    assert spec.provenance["labels"] == "reference (map 'total', spleen = 1, kidney_left = 3)"
 
 
 def test_flops_of_the_shipped_architecture() -> None:

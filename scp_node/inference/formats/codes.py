@@ -80,6 +80,22 @@ def structure_codes(name: str) -> dict[str, dict[str, Any]] | None:
     return None if codes is None else {key: dict(value) for key, value in codes.items()}
 
 
-def label_colour(value: int) -> tuple[int, int, int]:
-    """A display colour for label ``value`` (stable across runs and nodes)."""
+#: Structures that always get their own anatomy colour (3D Slicer's: the palette's first
+#: entries), whatever their value in a model: a spleen is purple in every SEG the node makes.
+_NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
+    "liver": _PALETTE[0],
+    "spleen": _PALETTE[1],
+    "kidney_left": _PALETTE[2],
+    "kidney_right": _PALETTE[2],
+}
+
+
+def label_colour(value: int, name: str | None = None) -> tuple[int, int, int]:
+    """A display colour for label ``value`` (stable across runs and nodes).
+
+    A structure named in :data:`_NAMED_COLOURS` (TotalSegmentator's names) gets its anatomy
+    colour; any other label cycles the palette by value.
+    """
+    if name is not None and name in _NAMED_COLOURS:
+        return _NAMED_COLOURS[name]
     return _PALETTE[(value - 1) % len(_PALETTE)]

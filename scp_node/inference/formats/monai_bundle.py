@@ -622,7 +622,9 @@ def _coded_labels(plan: BundlePlan, card: Path) -> list[dict[str, Any]]:
                 f"({name!r}): no SNOMED CT code known for this structure; give the codes as "
                 f"[[labels]] in {card}"
             )
-        labels.append({"value": channel, "name": name, "color": label_colour(channel), **codes})
+        labels.append(
+            {"value": channel, "name": name, "color": label_colour(channel, name), **codes}
+        )
     return labels
 
 

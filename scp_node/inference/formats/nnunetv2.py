@@ -235,7 +235,7 @@ def _coded_labels(values: dict[str, int], dataset_path: Path, card: Path) -> lis
                 f"{dataset_path}: labels.{name}: no SNOMED CT code known for this structure; "
                 f"give the codes as [[labels]] in {card}"
             )
-        labels.append({"value": value, "name": name, "color": label_colour(value), **codes})
+        labels.append({"value": value, "name": name, "color": label_colour(value, name), **codes})
     return labels
 
 
