@@ -166,9 +166,8 @@ class VariantSelection:
             "checks": [asdict(c) for c in self.checks],
         }
 
-    def log(self, log: logging.Logger, detail: str = "") -> None:
-        """Log each rejected variant (a warning) and the choice (info) to ``log``;
-        ``detail`` ends the parenthesis after the seconds spent verifying."""
+    def log(self, log: logging.Logger) -> None:
+        """Log each rejected variant (a warning) and the choice (info) to ``log``."""
         for note in self.notes:
             log.warning("model %s: %s", self.model, note)
         log.info(
@@ -177,7 +176,7 @@ class VariantSelection:
             self.chosen,
             self.requested,
             self.seconds,
-            detail,
+            ", timings cached" if self.cached else "",
         )
 
 
@@ -422,7 +421,7 @@ def select_variant(
         cached,
         time.perf_counter() - started,
     )
-    selection.log(logger, ", timings cached" if cached else "")
+    selection.log(logger)
     return predictor, selection
 
 

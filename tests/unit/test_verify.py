@@ -120,13 +120,13 @@ def test_runtime_auto_order_and_references(model_dir: Path) -> None:
 
 def test_a_selection_logs_each_rejection_and_the_choice(caplog: pytest.LogCaptureFixture) -> None:
     rejected = VariantCheck("int8", False, reason="Dice 0.50 < 0.99 (liver)")
-    selection = VariantSelection(
-        "tiny", "cpu", "auto", "fp32", (rejected, VariantCheck("fp32", True)), True, True, 1.234
-    )
+    checks = (rejected, VariantCheck("fp32", True))
+    cached = VariantSelection("tiny", "cpu", "auto", "fp32", checks, True, True, 1.234)
+    timed_now = VariantSelection("tiny", "cpu", "auto", "fp32", checks, True, False, 1.234)
     log = logging.getLogger("tests.selection")
     with caplog.at_level(logging.INFO, logger="tests.selection"):
-        selection.log(log, ", timings cached")
-        selection.log(log)
+        cached.log(log)
+        timed_now.log(log)
     assert [(r.levelno, r.name, r.getMessage()) for r in caplog.records] == [
         (logging.WARNING, "tests.selection", "model tiny: " + rejected.describe()),
         (
