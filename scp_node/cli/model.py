@@ -430,17 +430,27 @@ def model_compare(
     ] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest here).")] = 1,
     device: Annotated[str, typer.Option(help="Training device: cpu, cuda or auto.")] = "cpu",
+    retime_runs: Annotated[
+        bool,
+        typer.Option(
+            "--retime",
+            help="Train nothing: time every saved run's network on a 200-slice study again "
+            "(on a quiet machine), then print the table.",
+        ),
+    ] = False,
 ) -> None:
     """Train each row x seed of a comparison file, evaluate all the same way, print the table.
 
     Every run is evaluated on subject B through the worker's path (as `model evaluate`,
     fp32) and on subject A's held-out blocks; its figures are saved as result.json, so
     rows can be trained in separate sessions (--resume, --row) and the table rebuilt from
-    what is saved (--table-only). Writes <out>/table.md and <out>/table.json.
+    what is saved (--table-only). A run's study time is taken after its training, under
+    whatever ran beside it; --retime times all saved runs again with --threads, so the
+    column compares like with like. Writes <out>/table.md and <out>/table.json.
     """
     import torch
 
-    from scp_node.training.compare import Comparison, compare, load_results
+    from scp_node.training.compare import Comparison, compare, load_results, retime
 
     def report(record: dict[str, Any]) -> None:
         scores = ", ".join(
@@ -458,6 +468,8 @@ def model_compare(
         comparison = Comparison.from_file(comparison_file)
         if table_only:
             results = load_results(out, comparison)
+        elif retime_runs:
+            results = retime(comparison, out, rows=row, threads=threads)
         else:
             results = compare(
                 comparison, out, data_dir, resume=resume, rows=row, device=device, on_run=report

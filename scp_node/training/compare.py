@@ -63,6 +63,7 @@ __all__ = [
     "compare",
     "flops_per_slice",
     "load_results",
+    "retime",
     "ship_rule",
     "summarise",
 ]
@@ -611,6 +612,64 @@ def time_volume_study(
     started = time.perf_counter()
     runtime.predict(study, spacing_zyx)
     return 1000 * (time.perf_counter() - started)
+
+
+def time_slice_study(
+    spec: Any,
+    shape: tuple[int, int, int] = STUDY_SHAPE,
+    spacing_zyx: tuple[float, float, float] = STUDY_SPACING,
+) -> float:
+    """Wall ms of a slice card's fp32 ``Predictor.predict`` on one study of ``shape``.
+
+    The same synthetic study as :func:`time_volume_study`, so 2-D and 3-D rows are timed on
+    one footing.
+    """
+    from scp_node.inference.predictor import Predictor
+
+    predictor = Predictor(device="cpu")
+    predictor.load(spec, "fp32")
+    study: np.ndarray[Any, Any] = np.zeros(shape, dtype=np.int16)
+    study[:, 64:-64, 64:-64] = 40
+    started = time.perf_counter()
+    predictor.predict(study, spacing_zyx)
+    return 1000 * (time.perf_counter() - started)
+
+
+def retime(
+    comparison: Comparison,
+    out_dir: Path,
+    *,
+    rows: Sequence[str] | None = None,
+    threads: int = 1,
+) -> list[dict[str, Any]]:
+    """Time every saved run's fp32 network again on a 200-slice study; save and return all.
+
+    A run's ``ms_per_200_slice_study`` was taken right after its training, under whatever
+    else the machine ran then (the table's rows were trained side by side). Run this on a
+    quiet machine to give every row the same conditions: each run's study time is replaced
+    (the record keeps the threads, machine and load of the new timing under ``timing``).
+    """
+    from scp_node.inference.registry import ModelSpec
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for row in comparison.rows:
+            if rows and row.name not in rows:
+                continue
+            for path in sorted((out_dir / row.name).glob(f"seed-*/{RESULT_FILE}")):
+                record = json.loads(path.read_text())
+                if not _same_row(record["row"], row):
+                    continue
+                spec = ModelSpec.from_model_dir(path.parent)
+                timer = time_slice_study if row.kind == "slice" else time_volume_study
+                record["ms_per_200_slice_study"] = timer(spec)
+                record["timing"] = {"threads": threads, "machine": _machine()}
+                _save_record(path.parent, record)
+                logger.info("retimed %s seed %s", row.name, record["seed"])
+    finally:
+        torch.set_num_threads(previous)
+    return load_results(out_dir, comparison)
 
 
 def _machine() -> dict[str, Any]:

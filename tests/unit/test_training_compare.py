@@ -274,3 +274,18 @@ train = {{ epochs = 1, steps_per_epoch = 2 }}
     cli = CliRunner().invoke(app, ["evaluate", str(comparison_file), "--runs", str(tmp_path)])
     assert cli.exit_code == 2
     assert "no saved runs" in cli.output
+
+    # --retime times the saved networks again (one row here), keeping everything else.
+    before = {r["row"]["name"]: r for r in load_results(out, comparison)}
+    cli = CliRunner().invoke(
+        app,
+        ["compare", str(comparison_file), "--out", str(out), "--retime", "--row", "unet-2d"],
+    )
+    assert cli.exit_code == 0, cli.output
+    after = {r["row"]["name"]: r for r in load_results(out, comparison)}
+    retimed = after["unet-2d"]
+    assert retimed["timing"]["threads"] == 1 and retimed["timing"]["machine"]["cpu_count"] > 0
+    assert retimed["ms_per_200_slice_study"] > 0
+    assert retimed["ms_per_200_slice_study"] != before["unet-2d"]["ms_per_200_slice_study"]
+    assert retimed["heldout_b"] == before["unet-2d"]["heldout_b"]
+    assert after["deeplab-2.5d-dice"] == before["deeplab-2.5d-dice"]  # not asked for
