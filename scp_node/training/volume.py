@@ -53,6 +53,7 @@ __all__ = [
     "build_volume_network",
     "coded_labels",
     "prepare_volume_data",
+    "thin_slab",
     "train_volume",
     "train_volume_row",
     "write_volume_model",
@@ -94,6 +95,10 @@ class VolumeRecipe:
     #: Dice; ``"dice"``: soft Dice alone (the 2-D rows' loss names).
     loss: str = "dice+wce"
     ce_class_weights: tuple[float, ...] = ()
+    #: Share of patches cut down to a thin slab of slices, centred between zeros as the
+    #: volume runtime pads a study thinner than the window (a 20-slice series of 2 mm is 13
+    #: slices at 3 mm): a 3-D network that never saw such padding fails on thin studies.
+    slab_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in VOLUME_KINDS:
@@ -108,6 +113,8 @@ class VolumeRecipe:
             )
         if len(self.patch) != 3 or min(self.patch) < 8:
             raise ModelError(f"patch {self.patch} must be three sizes >= 8")
+        if not 0.0 <= self.slab_fraction <= 1.0:
+            raise ModelError(f"slab_fraction {self.slab_fraction} must be within [0, 1]")
 
     @property
     def num_classes(self) -> int:
@@ -427,6 +434,27 @@ class _PatchSampler:
         return self.image[(slice(None), *window)], self.target[window]
 
 
+#: Fewest slices a thin-slab patch keeps (18 mm at 3 mm).
+_SLAB_MIN_SLICES = 6
+
+
+def thin_slab(
+    image: torch.Tensor, target: torch.Tensor, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random run of slices of a (channels, z, y, x) patch, centred in the patch between
+    zeros as :func:`~scp_node.inference.runtime.window.sliding_window_logits` pads a study thinner
+    than its window; the target is -1 (not learnt) outside the run."""
+    depth = int(image.shape[1])
+    count = int(rng.integers(min(_SLAB_MIN_SLICES, depth), depth))
+    start = int(rng.integers(0, depth - count + 1))
+    before = (depth - count) // 2
+    slab_image = torch.zeros_like(image)
+    slab_target = torch.full_like(target, -1)
+    slab_image[:, before : before + count] = image[:, start : start + count]
+    slab_target[before : before + count] = target[start : start + count]
+    return slab_image, slab_target
+
+
 def _loss(
     logits: torch.Tensor, target: torch.Tensor, recipe: VolumeRecipe, dice: Any
 ) -> torch.Tensor:
@@ -489,6 +517,8 @@ def train_volume(
                     out = augment({"image": image.clone(), "label": (target + 1)[None].float()})
                 image = torch.as_tensor(out["image"]).float()
                 target = torch.as_tensor(out["label"])[0].round().long() - 1
+            if recipe.slab_fraction > 0 and rng.random() < recipe.slab_fraction:
+                image, target = thin_slab(image, target, rng)
             images.append(image)
             targets.append(target)
         inputs = torch.stack(images).to(run_device)

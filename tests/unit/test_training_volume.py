@@ -38,6 +38,7 @@ from scp_node.training.volume import (
     _PatchSampler,
     build_volume_network,
     prepare_volume_data,
+    thin_slab,
     train_volume,
     write_volume_model,
 )
@@ -138,9 +139,47 @@ def test_augmentation_is_seeded_and_keeps_labels(shared_data: Path) -> None:
     assert not torch.equal(torch.as_tensor(runs[0][0]["image"]), image)
 
 
+def test_a_thin_slab_patch_looks_like_a_thin_study_padded_for_the_window() -> None:
+    """Each slab is a contiguous run of the patch's own slices, centred between zeros as the
+    runtime pads a study thinner than its window; outside the run nothing is learnt."""
+    depth = 16
+    image = (
+        torch.arange(1, depth + 1, dtype=torch.float32).reshape(1, depth, 1, 1).repeat(1, 1, 3, 3)
+    )
+    target = torch.arange(depth).reshape(depth, 1, 1).repeat(1, 3, 3) % 4
+    rng = np.random.default_rng(3)
+    counts = set()
+    for _ in range(40):
+        slab, labels = thin_slab(image, target, rng)
+        assert slab.shape == image.shape and labels.shape == target.shape
+        kept = torch.nonzero(slab[0, :, 0, 0]).flatten().tolist()
+        count = len(kept)
+        counts.add(count)
+        assert 6 <= count < depth
+        assert kept == list(range((depth - count) // 2, (depth - count) // 2 + count))
+        values = slab[0, kept, 0, 0]
+        assert torch.equal(values, torch.arange(values[0], values[0] + count))  # contiguous
+        assert torch.equal(labels[kept], target[(values - 1).long()])
+        outside = [z for z in range(depth) if z not in kept]
+        assert (slab[:, outside] == 0).all() and (labels[outside] == -1).all()
+    assert len(counts) > 3  # the thickness varies
+
+
+def test_volume_row_trains_on_thin_slabs(shared_data: Path) -> None:
+    recipe = _recipe("hybrid", slab_fraction=1.0, patch=(12, 32, 32))
+    data = prepare_volume_data(recipe, shared_data)
+    torch.manual_seed(0)
+    network = build_volume_network(recipe, data.extra)
+    before = _fixed_loss(network, recipe, data)
+    assert train_volume(network, data, recipe, seed=0).steps == 6
+    assert _fixed_loss(network, recipe, data) < before
+
+
 def test_volume_recipe_checks(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="kind 'unet4d'"):
         VolumeRecipe(kind="unet4d", labels=ORGANS)
+    with pytest.raises(ModelError, match=r"slab_fraction 1\.5"):
+        VolumeRecipe(kind="hybrid", labels=ORGANS, slab_fraction=1.5)
     with pytest.raises(ModelError, match="needs labels"):
         VolumeRecipe(kind="hybrid", labels={})
     with pytest.raises(ModelError, match="slice rows only"):
