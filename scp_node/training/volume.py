@@ -99,6 +99,12 @@ class VolumeRecipe:
     #: volume runtime pads a study thinner than the window (a 20-slice series of 2 mm is 13
     #: slices at 3 mm): a 3-D network that never saw such padding fails on thin studies.
     slab_fraction: float = 0.0
+    #: Which voxels of subject A give nnU-Net's CT normalisation its clip range, mean and SD
+    #: (``nnunet3d`` rows): ``"labels"`` the row's own organs; ``"all"`` every structure of
+    #: the subject's label map, as nnU-Net takes every class of its dataset. A liver-only
+    #: row of a non-contrast subject clips at -23..80 HU, which saturates a contrast-enhanced
+    #: liver (about 90 HU).
+    norm_foreground: str = "labels"
 
     def __post_init__(self) -> None:
         if self.kind not in VOLUME_KINDS:
@@ -113,6 +119,8 @@ class VolumeRecipe:
             )
         if len(self.patch) != 3 or min(self.patch) < 8:
             raise ModelError(f"patch {self.patch} must be three sizes >= 8")
+        if self.norm_foreground not in ("labels", "all"):
+            raise ModelError(f"norm_foreground {self.norm_foreground!r} is not labels or all")
         if not 0.0 <= self.slab_fraction <= 1.0:
             raise ModelError(f"slab_fraction {self.slab_fraction} must be within [0, 1]")
 
@@ -147,7 +155,8 @@ class VolumeTrainResult:
 
 
 def _nnunet_plans(recipe: VolumeRecipe, foreground: npt.NDArray[np.float32]) -> dict[str, Any]:
-    """A 3d_fullres nnU-Net v2 plan: PlainConvUNet at 3 mm, CT normalisation from A's organs."""
+    """A 3d_fullres nnU-Net v2 plan: PlainConvUNet at 3 mm, CT normalisation from the
+    ``foreground`` voxels' intensities (see ``VolumeRecipe.norm_foreground``)."""
     features = [int(f) for f in recipe.params.get("features", [8, 16, 32, 64, 80, 80])]
     stages = len(features)
     if stages < 3:
@@ -285,8 +294,10 @@ def prepare_volume_data(recipe: VolumeRecipe, data_dir: Path) -> VolumeData:
         total: Any = nibabel.as_closest_canonical(nibabel.load(folder / "labels.nii.gz"))
         # (z, y, x) with x -> Right, y -> Anterior, z -> Superior: the card's "RAS".
         image = np.asarray(ct.dataobj, dtype=np.float32).transpose(2, 1, 0)
-        target = _classes(np.asarray(total.dataobj).transpose(2, 1, 0), recipe)
-        plans = _nnunet_plans(recipe, image[target > 0])
+        structures = np.asarray(total.dataobj).transpose(2, 1, 0)
+        target = _classes(structures, recipe)
+        foreground = structures > 0 if recipe.norm_foreground == "all" else target > 0
+        plans = _nnunet_plans(recipe, image[foreground])
         dataset = _dataset_json(recipe)
         manager = PlansManager(plans)
         spacing = [float(s) for s in ct.header.get_zooms()[:3]][::-1]

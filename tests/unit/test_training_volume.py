@@ -165,6 +165,20 @@ def test_a_thin_slab_patch_looks_like_a_thin_study_padded_for_the_window() -> No
     assert len(counts) > 3  # the thickness varies
 
 
+def test_nnunet_normalisation_can_span_every_structure(shared_data: Path) -> None:
+    """The liver alone of non-contrast subject A gives a clip window of about -23..80 HU; all
+    its structures (bone, lung, fat among them) a window that keeps a contrast-enhanced liver
+    (about 90 HU) unclipped."""
+    ranges = {}
+    for foreground in ("labels", "all"):
+        recipe = _recipe("nnunet3d", labels={"liver": 5}, norm_foreground=foreground)
+        plans = prepare_volume_data(recipe, shared_data).extra["plans"]
+        props = plans["foreground_intensity_properties_per_channel"]["0"]
+        ranges[foreground] = (props["percentile_00_5"], props["percentile_99_5"])
+    assert ranges["labels"][1] < 90 < ranges["all"][1]
+    assert ranges["all"][0] < -500 < ranges["labels"][0]
+
+
 def test_volume_row_trains_on_thin_slabs(shared_data: Path) -> None:
     recipe = _recipe("hybrid", slab_fraction=1.0, patch=(12, 32, 32))
     data = prepare_volume_data(recipe, shared_data)
@@ -180,6 +194,8 @@ def test_volume_recipe_checks(tmp_path: Path) -> None:
         VolumeRecipe(kind="unet4d", labels=ORGANS)
     with pytest.raises(ModelError, match=r"slab_fraction 1\.5"):
         VolumeRecipe(kind="hybrid", labels=ORGANS, slab_fraction=1.5)
+    with pytest.raises(ModelError, match="norm_foreground 'body'"):
+        VolumeRecipe(kind="nnunet3d", labels=ORGANS, norm_foreground="body")
     with pytest.raises(ModelError, match="needs labels"):
         VolumeRecipe(kind="hybrid", labels={})
     with pytest.raises(ModelError, match="slice rows only"):
