@@ -27,6 +27,7 @@ from PIL import Image
 from pydicom import dcmread
 
 from scp_node.dicom.volume import load_volume
+from scp_node.inference.postprocess import keep_largest_components
 from scp_node.inference.predictor import Predictor
 from scp_node.inference.registry import load_model_spec
 from tests.conftest import REPO_ROOT
@@ -384,6 +385,7 @@ def test_dcmqi_reads_back_the_models_label_map(
     predictor.load(spec)
     volume = load_volume(ct_b_files)
     labels = predictor.predict(volume.array, volume.spacing_zyx)
+    keep_largest_components(labels, spec.labels)  # the worker's post-processing
     by_name = {label.name: label.value for label in spec.labels}
 
     groups = meta["segmentAttributes"]  # one output file per group: 1.nii.gz, 2.nii.gz, ...
