@@ -10,11 +10,12 @@ from pathlib import Path
 def receiver_pids(node_pid: int) -> list[int]:
     """The node's spawned receiver processes (not multiprocessing's resource tracker)."""
     # Each thread has its own list: a restarted receiver is the child of the watcher thread.
-    children = [
-        pid
-        for task in Path(f"/proc/{node_pid}/task").iterdir()
-        for pid in (task / "children").read_text().split()
-    ]
+    children: list[str] = []
+    for task in Path(f"/proc/{node_pid}/task").iterdir():
+        try:
+            children += (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue  # the thread ended after the listing (it had no receiver to show)
     pids = []
     for child in map(int, children):
         try:
