@@ -661,19 +661,15 @@ def retime(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for row in comparison.rows:
+        for row, path, record in _saved_runs(out_dir, comparison):
             if rows and row.name not in rows:
                 continue
-            for path in sorted((out_dir / row.name).glob(f"seed-*/{RESULT_FILE}")):
-                record = json.loads(path.read_text())
-                if not _same_row(record["row"], row):
-                    continue
-                spec = ModelSpec.from_model_dir(path.parent)
-                timer = time_slice_study if row.kind == "slice" else time_volume_study
-                record["ms_per_200_slice_study"] = timer(spec)
-                record["timing"] = {"threads": threads, "machine": _machine()}
-                _save_record(path.parent, record)
-                logger.info("retimed %s seed %s", row.name, record["seed"])
+            spec = ModelSpec.from_model_dir(path.parent)
+            timer = time_slice_study if row.kind == "slice" else time_volume_study
+            record["ms_per_200_slice_study"] = timer(spec)
+            record["timing"] = {"threads": threads, "machine": _machine()}
+            _save_record(path.parent, record)
+            logger.info("retimed %s seed %s", row.name, record["seed"])
     finally:
         torch.set_num_threads(previous)
     return load_results(out_dir, comparison)
@@ -765,15 +761,21 @@ def _same_row(saved: Mapping[str, Any], row: RowSpec) -> bool:
         return False
 
 
-def load_results(out_dir: Path, comparison: Comparison) -> list[dict[str, Any]]:
-    """The saved ``result.json`` of the comparison's rows that match their definition."""
-    results = []
+def _saved_runs(
+    out_dir: Path, comparison: Comparison
+) -> Iterator[tuple[RowSpec, Path, dict[str, Any]]]:
+    """Each saved run of the comparison's rows that matches its row's definition: the row,
+    its ``result.json`` and what that holds."""
     for row in comparison.rows:
         for path in sorted((out_dir / row.name).glob(f"seed-*/{RESULT_FILE}")):
             record = json.loads(path.read_text())
             if _same_row(record["row"], row):
-                results.append(record)
-    return results
+                yield row, path, record
+
+
+def load_results(out_dir: Path, comparison: Comparison) -> list[dict[str, Any]]:
+    """The saved ``result.json`` of the comparison's rows that match their definition."""
+    return [record for _, _, record in _saved_runs(out_dir, comparison)]
 
 
 def _spread(values: list[float]) -> str:

@@ -96,6 +96,4 @@ def label_colour(value: int, name: str | None = None) -> tuple[int, int, int]:
     A structure named in :data:`_NAMED_COLOURS` (TotalSegmentator's names) gets its anatomy
     colour; any other label cycles the palette by value.
     """
-    if name is not None and name in _NAMED_COLOURS:
-        return _NAMED_COLOURS[name]
-    return _PALETTE[(value - 1) % len(_PALETTE)]
+    return _NAMED_COLOURS.get(name or "", _PALETTE[(value - 1) % len(_PALETTE)])
